@@ -1,0 +1,36 @@
+# The two commands a new user needs are `make demo` and `make test`.
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: demo test lint typecheck pytest bench clean
+
+$(BIN)/reaper: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(BIN)/reaper
+
+## demo: install, start the data_pipeline simulator, run the example policy against it (SQLite audit)
+demo: $(BIN)/reaper
+	$(BIN)/python -m reaper.demo
+
+## test: install, lint, type-check and run the whole test suite (real PostgreSQL included)
+test: lint typecheck pytest
+
+lint: $(BIN)/reaper
+	$(BIN)/ruff check reaper tests bench
+	$(BIN)/ruff format --check reaper tests bench
+
+typecheck: $(BIN)/reaper
+	$(BIN)/mypy
+
+pytest: $(BIN)/reaper
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+## bench: run every benchmark and print the figures
+bench: $(BIN)/reaper
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache reaper-demo
