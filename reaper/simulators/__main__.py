@@ -1,0 +1,111 @@
+"""Run a simulator standalone: ``python -m reaper.simulators data_pipeline --port 0 --tasks 1000``.
+
+Once listening it writes one JSON line to stdout (``{"url": ..., "tasks": ...}``) so that a parent
+process can read the URL, then serves until SIGTERM or SIGINT and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from datetime import timedelta
+from types import FrameType
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from reaper.simulators.base import Faults, SimulatorBase
+from reaper.simulators.data_pipeline import DataPipelineSimulator, generate_tasks
+
+
+def _timezone(text: str) -> str:
+    try:
+        ZoneInfo(text)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise argparse.ArgumentTypeError(f"unknown timezone {text!r}") from None
+    return text
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m reaper.simulators", description="Serve a simulated target API."
+    )
+    parser.add_argument("target", choices=["data_pipeline"], help="which API to simulate")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    parser.add_argument("--tasks", type=int, default=1000, help="how many tasks to generate")
+    parser.add_argument("--seed", type=int, default=0, help="seed for tasks and faults")
+    parser.add_argument(
+        "--span-days", type=float, default=None, help="spread tasks over this many days"
+    )
+    parser.add_argument("--timezone", type=_timezone, default="Asia/Shanghai")
+    faults = parser.add_argument_group("faults (all off by default)")
+    faults.add_argument("--latency-ms", type=float, default=0.0)
+    faults.add_argument("--latency-jitter-ms", type=float, default=0.0)
+    faults.add_argument("--spike-rate", type=float, default=0.0)
+    faults.add_argument("--spike-ms", type=float, default=0.0)
+    faults.add_argument("--rate-limit", type=float, default=0.0, help="requests per second")
+    faults.add_argument("--rate-limit-burst", type=int, default=0)
+    faults.add_argument("--error-rate", type=float, default=0.0)
+    faults.add_argument("--partial-failure-rate", type=float, default=0.0)
+    faults.add_argument("--drop-before-rate", type=float, default=0.0)
+    faults.add_argument("--drop-after-rate", type=float, default=0.0)
+    faults.add_argument("--malformed-rate", type=float, default=0.0)
+    faults.add_argument("--down", action="store_true", help="close every API connection")
+    return parser
+
+
+def _build(args: argparse.Namespace, faults: Faults) -> tuple[SimulatorBase, int]:
+    span = timedelta(days=args.span_days) if args.span_days is not None else None
+    tasks = generate_tasks(args.tasks, seed=args.seed, timezone=args.timezone, span=span)
+    simulator = DataPipelineSimulator(tasks, timezone=args.timezone, faults=faults, seed=args.seed)
+    return simulator, len(tasks)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse arguments, serve until SIGTERM/SIGINT, return the exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    # Handlers first: a parent may send SIGTERM while a million tasks are still being generated.
+    stop = threading.Event()
+
+    def _on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    try:
+        faults = Faults(
+            latency_ms=args.latency_ms,
+            latency_jitter_ms=args.latency_jitter_ms,
+            spike_rate=args.spike_rate,
+            spike_ms=args.spike_ms,
+            error_rate=args.error_rate,
+            rate_limit=args.rate_limit,
+            rate_limit_burst=args.rate_limit_burst,
+            drop_before_rate=args.drop_before_rate,
+            drop_after_rate=args.drop_after_rate,
+            malformed_rate=args.malformed_rate,
+            partial_failure_rate=args.partial_failure_rate,
+            down=args.down,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+    simulator, count = _build(args, faults)
+
+    url = simulator.start(args.host, args.port)
+    try:
+        sys.stdout.write(json.dumps({"url": url, "tasks": count, "target": args.target}) + "\n")
+        sys.stdout.flush()
+        # Event.wait with a timeout lets the main thread run the signal handler promptly.
+        while not stop.wait(0.5):
+            pass
+    finally:
+        simulator.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
