@@ -1,0 +1,5 @@
+"""``python -m reaper`` runs the command line."""
+
+from reaper.cli import main
+
+main()

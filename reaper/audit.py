@@ -1,0 +1,429 @@
+"""The audit log: one row per run and one row per task reaper acted on, durably.
+
+Deletion rows are written ahead: a row is inserted as ``pending`` before the delete request that
+carries its id leaves, and updated to the outcome after the answer (``deleted``, ``already_gone``,
+``failed``, or ``unknown`` when the answer was lost). If the database cannot take the intent, the
+request is not sent. Writes are batched per request, not one transaction per row.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Engine,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    and_,
+    bindparam,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.exc import SQLAlchemyError
+
+from reaper.db import UTCDateTime, short_error
+from reaper.errors import AuditError
+from reaper.settings import redact_url
+from reaper.targets.base import DeleteResult, Outcome
+
+__all__ = [
+    "AuditEntry",
+    "AuditRow",
+    "AuditStore",
+    "RunRecord",
+    "RunSummary",
+    "audit_table",
+    "metadata",
+    "runs_table",
+]
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+_Id = BigInteger().with_variant(Integer, "sqlite")  # SQLite autoincrements INTEGER keys only
+
+runs_table = Table(
+    "reaper_runs",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("policy", String(128), nullable=False),
+    Column("policy_hash", String(64), nullable=False),
+    Column("policy_json", Text, nullable=False),
+    Column("target_kind", String(32), nullable=False),
+    Column("target", String(512), nullable=False),
+    Column("mode", String(16), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("started_at", UTCDateTime, nullable=False),
+    Column("finished_at", UTCDateTime),
+    Column("listed", BigInteger, nullable=False, default=0),
+    Column("eligible", BigInteger, nullable=False, default=0),
+    Column("kept", BigInteger, nullable=False, default=0),
+    Column("deleted", BigInteger, nullable=False, default=0),
+    Column("already_gone", BigInteger, nullable=False, default=0),
+    Column("failed", BigInteger, nullable=False, default=0),
+    Column("unknown", BigInteger, nullable=False, default=0),
+    Column("skipped", BigInteger, nullable=False, default=0),
+    Column("deferred", BigInteger, nullable=False, default=0),
+    Column("reclaimed_bytes", BigInteger, nullable=False, default=0),
+    Column("error", Text),
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Index(None, "policy", "started_at"),
+    Index(None, "started_at"),
+)
+
+audit_table = Table(
+    "reaper_audit",
+    metadata,
+    Column("id", _Id, primary_key=True, autoincrement=True),
+    Column("run_id", String(36), ForeignKey("reaper_runs.id"), nullable=False),
+    Column("seq", Integer, nullable=False),
+    Column("policy", String(128), nullable=False),
+    Column("target", String(512), nullable=False),
+    Column("task_id", String(255), nullable=False),
+    Column("outcome", String(24), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("task_status", String(64)),
+    Column("task_timestamp", UTCDateTime),
+    Column("task_age_seconds", BigInteger),
+    Column("http_status", Integer),
+    Column("error_code", String(128)),
+    Column("error_message", Text),
+    Column("reclaimed_bytes", BigInteger),
+    Column("files_count", Integer),
+    Column("note", Text),
+    Column("recorded_at", UTCDateTime, nullable=False),
+    Column("decided_at", UTCDateTime),
+    UniqueConstraint("run_id", "task_id"),
+    Index(None, "task_id"),
+    Index(None, "recorded_at"),
+    Index(None, "policy", "recorded_at"),
+    Index(None, "run_id", "seq"),
+)
+
+#: Outcomes a finished deletion row can have.
+FINAL_OUTCOMES = frozenset({Outcome.DELETED, Outcome.ALREADY_GONE, Outcome.FAILED, Outcome.UNKNOWN})
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What is known about a run when it starts."""
+
+    policy: str
+    policy_hash: str
+    policy_json: str
+    target_kind: str
+    target: str
+    mode: str
+
+
+@dataclass
+class RunSummary:
+    """The counts of a run, updated as it goes and stored when it ends."""
+
+    listed: int = 0
+    eligible: int = 0
+    kept: int = 0
+    deleted: int = 0
+    already_gone: int = 0
+    failed: int = 0
+    unknown: int = 0
+    skipped: int = 0
+    deferred: int = 0
+    dry_run: int = 0
+    reclaimed_bytes: int = 0
+
+    def count(self, result: DeleteResult) -> None:
+        if result.outcome is Outcome.DELETED:
+            self.deleted += 1
+            self.reclaimed_bytes += result.reclaimed_bytes or 0
+        elif result.outcome is Outcome.ALREADY_GONE:
+            self.already_gone += 1
+        elif result.outcome is Outcome.FAILED:
+            self.failed += 1
+        elif result.outcome is Outcome.UNKNOWN:
+            self.unknown += 1
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One task reaper is about to act on (or decided not to send)."""
+
+    task_id: str
+    reason: str
+    task_status: str | None
+    task_timestamp: datetime | None
+    outcome: Outcome = Outcome.PENDING
+    error_message: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.task_timestamp is not None and self.task_timestamp.tzinfo is None:
+            raise ValueError(f"naive timestamp for task {self.task_id!r}: refused by the audit")
+
+
+@dataclass(frozen=True)
+class AuditRow:
+    """One row of the audit log, as ``reaper audit`` shows it."""
+
+    id: int
+    run_id: str
+    seq: int
+    policy: str
+    target: str
+    task_id: str
+    outcome: str
+    reason: str
+    task_status: str | None
+    task_timestamp: datetime | None
+    task_age_seconds: int | None
+    http_status: int | None
+    error_code: str | None
+    error_message: str | None
+    reclaimed_bytes: int | None
+    files_count: int | None
+    note: str | None
+    recorded_at: datetime
+    decided_at: datetime | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            name: (value.isoformat() if isinstance(value, datetime) else value)
+            for name, value in self.__dict__.items()
+        }
+
+
+@dataclass
+class _RunState:
+    record: RunRecord
+    seq: int = 0
+    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+
+class AuditStore:
+    """Reads and writes the audit tables. Every failure is an AuditError: callers fail closed."""
+
+    def __init__(self, engine: Engine, *, clock: Any = None) -> None:
+        self.engine = engine
+        self._clock = clock or (lambda: datetime.now(UTC))
+        self._runs: dict[str, _RunState] = {}
+
+    def _now(self) -> datetime:
+        now: datetime = self._clock()
+        return now
+
+    def _fail(self, action: str, exc: SQLAlchemyError) -> AuditError:
+        return AuditError(
+            f"audit database {redact_url(self.engine.url)}: {action} failed: {short_error(exc)}"
+        )
+
+    # -- runs ---------------------------------------------------------------------------------
+
+    def start_run(self, record: RunRecord) -> str:
+        """Insert a run row (status ``running``) and return its id."""
+        run_id = str(uuid.uuid4())
+        state = _RunState(record, started_at=self._now())
+        try:
+            with self.engine.begin() as connection:
+                connection.execute(
+                    insert(runs_table).values(
+                        id=run_id,
+                        policy=record.policy,
+                        policy_hash=record.policy_hash,
+                        policy_json=record.policy_json,
+                        target_kind=record.target_kind,
+                        target=record.target,
+                        mode=record.mode,
+                        status="running",
+                        started_at=state.started_at,
+                        host=socket.gethostname()[:255],
+                        pid=os.getpid(),
+                    )
+                )
+        except SQLAlchemyError as exc:
+            raise self._fail("starting a run", exc) from None
+        self._runs[run_id] = state
+        return run_id
+
+    def finish_run(
+        self, run_id: str, status: str, summary: RunSummary, error: str | None = None
+    ) -> None:
+        """Store a run's final status and counts."""
+        try:
+            with self.engine.begin() as connection:
+                connection.execute(
+                    update(runs_table)
+                    .where(runs_table.c.id == run_id)
+                    .values(
+                        status=status,
+                        finished_at=self._now(),
+                        listed=summary.listed,
+                        eligible=summary.eligible,
+                        kept=summary.kept,
+                        deleted=summary.deleted,
+                        already_gone=summary.already_gone,
+                        failed=summary.failed,
+                        unknown=summary.unknown,
+                        skipped=summary.skipped,
+                        deferred=summary.deferred,
+                        reclaimed_bytes=summary.reclaimed_bytes,
+                        error=error,
+                    )
+                )
+        except SQLAlchemyError as exc:
+            raise self._fail("finishing a run", exc) from None
+        self._runs.pop(run_id, None)
+
+    # -- rows ---------------------------------------------------------------------------------
+
+    def record(self, run_id: str, entries: Sequence[AuditEntry]) -> None:
+        """Insert rows in one transaction: ``pending`` intents, or final rows (dry run, skipped)."""
+        if not entries:
+            return
+        state = self._runs[run_id]
+        now = self._now()
+        rows = []
+        for entry in entries:
+            state.seq += 1
+            final = entry.outcome is not Outcome.PENDING
+            rows.append(
+                {
+                    "run_id": run_id,
+                    "seq": state.seq,
+                    "policy": state.record.policy,
+                    "target": state.record.target,
+                    "task_id": entry.task_id,
+                    "outcome": entry.outcome.value,
+                    "reason": entry.reason,
+                    "task_status": entry.task_status,
+                    "task_timestamp": entry.task_timestamp,
+                    "task_age_seconds": (
+                        int((now - entry.task_timestamp).total_seconds())
+                        if entry.task_timestamp is not None
+                        else None
+                    ),
+                    "error_message": entry.error_message,
+                    "recorded_at": now,
+                    "decided_at": now if final else None,
+                }
+            )
+        try:
+            with self.engine.begin() as connection:
+                connection.execute(insert(audit_table), rows)
+        except SQLAlchemyError as exc:
+            raise self._fail(f"recording {len(rows)} row(s)", exc) from None
+
+    def resolve(self, run_id: str, results: Iterable[DeleteResult]) -> None:
+        """Turn ``pending`` rows of ``run_id`` into their outcomes, in one transaction."""
+        now = self._now()
+        params = [
+            {
+                "b_run_id": run_id,
+                "b_task_id": result.task_id,
+                "outcome": result.outcome.value,
+                "http_status": result.http_status,
+                "error_code": _clip(result.error_code, 128),
+                "error_message": _clip(result.error_message, 4000),
+                "reclaimed_bytes": result.reclaimed_bytes,
+                "files_count": result.files_count,
+                "note": _clip(result.note, 4000),
+                "decided_at": now,
+            }
+            for result in results
+        ]
+        if not params:
+            return
+        statement = (
+            update(audit_table)
+            .where(
+                and_(
+                    audit_table.c.run_id == bindparam("b_run_id"),
+                    audit_table.c.task_id == bindparam("b_task_id"),
+                    audit_table.c.outcome == Outcome.PENDING.value,
+                )
+            )
+            .values(
+                outcome=bindparam("outcome"),
+                http_status=bindparam("http_status"),
+                error_code=bindparam("error_code"),
+                error_message=bindparam("error_message"),
+                reclaimed_bytes=bindparam("reclaimed_bytes"),
+                files_count=bindparam("files_count"),
+                note=bindparam("note"),
+                decided_at=bindparam("decided_at"),
+            )
+        )
+        try:
+            with self.engine.begin() as connection:
+                connection.execute(statement, params)
+        except SQLAlchemyError as exc:
+            raise self._fail(f"recording {len(params)} outcome(s)", exc) from None
+
+    # -- queries ------------------------------------------------------------------------------
+
+    def rows(
+        self,
+        *,
+        policy: str | None = None,
+        task_id: str | None = None,
+        run_id: str | None = None,
+        outcome: str | None = None,
+        since: datetime | None = None,
+        limit: int | None = 1000,
+    ) -> list[AuditRow]:
+        """Audit rows, newest first, filtered."""
+        query = select(audit_table).order_by(audit_table.c.id.desc())
+        if policy is not None:
+            query = query.where(audit_table.c.policy == policy)
+        if task_id is not None:
+            query = query.where(audit_table.c.task_id == task_id)
+        if run_id is not None:
+            query = query.where(audit_table.c.run_id == run_id)
+        if outcome is not None:
+            query = query.where(audit_table.c.outcome == outcome)
+        if since is not None:
+            query = query.where(audit_table.c.recorded_at >= since)
+        if limit is not None:
+            query = query.limit(limit)
+        try:
+            with self.engine.connect() as connection:
+                return [AuditRow(**row._mapping) for row in connection.execute(query)]
+        except SQLAlchemyError as exc:
+            raise self._fail("reading audit rows", exc) from None
+
+    def runs(self, *, policy: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        """Recent runs, newest first."""
+        query = select(runs_table).order_by(runs_table.c.started_at.desc()).limit(limit)
+        if policy is not None:
+            query = query.where(runs_table.c.policy == policy)
+        try:
+            with self.engine.connect() as connection:
+                return [dict(row._mapping) for row in connection.execute(query)]
+        except SQLAlchemyError as exc:
+            raise self._fail("reading runs", exc) from None
+
+
+def _clip(value: str | None, size: int) -> str | None:
+    if value is None or len(value) <= size:
+        return value
+    return value[: size - 1] + "…"

@@ -1,0 +1,171 @@
+"""Converters from raw configuration and target values to typed, UTC-aware values.
+
+Everything inward of the policy loader and the target modules sees ``timedelta``, aware UTC
+``datetime`` and ``Rate`` objects only; the raw strings stop here.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta, tzinfo
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+__all__ = [
+    "Rate",
+    "as_aware_utc",
+    "format_duration",
+    "parse_duration",
+    "parse_rate",
+    "parse_size",
+    "parse_timestamp",
+    "parse_timezone",
+]
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_DURATION_RE = re.compile(r"(\d+)([smhdw])")
+
+
+def parse_duration(text: str) -> timedelta:
+    """Parse ``30d``, ``12h``, ``1w2d`` or ``90s`` into a timedelta (units s, m, h, d, w)."""
+    if not isinstance(text, str):
+        raise ValueError(f"expected a duration such as '30d', got {type(text).__name__}")
+    value = text.strip()
+    if not value:
+        raise ValueError("empty duration; use e.g. '30d', '12h', '90m' (units s, m, h, d, w)")
+    pos = 0
+    seconds = 0
+    for match in _DURATION_RE.finditer(value):
+        if match.start() != pos:
+            break
+        seconds += int(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        pos = match.end()
+    if pos != len(value):
+        raise ValueError(
+            f"invalid duration {text!r}; use a number and a unit, e.g. '30d', '12h', '1w2d' "
+            "(units s, m, h, d, w)"
+        )
+    return timedelta(seconds=seconds)
+
+
+def format_duration(value: timedelta) -> str:
+    """Render a timedelta the way policies write it (``30d``, ``1w2d``, ``90m``)."""
+    seconds = int(value.total_seconds())
+    if seconds == 0:
+        return "0s"
+    parts = []
+    # Days, not weeks: "14d" reads better than "2w" next to policies written in days.
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        count, seconds = divmod(seconds, size)
+        if count:
+            parts.append(f"{count}{unit}")
+    return "".join(parts)
+
+
+@dataclass(frozen=True)
+class Rate:
+    """A request rate: ``per_second`` requests each second."""
+
+    per_second: float
+
+    @property
+    def interval(self) -> float:
+        """Seconds between two evenly spaced requests."""
+        return 1.0 / self.per_second
+
+    def __str__(self) -> str:
+        return f"{self.per_second:g}/s"
+
+
+_RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$")
+_RATE_UNITS = {
+    "s": 1,
+    "sec": 1,
+    "second": 1,
+    "m": 60,
+    "min": 60,
+    "minute": 60,
+    "h": 3600,
+    "hour": 3600,
+}
+
+
+def parse_rate(text: str | float | int) -> Rate:
+    """Parse ``5/s``, ``300/m`` or ``1000/h`` (a bare number means per second)."""
+    if isinstance(text, bool):
+        raise ValueError("expected a rate such as '5/s'")
+    if isinstance(text, int | float):
+        count, per = float(text), 1
+    else:
+        match = _RATE_RE.match(text)
+        if not match:
+            raise ValueError(f"invalid rate {text!r}; use e.g. '5/s', '300/m' or '1000/h'")
+        count, per = float(match.group(1)), _RATE_UNITS[match.group(2)]
+    if count <= 0:
+        raise ValueError("a rate must be greater than zero")
+    return Rate(count / per)
+
+
+def parse_timezone(name: str) -> ZoneInfo:
+    """Return the IANA zone ``name`` (e.g. ``Asia/Shanghai``, ``UTC``) or raise ValueError."""
+    if not isinstance(name, str) or not name:
+        raise ValueError("expected an IANA timezone name such as 'UTC' or 'Europe/Berlin'")
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise ValueError(f"unknown timezone {name!r}; use an IANA name such as 'UTC'") from exc
+
+
+def as_aware_utc(value: datetime, naive_tz: tzinfo = UTC) -> datetime:
+    """Return ``value`` in UTC; a naive value is read as wall time in ``naive_tz``."""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=naive_tz)
+    return value.astimezone(UTC)
+
+
+def parse_timestamp(text: str, naive_tz: tzinfo = UTC) -> datetime:
+    """Parse an ISO-8601 timestamp into aware UTC; naive values are wall time in ``naive_tz``.
+
+    Raises ValueError for anything that is not a complete date and time.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"expected an ISO-8601 timestamp string, got {type(text).__name__}")
+    stripped = text.strip()
+    # A bare date would silently mean midnight: a retention tool wants the full timestamp.
+    if len(stripped) < 16 or ("T" not in stripped.upper() and " " not in stripped):
+        raise ValueError(f"not a full ISO-8601 timestamp: {text!r}")
+    if stripped.endswith(("Z", "z")):
+        stripped = stripped[:-1] + "+00:00"
+    try:
+        parsed = datetime.fromisoformat(stripped)
+    except ValueError as exc:
+        raise ValueError(f"not an ISO-8601 timestamp: {text!r}") from exc
+    return as_aware_utc(parsed, naive_tz)
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?i?B|bytes?)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "BYTE": 1,
+    "BYTES": 1,
+    "K": 1024,
+    "M": 1024**2,
+    "G": 1024**3,
+    "T": 1024**4,
+    "P": 1024**5,
+}
+
+
+def parse_size(text: str | int | float | None) -> int | None:
+    """Parse a formatted size such as ``"2.5 MB"`` into bytes (1024-based); None if unknown."""
+    if text is None or isinstance(text, bool):
+        return None
+    if isinstance(text, int | float):
+        return int(text) if text >= 0 else None
+    match = _SIZE_RE.match(text)
+    if not match:
+        return None
+    unit = (match.group(2) or "").upper()
+    key = unit if unit in _SIZE_UNITS else unit[:1]
+    return int(float(match.group(1)) * _SIZE_UNITS[key])

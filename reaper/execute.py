@@ -1,0 +1,213 @@
+"""Executing a plan: batched delete requests, bounded concurrency, write-ahead audit rows.
+
+Workers take the plan's batches in order (oldest tasks first). For each batch a worker
+
+1. records every id as ``pending`` in the audit (one transaction); if that fails, nothing is sent
+   and the run stops: *no audit, no delete*;
+2. sends one delete request through the target, which waits for the shared rate limiter and
+   retries 429/5xx/timeouts/connection errors as configured;
+3. records each id's outcome from the answer (``deleted``, ``already_gone``, ``failed``, or
+   ``unknown`` when the request may have reached the server but its answer was lost).
+
+Only ids taken from the plan are ever sent. With ``continue_on_error: false`` no new batch starts
+after the first failure; batches already in flight finish and are recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import ParamSpec, TypeVar
+
+import structlog
+
+from reaper.audit import AuditEntry, AuditStore, RunSummary
+from reaper.errors import AuditError, TargetAuthError, TargetError
+from reaper.http import RequestFailed, ResponseTooLarge
+from reaper.plan import Candidate, Plan
+from reaper.targets.base import BatchResult, DeleteOptions, DeleteResult, Outcome, Target
+
+__all__ = ["AsyncAudit", "BatchEvent", "Executor", "auto_concurrency"]
+
+log = structlog.get_logger("reaper.execute")
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+_MAX_AUTO_CONCURRENCY = 64
+
+
+def auto_concurrency(rate_per_second: float, latency_seconds: float | None) -> int:
+    """Workers needed to keep ``rate`` requests per second in flight at the given latency."""
+    latency = latency_seconds if latency_seconds is not None else 0.25
+    # Little's law, with headroom for latency variance and the audit writes around each request.
+    needed = math.ceil(rate_per_second * latency * 1.5) + 1
+    return max(1, min(_MAX_AUTO_CONCURRENCY, needed))
+
+
+class AsyncAudit:
+    """Runs AuditStore calls on one dedicated thread, so the event loop never blocks on I/O.
+
+    One thread also serialises writes, which SQLite needs and PostgreSQL does not mind.
+    """
+
+    def __init__(self, store: AuditStore) -> None:
+        self.store = store
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reaper-audit")
+
+    async def call(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+@dataclass(frozen=True)
+class BatchEvent:
+    """Reported after each batch, for progress bars and per-batch log lines."""
+
+    batch_no: int
+    size: int
+    results: Sequence[DeleteResult]
+    summary: RunSummary
+    total: int
+
+
+class Executor:
+    """Delete a plan's candidates, recording each one in the audit before and after."""
+
+    def __init__(
+        self,
+        target: Target,
+        audit: AsyncAudit,
+        run_id: str,
+        options: DeleteOptions,
+        *,
+        batch_size: int,
+        concurrency: int,
+        continue_on_error: bool,
+        summary: RunSummary,
+        on_batch: Callable[[BatchEvent], None] | None = None,
+        stop: asyncio.Event | None = None,
+    ) -> None:
+        self.target = target
+        self.audit = audit
+        self.run_id = run_id
+        self.options = options
+        self.batch_size = batch_size
+        self.concurrency = concurrency
+        self.continue_on_error = continue_on_error
+        self.summary = summary
+        self.on_batch = on_batch
+        self.stop = stop or asyncio.Event()
+        #: Why the executor stopped early (None when it went through the whole plan).
+        self.stopped: str | None = None
+        self.fatal: BaseException | None = None
+        self._batch_no = 0
+
+    async def run(self, plan: Plan) -> RunSummary:
+        """Delete everything in ``plan``; raise AuditError/TargetAuthError if the run must stop."""
+        batches = plan.batches(self.batch_size)
+        workers = min(self.concurrency, max(1, math.ceil(len(plan) / self.batch_size)))
+        async with asyncio.TaskGroup() as group:
+            for _ in range(workers):
+                group.create_task(self._worker(batches, len(plan)))
+        if self.fatal is not None:
+            raise self.fatal
+        return self.summary
+
+    def _halt(self, reason: str) -> None:
+        if self.stopped is None:
+            self.stopped = reason
+        self.stop.set()
+
+    async def _worker(self, batches: Iterator[list[Candidate]], total: int) -> None:
+        while not self.stop.is_set():
+            batch = next(batches, None)
+            if batch is None:
+                return
+            self._batch_no += 1
+            await self._one_batch(self._batch_no, batch, total)
+
+    async def _one_batch(self, batch_no: int, batch: list[Candidate], total: int) -> None:
+        ids = [candidate.task_id for candidate in batch]
+        intents = [
+            AuditEntry(c.task_id, c.reason, c.status, c.timestamp, Outcome.PENDING) for c in batch
+        ]
+        try:
+            await self.audit.call(self.audit.store.record, self.run_id, intents)
+        except AuditError as exc:
+            # No audit, no delete: this batch is not sent and no other batch starts.
+            self.fatal = self.fatal or exc
+            self._halt(f"audit write failed: {exc}")
+            return
+
+        results = await self._send(ids)
+        # Counted before the outcome write: the deletions happened whether or not it succeeds.
+        for result in results:
+            self.summary.count(result)
+        try:
+            await self.audit.call(self.audit.store.resolve, self.run_id, results)
+        except AuditError as exc:
+            self.fatal = self.fatal or exc
+            self._halt(f"audit write failed: {exc}")
+            return
+        failed = [r for r in results if r.outcome in (Outcome.FAILED, Outcome.UNKNOWN)]
+        event = BatchEvent(batch_no, len(batch), results, self.summary, total)
+        if self.on_batch is not None:
+            self.on_batch(event)
+        if failed and not self.continue_on_error:
+            self._halt(
+                f"stop-on-error: {len(failed)} deletion(s) failed in batch {batch_no} "
+                f"(first: {failed[0].task_id}: {failed[0].error_message or failed[0].outcome})"
+            )
+
+    async def _send(self, ids: list[str]) -> list[DeleteResult]:
+        try:
+            answer = await self.target.delete(ids, self.options)
+        except TargetAuthError as exc:
+            # Credentials are wrong: every further request would fail the same way.
+            self.fatal = self.fatal or exc
+            self._halt(str(exc))
+            return _all(ids, Outcome.FAILED, exc)
+        except RequestFailed as exc:
+            return _all(ids, Outcome.UNKNOWN if exc.maybe_sent else Outcome.FAILED, exc)
+        except ResponseTooLarge as exc:
+            return _all(ids, Outcome.UNKNOWN, exc)
+        except TargetError as exc:
+            # A 2xx answer we cannot read may still mean the server acted.
+            acted = exc.http_status is None or 200 <= exc.http_status < 300
+            return _all(ids, Outcome.UNKNOWN if acted else Outcome.FAILED, exc)
+        return _settle(ids, answer)
+
+
+def _all(ids: Sequence[str], outcome: Outcome, exc: TargetError) -> list[DeleteResult]:
+    message = exc.error_message or str(exc)
+    return [
+        DeleteResult(task_id, outcome, exc.http_status, exc.error_code, message) for task_id in ids
+    ]
+
+
+def _settle(ids: Sequence[str], answer: BatchResult) -> list[DeleteResult]:
+    """One result per sent id; an 'already gone' after a lost attempt was our own deletion."""
+    by_id = {result.task_id: result for result in answer.results}
+    results = []
+    for task_id in ids:
+        result = by_id.get(task_id) or DeleteResult(
+            task_id, Outcome.UNKNOWN, error_message="no outcome reported for this id"
+        )
+        if result.outcome is Outcome.ALREADY_GONE and answer.lost_attempts:
+            # The task was listed as present; an earlier attempt of this same request may have
+            # reached the server. The deletion is ours: record it as such, and say why.
+            result = DeleteResult(
+                task_id,
+                Outcome.DELETED,
+                result.http_status,
+                note="deleted by an earlier attempt of this request whose answer was lost",
+            )
+        results.append(result)
+    return results

@@ -1,0 +1,291 @@
+"""The HTTP exchange every target uses: rate limit, retries with backoff, bounded bodies.
+
+A target builds requests and interprets answers; this module decides *when* a request may leave
+(the shared :class:`~reaper.ratelimit.RateLimiter`), whether a failed attempt is retried (429 with
+``Retry-After``, 5xx, timeouts, connection errors), and how much of a body is read. It also keeps
+the facts the executor needs to tell the truth in the audit: whether an earlier attempt may have
+reached the server although its answer was lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import random
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import structlog
+
+from reaper.errors import TargetAuthError, TargetError
+from reaper.ratelimit import RateLimiter
+
+__all__ = [
+    "Exchange",
+    "RequestFailed",
+    "ResponseTooLarge",
+    "RetryPolicy",
+    "TargetHttp",
+]
+
+log = structlog.get_logger("reaper.http")
+
+# Errors raised before any byte of the request reached the server: retrying cannot duplicate work.
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how patiently a request is retried."""
+
+    attempts: int = 5
+    backoff: float = 0.5
+    max_backoff: float = 30.0
+    retry_statuses: frozenset[int] = frozenset({429, 500, 502, 503, 504})
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        """Exponential backoff with full jitter for the given (1-based) failed attempt."""
+        ceiling = min(self.max_backoff, self.backoff * (2 ** (attempt - 1)))
+        return rng.uniform(ceiling / 2, ceiling)
+
+
+@dataclass
+class Exchange:
+    """A completed request: the final response and what happened on the way."""
+
+    response: httpx.Response
+    body: bytes
+    attempts: int
+    #: Earlier attempts that may have reached the server but whose answer was lost.
+    lost_attempts: int
+
+    @property
+    def status_code(self) -> int:
+        return self.response.status_code
+
+    def json(self) -> Any:
+        """The body decoded as JSON (raises ValueError when it is not JSON)."""
+        return json.loads(self.body)
+
+
+class RequestFailed(TargetError):
+    """Retries are exhausted, or the failure is not retryable.
+
+    ``maybe_sent`` is true when the server may have acted on the request (the connection broke or
+    timed out after the request was written): the outcome of the request is unknown.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        maybe_sent: bool,
+        attempts: int,
+        response: Exchange | None = None,
+    ) -> None:
+        super().__init__(
+            message,
+            http_status=response.status_code if response is not None else None,
+        )
+        self.maybe_sent = maybe_sent
+        self.attempts = attempts
+        self.response = response
+
+
+class ResponseTooLarge(TargetError):
+    """The response body exceeded the configured maximum and was not read further."""
+
+
+@dataclass
+class HttpStats:
+    """Counters for reports and metrics."""
+
+    requests: int = 0
+    retries: int = 0
+    status: Counter[int] = field(default_factory=Counter)
+    transport_errors: int = 0
+    latencies: list[float] = field(default_factory=list)
+
+    def record_latency(self, seconds: float) -> None:
+        # A bounded sample is enough to size concurrency from the observed latency.
+        if len(self.latencies) < 512:
+            self.latencies.append(seconds)
+        else:
+            self.latencies[self.requests % 512] = seconds
+
+    def latency_p90(self) -> float | None:
+        if not self.latencies:
+            return None
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(len(ordered) * 0.9))]
+
+
+def retry_after_seconds(value: str | None, now: datetime | None = None) -> float | None:
+    """Parse a Retry-After header (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+
+
+class TargetHttp:
+    """Send requests to one target under its rate limit and retry policy."""
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        limiter: RateLimiter,
+        retry: RetryPolicy | None = None,
+        *,
+        max_response_bytes: int = 64 * 1024 * 1024,
+        max_retry_after: float = 300.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.client = client
+        self.limiter = limiter
+        self.retry = retry or RetryPolicy()
+        self.max_response_bytes = max_response_bytes
+        self.max_retry_after = max_retry_after
+        self.stats = HttpStats()
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
+
+    async def send(
+        self,
+        method: str,
+        url: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        json_body: Any = None,
+        headers: Mapping[str, str] | None = None,
+        retry: bool = True,
+    ) -> Exchange:
+        """Send one logical request, retrying as the policy allows; return the final answer.
+
+        Raises :class:`RequestFailed` when no acceptable answer came back, and
+        :class:`~reaper.errors.TargetAuthError` on 401/403 (never retried).
+        """
+        lost = 0
+        attempts = self.retry.attempts if retry else 1
+        last_error: str = ""
+        for attempt in range(1, attempts + 1):
+            await self.limiter.acquire()
+            self.stats.requests += 1
+            started = time.monotonic()
+            try:
+                response, body = await self._exchange(method, url, params, json_body, headers)
+            except ResponseTooLarge:
+                raise
+            except httpx.TransportError as exc:
+                self.stats.transport_errors += 1
+                maybe_sent = not isinstance(exc, _NOT_SENT)
+                lost += int(maybe_sent)
+                last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                log.warning(
+                    "http_transport_error",
+                    method=method,
+                    url=url,
+                    attempt=attempt,
+                    error=last_error,
+                    maybe_sent=maybe_sent,
+                )
+                if attempt == attempts:
+                    raise RequestFailed(
+                        f"{method} {url} failed after {attempt} attempt(s): {last_error}",
+                        maybe_sent=lost > 0,
+                        attempts=attempt,
+                    ) from exc
+                self.stats.retries += 1
+                await asyncio.sleep(self.retry.delay(attempt, self._rng))
+                continue
+
+            self.stats.status[response.status_code] += 1
+            exchange = Exchange(response, body, attempt, lost)
+            if response.status_code in (401, 403):
+                raise TargetAuthError(
+                    f"{method} {url}: the target refused our credentials "
+                    f"(HTTP {response.status_code})",
+                    http_status=response.status_code,
+                )
+            if response.status_code not in self.retry.retry_statuses:
+                self.stats.record_latency(time.monotonic() - started)
+                self.limiter.recover()
+                return exchange
+            if attempt == attempts:
+                raise RequestFailed(
+                    f"{method} {url} answered HTTP {response.status_code} "
+                    f"after {attempt} attempt(s)",
+                    maybe_sent=lost > 0,
+                    attempts=attempt,
+                    response=exchange,
+                )
+            delay = self.retry.delay(attempt, self._rng)
+            hinted = retry_after_seconds(response.headers.get("Retry-After"))
+            if hinted is not None:
+                delay = min(max(delay, hinted), self.max_retry_after)
+            if response.status_code == 429:
+                # The server wants the whole client to slow down, not only this worker.
+                self.limiter.throttle()
+                self.limiter.pause_until(time.monotonic() + delay)
+            log.info(
+                "http_retry",
+                method=method,
+                url=url,
+                status=response.status_code,
+                attempt=attempt,
+                delay=round(delay, 3),
+            )
+            self.stats.retries += 1
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _exchange(
+        self,
+        method: str,
+        url: str,
+        params: Mapping[str, Any] | None,
+        json_body: Any,
+        headers: Mapping[str, str] | None,
+    ) -> tuple[httpx.Response, bytes]:
+        request = self.client.build_request(
+            method, url, params=params, json=json_body, headers=headers
+        )
+        response = await self.client.send(request, stream=True)
+        try:
+            declared = response.headers.get("Content-Length")
+            if declared is not None and declared.isdigit():
+                if int(declared) > self.max_response_bytes:
+                    raise ResponseTooLarge(
+                        f"{method} {url}: response of {declared} bytes exceeds the maximum of "
+                        f"{self.max_response_bytes}",
+                        http_status=response.status_code,
+                    )
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in response.aiter_bytes():
+                size += len(chunk)
+                if size > self.max_response_bytes:
+                    raise ResponseTooLarge(
+                        f"{method} {url}: response exceeds the maximum of "
+                        f"{self.max_response_bytes} bytes",
+                        http_status=response.status_code,
+                    )
+                chunks.append(chunk)
+        finally:
+            await response.aclose()
+        return response, b"".join(chunks)

@@ -1,0 +1,425 @@
+"""Planning: which listed tasks are eligible for deletion, and why each other one is kept.
+
+Selection is a pipeline of small rules (in the manner of structlog's processors): each rule is
+built from the policy and, called with a task, either decides it (returning a verdict and the
+reason in words) or passes it on. Keep-newest-N and the per-run cap are applied once the listing
+is complete; a plan is never built from a partial listing.
+
+A plan holds only what deletion and the audit need: for a million listed tasks it keeps the
+eligible ids, their timestamps and statuses in compact columns, counts for everything else, and a
+few examples per reason for the report.
+"""
+
+from __future__ import annotations
+
+import heapq
+import re
+from array import array
+from collections import Counter
+from collections.abc import AsyncIterable, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+
+from reaper.converters import format_duration
+from reaper.errors import ListingError
+from reaper.policy import LoadedPolicy, Policy
+from reaper.targets.base import Target, Task
+
+__all__ = [
+    "Candidate",
+    "Plan",
+    "Planner",
+    "Rule",
+    "Verdict",
+    "build_rules",
+    "make_plan",
+]
+
+
+class Verdict(StrEnum):
+    """What the plan says about one listed task."""
+
+    DELETE = "delete"
+    KEEP = "keep"  # matches the policy, but kept (too young, newest N, no timestamp)
+    PROTECTED = "protected"  # never deleted, whatever select says
+    UNSELECTED = "unselected"  # not what the policy is about
+    GONE = "gone"  # the target reports it as already deleted
+    UNUSABLE = "unusable"  # the record cannot be trusted (e.g. its timestamp does not parse)
+    INVALID_ID = "invalid_id"  # eligible, but its id fails the target's guard: never sent
+    DEFERRED = "deferred"  # eligible, but beyond max_deletions for this run
+
+
+Decision = tuple[Verdict, str]
+Rule = Callable[[Task], Decision | None]
+
+
+# --- rules ------------------------------------------------------------------------------------
+
+
+class AlreadyGone:
+    """Tasks the target lists as already deleted are not selected again."""
+
+    def __call__(self, task: Task) -> Decision | None:
+        return (Verdict.GONE, "already deleted on the target") if task.gone else None
+
+
+class UnusableRecord:
+    """A record whose data cannot be trusted is never deleted, and is reported."""
+
+    def __call__(self, task: Task) -> Decision | None:
+        return (Verdict.UNUSABLE, f"not deletable: {task.problem}") if task.problem else None
+
+
+class ProtectIds:
+    """Ids named in ``protect.ids``."""
+
+    def __init__(self, ids: Sequence[str]) -> None:
+        self.ids = frozenset(ids)
+
+    def __call__(self, task: Task) -> Decision | None:
+        return (Verdict.PROTECTED, "protected: id listed") if task.id in self.ids else None
+
+
+class ProtectStatus:
+    """Protected statuses: the policy's, plus the target's live ones unless opted in."""
+
+    def __init__(self, statuses: frozenset[str]) -> None:
+        self.statuses = statuses
+
+    def __call__(self, task: Task) -> Decision | None:
+        if task.status in self.statuses:
+            return Verdict.PROTECTED, f"protected: {task.status}"
+        return None
+
+
+class ProtectMatch:
+    """Tasks with a field matching one of ``protect.match``."""
+
+    def __init__(self, patterns: dict[str, str]) -> None:
+        self.patterns = [(name, re.compile(p)) for name, p in patterns.items()]
+
+    def __call__(self, task: Task) -> Decision | None:
+        for name, pattern in self.patterns:
+            if pattern.search(_field(task, name)):
+                return Verdict.PROTECTED, f"protected: {name} matches {pattern.pattern}"
+        return None
+
+
+class StatusFilter:
+    """Only the statuses in ``select.status`` are considered."""
+
+    def __init__(self, statuses: Sequence[str]) -> None:
+        self.statuses = frozenset(statuses)
+
+    def __call__(self, task: Task) -> Decision | None:
+        if task.status not in self.statuses:
+            return Verdict.UNSELECTED, f"status {task.status} not selected"
+        return None
+
+
+class MatchFilter:
+    """Every ``select.match`` pattern must match its field (``re.search``)."""
+
+    def __init__(self, patterns: dict[str, str]) -> None:
+        self.patterns = [(name, re.compile(p)) for name, p in patterns.items()]
+
+    def __call__(self, task: Task) -> Decision | None:
+        for name, pattern in self.patterns:
+            if not pattern.search(_field(task, name)):
+                return Verdict.UNSELECTED, f"{name} does not match {pattern.pattern}"
+        return None
+
+
+class NeedsTimestamp:
+    """A matching task without a value for the age field cannot be aged: it is kept."""
+
+    def __init__(self, age_field: str) -> None:
+        self.age_field = age_field
+
+    def __call__(self, task: Task) -> Decision | None:
+        if task.timestamp is None:
+            return Verdict.KEEP, f"kept: no {self.age_field}"
+        return None
+
+
+class OlderThan:
+    """Tasks younger than ``select.older_than`` (at the cutoff instant) are kept."""
+
+    def __init__(self, cutoff: datetime, older_than: str, age_field: str) -> None:
+        self.cutoff = cutoff
+        self.older_than = older_than
+        self.age_field = age_field
+
+    def __call__(self, task: Task) -> Decision | None:
+        assert task.timestamp is not None
+        if task.timestamp >= self.cutoff:
+            return Verdict.KEEP, f"kept: younger than {self.older_than}"
+        return None
+
+
+def _field(task: Task, name: str) -> str:
+    return task.id if name == "task_id" else task.fields.get(name, "")
+
+
+def build_rules(policy: Policy, cutoff: datetime) -> tuple[list[Rule], list[Rule]]:
+    """The rules before (selection) and after (aging) the point where a task 'matches'.
+
+    Keep-newest-N counts the tasks that pass the first list, whatever their age.
+    """
+    target = policy.target_class
+    protected = set(policy.protect.status)
+    if not policy.select.allow_live:
+        protected |= target.live_statuses
+    selection: list[Rule] = [
+        AlreadyGone(),
+        UnusableRecord(),
+        ProtectIds(policy.protect.ids),
+        ProtectStatus(frozenset(protected)),
+    ]
+    if policy.protect.match:
+        selection.append(ProtectMatch(policy.protect.match))
+    selection.append(StatusFilter(policy.select.status))
+    if policy.select.match:
+        selection.append(MatchFilter(policy.select.match))
+    aging: list[Rule] = [
+        NeedsTimestamp(policy.age_field),
+        OlderThan(cutoff, format_duration(policy.select.older_than), policy.age_field),
+    ]
+    return selection, aging
+
+
+# --- the plan ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A task the plan deletes (or would delete), with what the audit records about it."""
+
+    task_id: str
+    status: str
+    timestamp: datetime
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Example:
+    task_id: str
+    status: str
+    timestamp: datetime | None
+
+
+@dataclass
+class Plan:
+    """The outcome of planning one policy over one complete listing."""
+
+    policy: LoadedPolicy
+    created_at: datetime
+    cutoff: datetime
+    listed: int
+    #: (verdict, reason) -> number of tasks.
+    counts: Counter[tuple[Verdict, str]]
+    #: (verdict, reason) -> the first few tasks, for the report.
+    examples: dict[tuple[Verdict, str], list[Example]]
+    _ids: list[str] = field(repr=False)
+    _stamps: array[float] = field(repr=False)
+    _statuses: list[str] = field(repr=False)
+    #: Eligible tasks whose ids fail the target's guard: recorded, never sent.
+    invalid: list[Candidate] = field(default_factory=list)
+    reasons: dict[str, str] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    @property
+    def eligible(self) -> int:
+        """Tasks the plan deletes in this run."""
+        return len(self._ids)
+
+    def count(self, verdict: Verdict) -> int:
+        return sum(n for (v, _), n in self.counts.items() if v is verdict)
+
+    def candidates(self) -> Iterator[Candidate]:
+        """The tasks to delete, oldest first."""
+        for index in range(len(self._ids)):
+            status = self._statuses[index]
+            yield Candidate(
+                self._ids[index],
+                status,
+                datetime.fromtimestamp(self._stamps[index], UTC),
+                self.reasons[status],
+            )
+
+    def batches(self, size: int) -> Iterator[list[Candidate]]:
+        """The candidates in delete requests of at most ``size`` ids."""
+        batch: list[Candidate] = []
+        for candidate in self.candidates():
+            batch.append(candidate)
+            if len(batch) == size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    def oldest(self) -> Candidate | None:
+        return next(self.candidates(), None)
+
+    def newest(self) -> Candidate | None:
+        if not self._ids:
+            return None
+        index = len(self._ids) - 1
+        status = self._statuses[index]
+        return Candidate(
+            self._ids[index],
+            status,
+            datetime.fromtimestamp(self._stamps[index], UTC),
+            self.reasons[status],
+        )
+
+
+class Planner:
+    """Consumes a listing task by task and produces a :class:`Plan`."""
+
+    EXAMPLES_PER_REASON = 10
+
+    def __init__(self, loaded: LoadedPolicy, target: Target, now: datetime) -> None:
+        policy = loaded.policy
+        self.loaded = loaded
+        self.target = target
+        self.now = now
+        self.cutoff = now - policy.select.older_than
+        self.selection, self.aging = build_rules(policy, self.cutoff)
+        self.keep_newest = policy.keep.newest
+        self.max_deletions = policy.delete.max_deletions
+        self.older_than = format_duration(policy.select.older_than)
+        self.match = policy.select.match
+        self.listed = 0
+        self.counts: Counter[tuple[Verdict, str]] = Counter()
+        self.examples: dict[tuple[Verdict, str], list[Example]] = {}
+        self._seen: set[int] = set()
+        self._statuses: dict[str, str] = {}  # one shared string per status value
+        self._ids: list[str] = []
+        self._stamps: array[float] = array("d")
+        self._status_col: list[str] = []
+        # The newest `keep_newest` matching tasks: a min-heap of (timestamp, id).
+        self._newest: list[tuple[float, str]] = []
+
+    def add(self, task: Task) -> None:
+        """Decide one listed task."""
+        key = hash(task.id)
+        if key in self._seen:
+            raise ListingError(
+                f"the listing returned task {task.id!r} twice: paging is inconsistent"
+            )
+        self._seen.add(key)
+        self.listed += 1
+        for rule in self.selection:
+            decision = rule(task)
+            if decision is not None:
+                self._note(task, decision)
+                return
+        if self.keep_newest and task.timestamp is not None:
+            entry = (task.timestamp.timestamp(), task.id)
+            if len(self._newest) < self.keep_newest:
+                heapq.heappush(self._newest, entry)
+            elif entry > self._newest[0]:
+                heapq.heapreplace(self._newest, entry)
+        for rule in self.aging:
+            decision = rule(task)
+            if decision is not None:
+                self._note(task, decision)
+                return
+        assert task.timestamp is not None
+        status = self._statuses.setdefault(task.status, task.status)
+        self._ids.append(task.id)
+        self._stamps.append(task.timestamp.timestamp())
+        self._status_col.append(status)
+
+    def _note(self, task: Task, decision: Decision) -> None:
+        self.counts[decision] += 1
+        examples = self.examples.setdefault(decision, [])
+        if len(examples) < self.EXAMPLES_PER_REASON:
+            examples.append(Example(task.id, task.status, task.timestamp))
+
+    def _reason(self, status: str) -> str:
+        reason = f"older than {self.older_than} and status {status}"
+        for name, pattern in self.match.items():
+            reason += f" and {name} matches {pattern}"
+        return reason
+
+    def finish(self) -> Plan:
+        """Apply keep-newest-N, the id guard and the per-run cap; return the plan."""
+        ids, stamps, statuses = self._ids, self._stamps, self._status_col
+        kept_newest = {task_id for _, task_id in self._newest}
+        order = sorted(range(len(ids)), key=stamps.__getitem__)
+        final_ids: list[str] = []
+        final_stamps: array[float] = array("d")
+        final_statuses: list[str] = []
+        invalid: list[Candidate] = []
+        keep_reason = (Verdict.KEEP, f"kept: newest {self.keep_newest}")
+        deferred_reason = (
+            Verdict.DEFERRED,
+            f"deferred: max_deletions {self.max_deletions} reached",
+        )
+        for index in order:
+            task_id, status, stamp = ids[index], statuses[index], stamps[index]
+            when = datetime.fromtimestamp(stamp, UTC)
+            if task_id in kept_newest:
+                self._count_example(keep_reason, task_id, status, when)
+                continue
+            why_invalid = self.target.invalid_id_reason(task_id)
+            if why_invalid is not None:
+                invalid.append(Candidate(task_id, status, when, f"refused: {why_invalid}"))
+                self._count_example((Verdict.INVALID_ID, why_invalid), task_id, status, when)
+                continue
+            if self.max_deletions is not None and len(final_ids) >= self.max_deletions:
+                self._count_example(deferred_reason, task_id, status, when)
+                continue
+            final_ids.append(task_id)
+            final_stamps.append(stamp)
+            final_statuses.append(status)
+        # The columns are rebuilt in deletion order; release the listing-order ones.
+        self._ids, self._stamps, self._status_col = [], array("d"), []
+        self._seen = set()
+        reasons = {status: self._reason(status) for status in self._statuses.values()}
+        for index, task_id in enumerate(final_ids):
+            decision = (Verdict.DELETE, reasons[final_statuses[index]])
+            self.counts[decision] += 1
+            examples = self.examples.setdefault(decision, [])
+            if len(examples) < self.EXAMPLES_PER_REASON:
+                examples.append(
+                    Example(
+                        task_id,
+                        final_statuses[index],
+                        datetime.fromtimestamp(final_stamps[index], UTC),
+                    )
+                )
+        return Plan(
+            policy=self.loaded,
+            created_at=self.now,
+            cutoff=self.cutoff,
+            listed=self.listed,
+            counts=self.counts,
+            examples=self.examples,
+            _ids=final_ids,
+            _stamps=final_stamps,
+            _statuses=final_statuses,
+            invalid=invalid,
+            reasons=reasons,
+        )
+
+    def _count_example(self, decision: Decision, task_id: str, status: str, when: datetime) -> None:
+        self.counts[decision] += 1
+        examples = self.examples.setdefault(decision, [])
+        if len(examples) < self.EXAMPLES_PER_REASON:
+            examples.append(Example(task_id, status, when))
+
+
+async def make_plan(
+    loaded: LoadedPolicy, target: Target, tasks: AsyncIterable[Task], now: datetime
+) -> Plan:
+    """Consume a whole listing and plan it; a ListingError from the listing propagates."""
+    planner = Planner(loaded, target, now)
+    async for task in tasks:
+        planner.add(task)
+    return planner.finish()

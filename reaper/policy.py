@@ -1,0 +1,487 @@
+"""Retention policies: the YAML files ops write, loaded strictly into frozen models.
+
+Loading never half-succeeds. Unknown keys, duplicate keys, bad durations, bad cron, bad regular
+expressions, missing fields, unknown statuses and contradictions (a status both selected and
+protected) are all collected and raised together as one :class:`~reaper.errors.PolicyError`, each
+naming the file, line, policy and field. Nothing is listed or deleted for a file that does not load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Union
+from zoneinfo import ZoneInfo
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
+
+from reaper.converters import Rate, parse_timezone
+from reaper.errors import FieldError, PolicyError
+from reaper.fields import Duration, RateValue
+from reaper.schedule import parse_cron
+from reaper.targets import TARGETS, Target, TargetConfig
+from reaper.yamlfile import Document, Path_, YamlError, read_documents
+
+__all__ = [
+    "DeleteSettings",
+    "Keep",
+    "LoadedPolicy",
+    "Policy",
+    "Protect",
+    "Select",
+    "load_policies",
+    "load_policy_text",
+    "policy_files",
+    "policy_json_schema",
+]
+
+
+def _compile(pattern: Any) -> str:
+    if not isinstance(pattern, str):
+        raise ValueError("expected a regular expression string")
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"invalid regular expression {pattern!r}: {exc}") from exc
+    return pattern
+
+
+Regex = Annotated[str, BeforeValidator(_compile)]
+StatusList = Annotated[tuple[str, ...], Field(json_schema_extra={"uniqueItems": True})]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+
+class Select(_Model):
+    """Which tasks a policy is about."""
+
+    status: StatusList = Field(min_length=1, description="Statuses that may be deleted.")
+    older_than: Duration = Field(description="Minimum age, measured on age_field.")
+    age_field: str | None = Field(
+        None, description="Timestamp the age is measured on (default: the target's first)."
+    )
+    match: dict[str, Regex] = Field(
+        default_factory=dict,
+        description="Regular expressions (re.search) every named field must match.",
+    )
+    allow_live: bool = Field(
+        False,
+        description="Allow selecting statuses the target reports for running tasks.",
+    )
+
+
+class Keep(_Model):
+    """What is kept although it matches."""
+
+    newest: int = Field(
+        0, ge=0, description="Never delete the N newest tasks matching status and match."
+    )
+
+
+class Protect(_Model):
+    """What is never deleted, whatever ``select`` says."""
+
+    status: StatusList = Field(default=(), description="Statuses that are never deleted.")
+    ids: tuple[str, ...] = Field(default=(), description="Task ids that are never deleted.")
+    match: dict[str, Regex] = Field(
+        default_factory=dict, description="Tasks whose field matches one of these are protected."
+    )
+
+
+class DeleteSettings(_Model):
+    """How deletions are sent."""
+
+    batch_size: int | None = Field(
+        None, ge=1, description="Ids per delete request (default: 50, or 1 for per-id APIs)."
+    )
+    rate: RateValue = Field(
+        Rate(10.0),
+        json_schema_extra={"default": "10/s"},
+        description="Requests per second to this target, listing included.",
+    )
+    burst: int = Field(1, ge=1, le=1000, description="Requests that may go at once after idling.")
+    concurrency: int | None = Field(
+        None, ge=1, le=256, description="Requests in flight; default: sized from rate x latency."
+    )
+    continue_on_error: bool = Field(True, description="Go on after a failed deletion.")
+    max_deletions: int | None = Field(
+        1000, ge=1, description="Most deletions per run; the rest wait for the next run."
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="Target-specific delete options."
+    )
+
+
+def _target_union() -> Any:
+    configs = tuple(cls.config_model for cls in TARGETS.values())
+    if len(configs) == 1:
+        return Annotated[configs[0], Field(discriminator="type")]
+    return Annotated[Union[configs], Field(discriminator="type")]  # noqa: UP007
+
+
+if TYPE_CHECKING:
+    TargetSettings = TargetConfig
+else:
+    TargetSettings = _target_union()
+
+_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+
+
+class Policy(_Model):
+    """One retention policy."""
+
+    name: str = Field(pattern=_NAME_PATTERN, description="Unique name (lowercase, digits, .-_).")
+    description: str = ""
+    schedule: str | None = Field(None, description="Five-field cron expression for the daemon.")
+    timezone: str = Field("UTC", description="IANA timezone the schedule is evaluated in.")
+    target: TargetSettings
+    select: Select
+    keep: Keep = Field(default_factory=Keep)
+    protect: Protect = Field(default_factory=Protect)
+    delete: DeleteSettings = Field(default_factory=DeleteSettings)
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        parse_timezone(value)
+        return value
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_cron(value, UTC)  # the fields do not depend on the zone
+        return value
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return parse_timezone(self.timezone)
+
+    @property
+    def target_config(self) -> TargetConfig:
+        config: TargetConfig = self.target
+        return config
+
+    @property
+    def target_class(self) -> type[Target]:
+        return TARGETS[self.target_config.type]
+
+    @property
+    def age_field(self) -> str:
+        return self.select.age_field or self.target_class.time_fields[0]
+
+    @property
+    def batch_size(self) -> int:
+        return self.delete.batch_size or min(50, self.target_class.max_batch_size)
+
+    def canonical_json(self) -> str:
+        """The policy as canonical JSON: what its content hash covers."""
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+    def content_hash(self) -> str:
+        """sha256 of the canonical JSON: changes whenever the policy's meaning can change."""
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class LoadedPolicy:
+    """A validated policy and where it came from."""
+
+    policy: Policy
+    path: Path | None
+    line: int
+
+    @property
+    def name(self) -> str:
+        return self.policy.name
+
+    @property
+    def digest(self) -> str:
+        return self.policy.content_hash()
+
+
+def policy_json_schema() -> dict[str, Any]:
+    """The JSON Schema of one policy document (a file holds one policy or a list of them)."""
+    schema = Policy.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = "https://reaper.invalid/schema/policy.schema.json"
+    schema["description"] = (
+        "A reaper retention policy. A policy file holds one policy, a list of policies, or "
+        "several YAML documents."
+    )
+    return schema
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def policy_files(paths: Iterable[Path]) -> list[Path]:
+    """Expand directories into their ``*.yaml``/``*.yml`` files, sorted; keep files as given."""
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files.extend(
+                sorted(p for p in path.iterdir() if p.suffix in {".yaml", ".yml"} and p.is_file())
+            )
+        else:
+            files.append(path)
+    return files
+
+
+def load_policies(paths: Sequence[Path]) -> list[LoadedPolicy]:
+    """Load every policy under ``paths``; raise PolicyError listing every problem found."""
+    loaded: list[LoadedPolicy] = []
+    problems: list[tuple[Path | None, FieldError]] = []
+    files = policy_files(paths)
+    for path in files:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            problems.append((path, FieldError("<file>", f"cannot read the file: {exc}")))
+            continue
+        try:
+            loaded.extend(load_policy_text(text, path))
+        except PolicyError as exc:
+            problems.extend((path, error) for error in exc.errors)
+    seen: dict[str, LoadedPolicy] = {}
+    for item in loaded:
+        first = seen.setdefault(item.name, item)
+        if first is not item:
+            problems.append(
+                (
+                    item.path,
+                    FieldError(
+                        "name",
+                        f"duplicate policy name (also defined in {first.path}:{first.line})",
+                        line=item.line,
+                        policy=item.name,
+                    ),
+                )
+            )
+    if not files and not problems:
+        where = ", ".join(str(p) for p in paths) or "<none>"
+        problems.append((None, FieldError("<policies>", f"no policy files found in {where}")))
+    if problems:
+        raise _combined(problems)
+    return loaded
+
+
+def _combined(problems: list[tuple[Path | None, FieldError]]) -> PolicyError:
+    paths = {path for path, _ in problems}
+    if len(paths) == 1:
+        return PolicyError(next(iter(paths)), [error for _, error in problems])
+    error = PolicyError(None, [error for _, error in problems])
+    error.args = ("\n".join(e.render(path) for path, e in problems),)
+    return error
+
+
+def load_policy_text(text: str, path: Path | None = None) -> list[LoadedPolicy]:
+    """Validate the policies in one file's text; raise PolicyError with every problem."""
+    try:
+        documents = read_documents(text)
+    except YamlError as exc:
+        field = ".".join(str(p) for p in exc.path if not isinstance(p, int)) or "<yaml>"
+        raise PolicyError(
+            path, [FieldError(field, exc.message, exc.line, exc.column, exc.policy)]
+        ) from None
+    errors: list[FieldError] = []
+    loaded: list[LoadedPolicy] = []
+    for document in documents:
+        data = document.data
+        if data is None:
+            continue
+        entries: list[tuple[Path_, Any]]
+        if isinstance(data, list):
+            entries = [((index,), item) for index, item in enumerate(data)]
+        else:
+            entries = [((), data)]
+        for prefix, raw in entries:
+            policy, problems = _validate(raw, prefix, document)
+            errors.extend(problems)
+            if policy is not None:
+                position = document.position(prefix)
+                loaded.append(LoadedPolicy(policy, path, position[0] if position else 1))
+    if not loaded and not errors:
+        errors.append(FieldError("<yaml>", "the file holds no policy", 1))
+    if errors:
+        raise PolicyError(path, errors)
+    return loaded
+
+
+def _validate(
+    raw: Any, prefix: Path_, document: Document
+) -> tuple[Policy | None, list[FieldError]]:
+    name = raw.get("name") if isinstance(raw, dict) else None
+    name = name if isinstance(name, str) else None
+
+    def located(path: Path_, message: str) -> FieldError:
+        position = document.position((*prefix, *path))
+        return FieldError(
+            ".".join(str(p) for p in path) or "<policy>",
+            message,
+            position[0] if position else None,
+            position[1] if position else None,
+            name,
+        )
+
+    if not isinstance(raw, dict):
+        return None, [located((), "a policy must be a mapping of keys to values")]
+    problems = [located(path, message) for path, message in _semantic_problems(raw)]
+    try:
+        policy = Policy.model_validate(raw)
+    except ValidationError as exc:
+        structural = [located(_error_path(raw, err), _message(err)) for err in exc.errors()]
+        return None, structural + problems
+    return (policy if not problems else None), problems
+
+
+def _error_path(raw: Any, error: Any) -> Path_:
+    path = _resolve(raw, error["loc"])
+    if error["type"] == "union_tag_invalid":
+        path = (*path, "type")  # the discriminator is the field that is wrong
+    return path
+
+
+def _resolve(raw: Any, loc: tuple[int | str, ...]) -> Path_:
+    """Turn a pydantic error location into a path through the raw data.
+
+    Pydantic inserts segments that are not keys (the discriminator tag of ``target``, validator
+    names); they are dropped. A final segment that is missing from the data (a missing field) is
+    kept so the message names it.
+    """
+    path: list[str | int] = []
+    current = raw
+    for index, segment in enumerate(loc):
+        if isinstance(current, dict) and segment in current:
+            current = current[segment]
+            path.append(segment)
+        elif isinstance(current, list) and isinstance(segment, int) and segment < len(current):
+            current = current[segment]
+            path.append(segment)
+        elif index == len(loc) - 1 and isinstance(segment, str):
+            path.append(segment)
+    return tuple(path)
+
+
+def _message(error: Any) -> str:
+    message = str(error["msg"])
+    message = message.removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        return "unknown key (check its spelling and indentation)"
+    if error["type"] == "missing":
+        return "required field is missing"
+    if error["type"] == "union_tag_invalid":
+        kinds = ", ".join(sorted(TARGETS))
+        return f"unknown target type; expected one of: {kinds}"
+    if error["type"] == "union_tag_not_found":
+        return f"target.type is required; one of: {', '.join(sorted(TARGETS))}"
+    return message
+
+
+def _semantic_problems(raw: dict[str, Any]) -> list[tuple[Path_, str]]:
+    """Checks that need the target kind or span several fields.
+
+    They read the raw document defensively, so they also run when other fields failed to
+    validate: one pass over a file reports every mistake in it.
+    """
+    problems: list[tuple[Path_, str]] = []
+    target_raw = _mapping(raw.get("target"))
+    kind_raw = target_raw.get("type")
+    target = TARGETS.get(kind_raw) if isinstance(kind_raw, str) else None
+    if target is None:
+        return problems  # the structural validation names the missing or unknown type
+    kind = target.kind
+    select, protect = _mapping(raw.get("select")), _mapping(raw.get("protect"))
+
+    age_field = select.get("age_field")
+    if isinstance(age_field, str) and age_field not in target.time_fields:
+        problems.append(
+            (
+                ("select", "age_field"),
+                f"{kind} has no timestamp field {age_field!r}; "
+                f"use one of: {', '.join(target.time_fields)}",
+            )
+        )
+    for section, patterns in (("select", select.get("match")), ("protect", protect.get("match"))):
+        problems.extend(
+            (
+                (section, "match", field_name),
+                f"{kind} tasks have no field {field_name!r} to match; "
+                f"use one of: {', '.join(sorted(target.match_fields))}",
+            )
+            for field_name in _mapping(patterns)
+            if field_name not in target.match_fields
+        )
+    selected, protected = _strings(select.get("status")), _strings(protect.get("status"))
+    if target.known_statuses:
+        for section, statuses in (("select", selected), ("protect", protected)):
+            problems.extend(
+                (
+                    (section, "status", index),
+                    f"{kind} has no status {status!r}; known statuses: "
+                    f"{', '.join(sorted(target.known_statuses))}",
+                )
+                for index, status in statuses
+                if status not in target.known_statuses
+            )
+    protected_set = {status for _, status in protected}
+    for index, status in selected:
+        if status in protected_set:
+            problems.append(
+                (("select", "status", index), f"status {status!r} is both selected and protected")
+            )
+        elif status in target.live_statuses and select.get("allow_live") is not True:
+            problems.append(
+                (
+                    ("select", "status", index),
+                    f"{status!r} is a live status of {kind} (tasks still running); set "
+                    "select.allow_live: true if deleting running tasks is really intended",
+                )
+            )
+    if len({status for _, status in selected}) != len(selected):
+        problems.append((("select", "status"), "a status is listed twice"))
+
+    delete = _mapping(raw.get("delete"))
+    batch_size = delete.get("batch_size")
+    if isinstance(batch_size, int) and not isinstance(batch_size, bool):
+        if batch_size > target.max_batch_size:
+            problems.append(
+                (
+                    ("delete", "batch_size"),
+                    f"{kind} accepts at most {target.max_batch_size} id(s) per delete request",
+                )
+            )
+    options = delete.get("options")
+    if isinstance(options, dict):
+        try:
+            target.options_model.model_validate(options)
+        except ValidationError as exc:
+            for err in exc.errors():
+                path = ("delete", "options", *(str(p) for p in err["loc"]))
+                problems.append((path, _message(err)))
+    return problems
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _strings(value: Any) -> list[tuple[int, str]]:
+    if not isinstance(value, list):
+        return []
+    return [(index, item) for index, item in enumerate(value) if isinstance(item, str)]

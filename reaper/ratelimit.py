@@ -1,0 +1,79 @@
+"""A rate limiter shared by every worker that talks to one target.
+
+It hands out evenly spaced send slots (a virtual-time token bucket, also known as GCRA): at most
+``burst`` requests may go at once after an idle period, and over any longer window the average
+never exceeds the rate. Spacing requests evenly, rather than bursting a whole second's budget, is
+what keeps a server-side limiter of the same rate from ever answering 429.
+
+When the server answers 429 anyway (its limit is lower than configured, or shared with other
+clients), the limiter halves its rate and then recovers additively with each success, never above
+the configured rate: waiting out ``Retry-After`` alone would hit the same wall again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from reaper.converters import Rate
+
+__all__ = ["RateLimiter"]
+
+
+class RateLimiter:
+    """Grant send slots at ``rate``; ``pause_until`` holds every worker back (e.g. Retry-After)."""
+
+    def __init__(
+        self,
+        rate: Rate,
+        burst: int = 1,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if burst < 1:
+            raise ValueError("burst must be at least 1")
+        self.rate = rate
+        self.burst = burst
+        self._clock = clock
+        self._interval = rate.interval
+        self._floor = min(rate.per_second, 0.1)
+        self.current = rate.per_second
+        self._next_slot = 0.0  # virtual time of the next free slot
+        self._paused_until = 0.0
+        self._lock = asyncio.Lock()
+
+    def reserve(self) -> float:
+        """Reserve the next slot and return how long the caller must wait for it."""
+        now = self._clock()
+        # After an idle period the bucket is full: up to `burst` slots are available at once.
+        earliest = max(now - (self.burst - 1) * self._interval, self._paused_until)
+        slot = max(self._next_slot, earliest)
+        self._next_slot = slot + self._interval
+        return max(0.0, slot - now)
+
+    async def acquire(self) -> None:
+        """Wait until this caller may send one request."""
+        async with self._lock:
+            delay = self.reserve()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    def throttle(self) -> None:
+        """The server said 429: halve the rate (down to 0.1/s)."""
+        self._set(max(self._floor, self.current / 2))
+
+    def recover(self) -> None:
+        """A request succeeded: creep back towards the configured rate."""
+        if self.current < self.rate.per_second:
+            self._set(min(self.rate.per_second, self.current + self.rate.per_second / 20))
+
+    def _set(self, per_second: float) -> None:
+        self.current = per_second
+        self._interval = 1.0 / per_second
+
+    def pause_until(self, deadline: float) -> None:
+        """Grant no slot before ``deadline`` (monotonic seconds), e.g. after a 429 Retry-After."""
+        if deadline > self._paused_until:
+            self._paused_until = deadline
+            self._next_slot = max(self._next_slot, deadline)

@@ -1,0 +1,328 @@
+"""One policy run, end to end: listing → plan → executor → audit.
+
+``run_policy`` is what ``reaper run`` (and later the daemon) calls for each policy. It opens the run
+in the audit first (no audit, no delete), plans from a complete listing (an incomplete listing
+aborts the policy with nothing deleted), records ids the target's guard refuses, then deletes —
+or, in a dry run, records what it would delete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+
+import httpx
+import structlog
+
+from reaper.audit import AuditEntry, AuditStore, RunRecord, RunSummary
+from reaper.converters import Rate
+from reaper.errors import AuditError, ListingError, TargetAuthError, TargetError
+from reaper.execute import AsyncAudit, BatchEvent, Executor, auto_concurrency
+from reaper.http import RetryPolicy, TargetHttp
+from reaper.plan import Plan, Verdict, make_plan
+from reaper.policy import LoadedPolicy
+from reaper.ratelimit import RateLimiter
+from reaper.targets.base import ListRequest, Outcome, Target
+
+__all__ = ["Mode", "PolicyRun", "RunStatus", "build_target", "plan_policy", "run_policy"]
+
+log = structlog.get_logger("reaper.runner")
+
+_RECORD_CHUNK = 1000
+
+
+class Mode(StrEnum):
+    RUN = "run"
+    DRY_RUN = "dry_run"
+
+
+class RunStatus(StrEnum):
+    """How a policy run ended (stored in ``reaper_runs.status``)."""
+
+    SUCCEEDED = "succeeded"  # everything eligible was deleted (or nothing was eligible)
+    PARTIAL = "partial"  # some deletions failed, were refused by the id guard, or were deferred
+    ABORTED = "aborted"  # the policy stopped before deleting everything (listing, auth, stop)
+    FAILED = "failed"  # the audit failed: the run stopped, fail closed
+
+
+@dataclass
+class PolicyRun:
+    """What happened to one policy in one invocation."""
+
+    policy: str
+    mode: Mode
+    status: RunStatus
+    summary: RunSummary = field(default_factory=RunSummary)
+    run_id: str | None = None
+    plan: Plan | None = None
+    error: str | None = None
+    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    finished_at: datetime | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status is RunStatus.SUCCEEDED
+
+
+def build_target(
+    loaded: LoadedPolicy, *, transport: httpx.AsyncBaseTransport | None = None
+) -> tuple[Target, httpx.AsyncClient]:
+    """Create the target for a policy, with its HTTP client, rate limiter and retry policy."""
+    policy = loaded.policy
+    config = policy.target_config
+    verify: bool | str = config.ca_bundle if config.ca_bundle else config.verify_tls
+    if not config.verify_tls:
+        log.warning(
+            "tls_verification_disabled",
+            policy=policy.name,
+            target=config.describe(),
+            hint="target.verify_tls is false: the target's identity is not checked",
+        )
+    timeout = config.timeout.total_seconds()
+    client = httpx.AsyncClient(
+        timeout=httpx.Timeout(timeout),
+        verify=verify,
+        transport=transport,
+        follow_redirects=False,
+        headers={"User-Agent": "reaper/0.1"},
+        limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+    )
+    rate: Rate = policy.delete.rate
+    retries = config.retries
+    http = TargetHttp(
+        client,
+        RateLimiter(rate, policy.delete.burst),
+        RetryPolicy(
+            attempts=retries.attempts,
+            backoff=retries.backoff.total_seconds(),
+            max_backoff=retries.max_backoff.total_seconds(),
+        ),
+        max_response_bytes=config.max_response_bytes,
+    )
+    return policy.target_class(config, http), client
+
+
+def _list_request(loaded: LoadedPolicy, cutoff: datetime) -> ListRequest:
+    policy = loaded.policy
+    fields = frozenset(policy.select.match) | frozenset(policy.protect.match)
+    return ListRequest(
+        age_field=policy.age_field,
+        match_fields=fields - {"task_id"},
+        created_before=cutoff if policy.age_field == "created_at" else None,
+    )
+
+
+async def plan_policy(loaded: LoadedPolicy, target: Target, now: datetime) -> Plan:
+    """List the target completely and plan the policy over it."""
+    cutoff = now - loaded.policy.select.older_than
+    return await make_plan(loaded, target, target.list_tasks(_list_request(loaded, cutoff)), now)
+
+
+async def run_policy(
+    loaded: LoadedPolicy,
+    audit: AuditStore,
+    *,
+    mode: Mode = Mode.RUN,
+    now: datetime | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+    on_batch: Callable[[BatchEvent], None] | None = None,
+    on_plan: Callable[[Plan], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> PolicyRun:
+    """Run one policy once. Never raises for target or audit trouble: the result says."""
+    policy = loaded.policy
+    now = now or datetime.now(UTC)
+    run = PolicyRun(policy.name, mode, RunStatus.FAILED)
+    async_audit = AsyncAudit(audit)
+    async with AsyncExitStack() as stack:
+        stack.callback(async_audit.close)
+        target, client = build_target(loaded, transport=transport)
+        stack.push_async_callback(client.aclose)
+        try:
+            run.run_id = await async_audit.call(
+                audit.start_run,
+                RunRecord(
+                    policy=policy.name,
+                    policy_hash=loaded.digest,
+                    policy_json=policy.canonical_json(),
+                    target_kind=target.kind,
+                    target=policy.target_config.describe(),
+                    mode=mode.value,
+                ),
+            )
+        except AuditError as exc:
+            # No audit, no delete: nothing is listed either.
+            run.error = str(exc)
+            log.error("run_not_started", policy=policy.name, error=run.error)
+            run.finished_at = datetime.now(UTC)
+            return run
+        with structlog.contextvars.bound_contextvars(run_id=run.run_id, policy=policy.name):
+            await _run(run, loaded, target, async_audit, now, on_batch, on_plan, stop)
+    run.finished_at = datetime.now(UTC)
+    return run
+
+
+async def _run(
+    run: PolicyRun,
+    loaded: LoadedPolicy,
+    target: Target,
+    audit: AsyncAudit,
+    now: datetime,
+    on_batch: Callable[[BatchEvent], None] | None,
+    on_plan: Callable[[Plan], None] | None,
+    stop: asyncio.Event | None,
+) -> None:
+    policy = loaded.policy
+    summary = run.summary
+    assert run.run_id is not None
+    run_id = run.run_id
+    log.info("run_started", mode=run.mode.value, target=policy.target_config.describe())
+    try:
+        try:
+            plan = await plan_policy(loaded, target, now)
+        except (ListingError, TargetError) as exc:
+            # An incomplete listing deletes nothing: keep-newest-N needs all of it.
+            run.status = RunStatus.ABORTED
+            run.error = f"listing failed, nothing deleted: {exc}"
+            log.error("listing_failed", error=str(exc))
+            return
+        run.plan = plan
+        summary.listed = plan.listed
+        summary.eligible = plan.eligible
+        summary.kept = sum(
+            n
+            for (verdict, _), n in plan.counts.items()
+            if verdict in (Verdict.KEEP, Verdict.PROTECTED)
+        )
+        summary.deferred = plan.count(Verdict.DEFERRED)
+        summary.skipped = len(plan.invalid)
+        if on_plan is not None:
+            on_plan(plan)
+        log.info(
+            "plan_ready",
+            listed=plan.listed,
+            eligible=plan.eligible,
+            kept=summary.kept,
+            deferred=summary.deferred,
+            refused_ids=summary.skipped,
+        )
+        for start in range(0, len(plan.invalid), _RECORD_CHUNK):
+            chunk = plan.invalid[start : start + _RECORD_CHUNK]
+            await audit.call(
+                audit.store.record,
+                run_id,
+                [
+                    AuditEntry(
+                        c.task_id,
+                        c.reason,
+                        c.status,
+                        c.timestamp,
+                        Outcome.SKIPPED_INVALID_ID,
+                        "id refused by the target's guard; never sent",
+                    )
+                    for c in chunk
+                ],
+            )
+        if run.mode is Mode.DRY_RUN:
+            await _record_dry_run(plan, audit, run_id, summary)
+            run.status = RunStatus.SUCCEEDED
+            return
+        if plan.eligible == 0:
+            run.status = _final_status(summary)
+            return
+        concurrency = policy.delete.concurrency or auto_concurrency(
+            policy.delete.rate.per_second, target.http.stats.latency_p90()
+        )
+        executor = Executor(
+            target,
+            audit,
+            run_id,
+            policy.target_class.options_model.model_validate(policy.delete.options),
+            batch_size=policy.batch_size,
+            concurrency=concurrency,
+            continue_on_error=policy.delete.continue_on_error,
+            summary=summary,
+            on_batch=on_batch,
+            stop=stop,
+        )
+        log.info(
+            "deleting",
+            eligible=plan.eligible,
+            concurrency=concurrency,
+            batch_size=policy.batch_size,
+            rate=str(policy.delete.rate),
+        )
+        try:
+            await executor.run(plan)
+        except TargetAuthError as exc:
+            run.status = RunStatus.ABORTED
+            run.error = f"the target refused our credentials; stopped: {exc}"
+            return
+        if executor.stopped is not None:
+            run.status = RunStatus.ABORTED
+            run.error = executor.stopped
+            return
+        run.status = _final_status(summary)
+    except AuditError as exc:
+        run.status = RunStatus.FAILED
+        run.error = f"audit database failed; no further deletions were sent: {exc}"
+        log.error("audit_failed", error=str(exc))
+    finally:
+        await _finish(run, audit)
+
+
+def _final_status(summary: RunSummary) -> RunStatus:
+    if summary.failed or summary.unknown or summary.skipped or summary.deferred:
+        return RunStatus.PARTIAL
+    return RunStatus.SUCCEEDED
+
+
+async def _record_dry_run(plan: Plan, audit: AsyncAudit, run_id: str, summary: RunSummary) -> None:
+    chunk: list[AuditEntry] = []
+    for candidate in plan.candidates():
+        chunk.append(
+            AuditEntry(
+                candidate.task_id,
+                candidate.reason,
+                candidate.status,
+                candidate.timestamp,
+                Outcome.DRY_RUN,
+            )
+        )
+        if len(chunk) == _RECORD_CHUNK:
+            await audit.call(audit.store.record, run_id, chunk)
+            summary.dry_run += len(chunk)
+            chunk = []
+    if chunk:
+        await audit.call(audit.store.record, run_id, chunk)
+        summary.dry_run += len(chunk)
+
+
+async def _finish(run: PolicyRun, audit: AsyncAudit) -> None:
+    assert run.run_id is not None
+    s = run.summary
+    log.info(
+        "run_finished",
+        status=run.status.value,
+        listed=s.listed,
+        eligible=s.eligible,
+        deleted=s.deleted,
+        already_gone=s.already_gone,
+        failed=s.failed,
+        unknown=s.unknown,
+        refused_ids=s.skipped,
+        deferred=s.deferred,
+        dry_run=s.dry_run,
+        reclaimed_bytes=s.reclaimed_bytes,
+        error=run.error,
+    )
+    try:
+        await audit.call(audit.store.finish_run, run.run_id, run.status.value, s, run.error)
+    except AuditError as exc:
+        run.status = RunStatus.FAILED
+        run.error = (run.error + "; " if run.error else "") + str(exc)
+        log.error("run_not_recorded", error=str(exc))

@@ -1,0 +1,77 @@
+"""Process settings: environment variables with the ``REAPER_`` prefix, or a ``.env`` file.
+
+Secrets (the database password) are read from the environment or from a file, never from policy
+files, and are kept as ``SecretStr`` so they do not print.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+__all__ = ["Settings", "redact_url"]
+
+
+class Settings(BaseSettings):
+    """Settings for every reaper command."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="REAPER_", env_file=".env", extra="ignore", frozen=True
+    )
+
+    database_url: str = Field(
+        "sqlite:///reaper.db",
+        description="SQLAlchemy URL of the audit database (SQLite file or PostgreSQL).",
+    )
+    database_password: SecretStr | None = Field(
+        None, description="Password for database_url, kept out of the URL."
+    )
+    database_password_file: Path | None = Field(
+        None, description="File holding the database password (e.g. a mounted secret)."
+    )
+    db_auto_upgrade: bool = Field(
+        False, description="Apply pending audit database migrations before running."
+    )
+    policies: Path = Field(Path("policies"), description="Policy file or directory.")
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("database_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        try:
+            url = make_url(value)
+        except ArgumentError:
+            raise ValueError("not a database URL; expected e.g. sqlite:///reaper.db") from None
+        if url.get_backend_name() not in {"sqlite", "postgresql"}:
+            raise ValueError("only sqlite and postgresql audit databases are supported")
+        return value
+
+    def database(self) -> URL:
+        """The audit database URL with the password from the environment or file applied."""
+        url = make_url(self.database_url)
+        if url.get_backend_name() == "postgresql" and url.drivername == "postgresql":
+            url = url.set(drivername="postgresql+psycopg")
+        password = None
+        if self.database_password is not None:
+            password = self.database_password.get_secret_value()
+        elif self.database_password_file is not None:
+            password = self.database_password_file.read_text(encoding="utf-8").strip()
+        if password is not None:
+            url = url.set(password=password)
+        return url
+
+
+def redact_url(url: URL | str) -> str:
+    """Render a database URL with its password hidden."""
+    if isinstance(url, str):
+        try:
+            url = make_url(url)
+        except ArgumentError:
+            return "<invalid database URL>"
+    return url.render_as_string(hide_password=True)

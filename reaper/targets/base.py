@@ -1,0 +1,191 @@
+"""The extension point: what every target kind provides, and the records it hands inward.
+
+A target lists tasks as :class:`Task` records (id, status, one aware UTC timestamp, the fields a
+policy may match on) and deletes ids, answering with one :class:`DeleteResult` per id. It knows
+its API's paging, status vocabulary, id format and error bodies; it knows nothing about policies,
+plans or the audit. Adding a target kind means one new module here plus one line in
+``reaper/targets/__init__.py``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from reaper.errors import ListingError
+from reaper.fields import Duration
+from reaper.http import Exchange, RequestFailed, ResponseTooLarge, TargetHttp
+
+__all__ = [
+    "BatchResult",
+    "DeleteResult",
+    "ListRequest",
+    "Outcome",
+    "Target",
+    "TargetConfig",
+    "Task",
+]
+
+
+class Outcome(StrEnum):
+    """What happened to one task id. Stored in the audit as its string value."""
+
+    PENDING = "pending"  # write-ahead intent: the request is about to leave
+    DELETED = "deleted"
+    ALREADY_GONE = "already_gone"
+    FAILED = "failed"
+    UNKNOWN = "unknown"  # the request may have reached the server; its answer was lost
+    SKIPPED_INVALID_ID = "skipped_invalid_id"
+    DRY_RUN = "dry_run"
+    NOT_DELETED = "not_deleted"  # a pending/unknown row that reconciliation found still present
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """One listed task, as much of it as planning needs."""
+
+    id: str
+    status: str
+    #: The policy's age field, aware UTC; None when the task has no value for it.
+    timestamp: datetime | None
+    #: The raw values of the fields the policy matches on.
+    fields: Mapping[str, str] = field(default_factory=dict)
+    #: The target reports the task as already deleted (it is listed but its data is gone).
+    gone: bool = False
+    #: Why the record cannot be trusted (e.g. its timestamp does not parse); never deleted.
+    problem: str | None = None
+
+
+@dataclass(frozen=True)
+class ListRequest:
+    """What the planner needs from a listing; targets may push filters to the server."""
+
+    age_field: str
+    match_fields: frozenset[str] = frozenset()
+    #: Tasks created at or after this instant cannot be eligible (a server-side hint only).
+    created_before: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteResult:
+    """The outcome of one id in a delete request."""
+
+    task_id: str
+    outcome: Outcome
+    http_status: int | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    reclaimed_bytes: int | None = None
+    files_count: int | None = None
+    note: str | None = None
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """The answer to one delete request, one result per id that was sent."""
+
+    results: Sequence[DeleteResult]
+    #: Earlier attempts of this request may have reached the server (their answers were lost).
+    lost_attempts: int = 0
+
+
+class RetrySettings(BaseModel):
+    """How requests to a target are retried."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+    attempts: int = Field(5, ge=1, le=20, description="Attempts per request, the first included.")
+    backoff: Duration = Field(
+        timedelta(seconds=1),
+        description="First backoff delay; doubles per attempt.",
+        json_schema_extra={"default": "1s"},
+    )
+    max_backoff: Duration = Field(
+        timedelta(seconds=30),
+        description="Longest single delay.",
+        json_schema_extra={"default": "30s"},
+    )
+
+
+class TargetConfig(BaseModel):
+    """Settings every target kind shares. Subclasses add ``type`` and their own fields."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+    type: str
+    timeout: Duration = Field(
+        timedelta(seconds=30),
+        description="Timeout of one HTTP request, e.g. '30s'.",
+        json_schema_extra={"default": "30s"},
+    )
+    retries: RetrySettings = Field(default_factory=RetrySettings)
+    verify_tls: bool = Field(True, description="Verify the target's TLS certificate.")
+    ca_bundle: str | None = Field(None, description="Path to a CA bundle for the target.")
+    max_response_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="Largest response body reaper will read."
+    )
+
+    def describe(self) -> str:
+        """A short, secret-free name for logs and the audit (e.g. the base URL)."""
+        return self.type
+
+
+class DeleteOptions(BaseModel):
+    """Target-specific delete options (``delete.options`` in a policy); none by default."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+
+class Target(ABC):
+    """One task API: list tasks, delete ids."""
+
+    #: The ``target.type`` value in a policy.
+    kind: ClassVar[str]
+    config_model: ClassVar[type[TargetConfig]]
+    options_model: ClassVar[type[DeleteOptions]] = DeleteOptions
+    #: Statuses of tasks that are still running: protected unless a policy opts in explicitly.
+    live_statuses: ClassVar[frozenset[str]] = frozenset()
+    #: Every status the API documents (used to catch typos in policies).
+    known_statuses: ClassVar[frozenset[str]] = frozenset()
+    #: Timestamp fields a policy may use as ``select.age_field``; the first is the default.
+    time_fields: ClassVar[tuple[str, ...]]
+    #: Fields a policy may match regular expressions against.
+    match_fields: ClassVar[frozenset[str]] = frozenset({"task_id"})
+    #: Largest number of ids one delete request may carry (1 for per-id APIs).
+    max_batch_size: ClassVar[int] = 1
+
+    def __init__(self, config: TargetConfig, http: TargetHttp) -> None:
+        self.config = config
+        self.http = http
+
+    def invalid_id_reason(self, task_id: str) -> str | None:
+        """Why ``task_id`` must never be sent to this target, or None when it is safe."""
+        if not task_id or "/" in task_id or "\\" in task_id or ".." in task_id:
+            return "id is empty or contains a path separator or '..'"
+        if not task_id.isprintable():
+            return "id contains control characters"
+        return None
+
+    async def fetch_page(self, where: str, method: str, url: str, **kwargs: Any) -> Exchange:
+        """Send one listing request; a failure after retries is a ListingError naming the page.
+
+        Credential errors stay TargetAuthError: they are configuration errors, not paging ones.
+        """
+        try:
+            return await self.http.send(method, url, **kwargs)
+        except (RequestFailed, ResponseTooLarge) as exc:
+            raise ListingError(f"{where}: {exc}", http_status=exc.http_status) from exc
+
+    @abstractmethod
+    def list_tasks(self, request: ListRequest) -> AsyncIterator[Task]:
+        """Yield every task, page by page; raise ListingError if the listing is incomplete."""
+
+    @abstractmethod
+    async def delete(self, task_ids: Sequence[str], options: DeleteOptions) -> BatchResult:
+        """Send one delete request for ``task_ids`` (at most ``max_batch_size``)."""

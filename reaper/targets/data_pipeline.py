@@ -1,0 +1,318 @@
+"""The data_pipeline task API (a Flask service; ``/api/v0/data_pipeline/tasks``).
+
+Listing pages with ``limit``/``offset`` until a short page: the server's ``total`` is only the
+length of the page, never the number of tasks. Timestamps are naive server-local wall time, read
+in the configured ``timestamps_timezone``. Deletion is batched (``task_ids`` + ``confirm: true``)
+and every id's outcome is read from ``deleted_tasks``/``failed_tasks``: a partly failed batch is a
+normal answer. The server joins ids into a directory path unvalidated, so ids that do not match
+``^(task|manual)_\\d{8}_\\d{6}$`` are never sent.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Literal
+from zoneinfo import ZoneInfo
+
+import structlog
+from pydantic import AnyHttpUrl, ConfigDict, Field, field_validator
+
+from reaper.converters import parse_size, parse_timestamp, parse_timezone
+from reaper.errors import ListingError, TargetResponseError
+from reaper.targets.base import (
+    BatchResult,
+    DeleteOptions,
+    DeleteResult,
+    ListRequest,
+    Outcome,
+    Target,
+    TargetConfig,
+    Task,
+)
+
+__all__ = ["DataPipelineConfig", "DataPipelineOptions", "DataPipelineTarget"]
+
+log = structlog.get_logger("reaper.targets.data_pipeline")
+
+TASKS_PATH = "/api/v0/data_pipeline/tasks"
+ID_PATTERN = re.compile(r"(task|manual)_\d{8}_\d{6}")
+SERVER_PAGE_CAP = 100
+
+
+class DataPipelineConfig(TargetConfig):
+    """``target:`` settings for ``type: data_pipeline``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+    type: Literal["data_pipeline"]
+    base_url: AnyHttpUrl = Field(description="Service root, e.g. http://127.0.0.1:8084")
+    timestamps_timezone: str = Field(
+        "UTC", description="IANA zone the server's naive timestamps are written in."
+    )
+    page_size: int = Field(
+        SERVER_PAGE_CAP, ge=1, le=SERVER_PAGE_CAP, description="Tasks per listing page (max 100)."
+    )
+
+    @field_validator("timestamps_timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        parse_timezone(value)
+        return value
+
+    @field_validator("base_url")
+    @classmethod
+    def _no_credentials(cls, value: AnyHttpUrl) -> AnyHttpUrl:
+        if value.username or value.password:
+            raise ValueError("credentials do not belong in base_url")
+        if value.query or value.fragment:
+            raise ValueError("base_url must not have a query or fragment")
+        return value
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return parse_timezone(self.timestamps_timezone)
+
+    def endpoint(self) -> str:
+        return str(self.base_url).rstrip("/") + TASKS_PATH
+
+    def describe(self) -> str:
+        return str(self.base_url).rstrip("/")
+
+
+class DataPipelineOptions(DeleteOptions):
+    """``delete.options`` for data_pipeline."""
+
+    delete_database_records: bool = Field(
+        False, description="Also remove the task's database rows (default: keep the history)."
+    )
+
+
+def _error_text(body: Any) -> tuple[str | None, str | None]:
+    """The server's own error code and most specific message from an error body."""
+    if not isinstance(body, dict):
+        return None, None
+    data = body.get("data")
+    message = body.get("message")
+    code = None
+    if isinstance(data, dict):
+        message = data.get("response") or message
+        code = data.get("error_type")
+    return (str(code) if code is not None else None), (
+        str(message) if message is not None else None
+    )
+
+
+class DataPipelineTarget(Target):
+    """List and batch-delete data_pipeline tasks."""
+
+    kind = "data_pipeline"
+    config_model = DataPipelineConfig
+    options_model = DataPipelineOptions
+    live_statuses = frozenset({"pending", "in_progress"})
+    known_statuses = frozenset(
+        {"pending", "in_progress", "partial_completed", "completed", "failed"}
+    )
+    time_fields = ("created_at", "started_at", "completed_at", "updated_at")
+    match_fields = frozenset(
+        {"task_id", "task_name", "step_status", "created_by", "db_name", "business_context"}
+    )
+    # The server has no limit; a request of a few thousand ids is still one small JSON body.
+    max_batch_size = 5000
+
+    config: DataPipelineConfig
+
+    def invalid_id_reason(self, task_id: str) -> str | None:
+        # fullmatch: '$' would accept a trailing newline.
+        if not isinstance(task_id, str) or not ID_PATTERN.fullmatch(task_id):
+            return r"id does not match ^(task|manual)_\d{8}_\d{6}$ (path-traversal guard)"
+        return None
+
+    async def list_tasks(self, request: ListRequest) -> AsyncIterator[Task]:
+        url = self.config.endpoint()
+        limit = self.config.page_size
+        zone = self.config.zone
+        offset = 0
+        page_no = 0
+        previous_ids: set[str] = set()
+        while True:
+            page_no += 1
+            where = f"listing page {page_no} (offset {offset})"
+            exchange = await self.fetch_page(
+                where, "GET", url, params={"limit": limit, "offset": offset}
+            )
+            if exchange.status_code != 200:
+                code, message = _error_text(_json_or_none(exchange.body))
+                raise ListingError(
+                    f"{where}: HTTP {exchange.status_code}: {message or 'no error message'}",
+                    http_status=exchange.status_code,
+                    error_code=code,
+                    error_message=message,
+                )
+            try:
+                body = exchange.json()
+            except ValueError as exc:
+                raise ListingError(f"{where}: the body is not JSON") from exc
+            tasks = _page_tasks(body, where)
+            page_ids: set[str] = set()
+            for raw in tasks:
+                task = self._task(raw, request, zone, where)
+                page_ids.add(task.id)
+                if task.id in previous_ids:
+                    # New tasks arrived at the head (newest first) and pushed this one across the
+                    # page boundary: the same record again, not a paging fault.
+                    log.info("listing_shifted", task_id=task.id, page=page_no)
+                    continue
+                yield task
+            previous_ids = page_ids
+            # `total` is the page length, not a grand total: only a short page ends the listing.
+            if len(tasks) < limit:
+                return
+            offset += len(tasks)
+
+    def _task(self, raw: Any, request: ListRequest, zone: ZoneInfo, where: str) -> Task:
+        if not isinstance(raw, dict):
+            raise ListingError(f"{where}: a task entry is not an object")
+        task_id = raw.get("task_id")
+        status = raw.get("status")
+        if not isinstance(task_id, str) or not task_id:
+            raise ListingError(f"{where}: a task has no task_id")
+        if not isinstance(status, str) or not status:
+            raise ListingError(f"{where}: task {task_id!r} has no status")
+        problem = None
+        timestamp = None
+        value = raw.get(request.age_field)
+        if value is not None:
+            try:
+                timestamp = parse_timestamp(value, zone)
+            except ValueError as exc:
+                problem = f"{request.age_field} does not parse: {exc}"
+        fields = {}
+        for name in request.match_fields:
+            field_value = raw.get(name)
+            fields[name] = "" if field_value is None else str(field_value)
+        directory_exists = raw.get("directory_exists")
+        return Task(
+            id=task_id,
+            status=status,
+            timestamp=timestamp,
+            fields=fields,
+            gone=directory_exists is False,
+            problem=problem,
+        )
+
+    async def delete(self, task_ids: Sequence[str], options: DeleteOptions) -> BatchResult:
+        assert isinstance(options, DataPipelineOptions)
+        payload = {
+            "task_ids": list(task_ids),
+            "confirm": True,
+            "delete_database_records": options.delete_database_records,
+            # reaper decides whether to go on after a failure; the server must always report
+            # every id, which it only does when it continues.
+            "continue_on_error": True,
+        }
+        exchange = await self.http.send("DELETE", self.config.endpoint(), json_body=payload)
+        body = _json_or_none(exchange.body)
+        if exchange.status_code != 200:
+            code, message = _error_text(body)
+            raise TargetResponseError(
+                f"delete of {len(task_ids)} id(s) answered HTTP {exchange.status_code}: "
+                f"{message or 'no error message'}",
+                http_status=exchange.status_code,
+                error_code=code,
+                error_message=message,
+            )
+        if not isinstance(body, dict) or not isinstance(body.get("data"), dict):
+            raise TargetResponseError(
+                "delete answered HTTP 200 with a body that is not the documented JSON object",
+                http_status=200,
+            )
+        return BatchResult(
+            _read_outcomes(task_ids, body["data"], exchange.status_code), exchange.lost_attempts
+        )
+
+
+def _json_or_none(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except ValueError:
+        return None
+
+
+def _page_tasks(body: Any, where: str) -> list[Any]:
+    if not isinstance(body, dict):
+        raise ListingError(f"{where}: the body is not a JSON object")
+    if body.get("success") is False:
+        code, message = _error_text(body)
+        raise ListingError(f"{where}: the server reported failure: {message}", error_code=code)
+    data = body.get("data")
+    if not isinstance(data, dict) or not isinstance(data.get("tasks"), list):
+        raise ListingError(f"{where}: the body has no data.tasks list")
+    tasks: list[Any] = data["tasks"]
+    return tasks
+
+
+def _read_outcomes(
+    task_ids: Sequence[str], data: dict[str, Any], http_status: int
+) -> list[DeleteResult]:
+    """One result per requested id, read from the per-id lists of the answer."""
+    requested = set(task_ids)
+    found: dict[str, DeleteResult] = {}
+    deleted = data.get("deleted_tasks")
+    failed = data.get("failed_tasks")
+    if not isinstance(deleted, list) or not isinstance(failed, list):
+        raise TargetResponseError(
+            "delete answer lacks deleted_tasks/failed_tasks lists", http_status=http_status
+        )
+    for entry in deleted:
+        if not isinstance(entry, dict) or entry.get("task_id") not in requested:
+            continue  # never record an outcome for an id we did not send
+        task_id = str(entry["task_id"])
+        if entry.get("success") is False:
+            found[task_id] = DeleteResult(
+                task_id, Outcome.FAILED, http_status, None, "reported success: false"
+            )
+        elif entry.get("directory_deleted") is False:
+            found[task_id] = DeleteResult(
+                task_id, Outcome.ALREADY_GONE, http_status, note="directory_deleted: false"
+            )
+        else:
+            size = entry.get("deleted_size")
+            files = entry.get("deleted_files_count")
+            found[task_id] = DeleteResult(
+                task_id,
+                Outcome.DELETED,
+                http_status,
+                reclaimed_bytes=parse_size(size),
+                files_count=files if isinstance(files, int) else None,
+                note=f"deleted_size: {size}" if size is not None else None,
+            )
+    for entry in failed:
+        if not isinstance(entry, dict) or entry.get("task_id") not in requested:
+            continue
+        task_id = str(entry["task_id"])
+        code = entry.get("error_code")
+        error = entry.get("error")
+        found.setdefault(
+            task_id,
+            DeleteResult(
+                task_id,
+                Outcome.FAILED,
+                http_status,
+                str(code) if code is not None else None,
+                str(error) if error is not None else None,
+            ),
+        )
+    results = []
+    for task_id in task_ids:
+        result = found.get(task_id)
+        if result is None:
+            result = DeleteResult(
+                task_id,
+                Outcome.UNKNOWN,
+                http_status,
+                error_message="the answer named this id in neither deleted_tasks nor failed_tasks",
+            )
+        results.append(result)
+    return results

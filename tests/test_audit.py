@@ -1,0 +1,135 @@
+"""The audit database: migrations, UTC round trips, batched writes, queries (SQLite and PG)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import select
+
+from reaper.audit import AuditEntry, AuditStore, RunRecord, RunSummary, metadata, runs_table
+from reaper.db import current_revision, head_revision, make_engine, require_current_schema, upgrade
+from reaper.errors import AuditError
+from reaper.targets.base import DeleteResult, Outcome
+
+RECORD = RunRecord("p", "0" * 64, "{}", "data_pipeline", "http://t", "run")
+
+
+class TestMigrations:
+    def test_upgrade_is_idempotent(self, database_url: str) -> None:
+        """`db upgrade` from empty reaches head; a second one changes nothing."""
+        engine = make_engine(database_url)
+        assert current_revision(engine) is None
+        assert upgrade(engine) == (None, head_revision())
+        assert upgrade(engine) == (head_revision(), head_revision())
+        engine.dispose()
+
+    def test_migrations_match_the_models(self, database_url: str) -> None:
+        """The migrated schema is exactly the declared tables (no drift between the two)."""
+        engine = make_engine(database_url)
+        upgrade(engine)
+        with engine.connect() as connection:
+            assert compare_metadata(MigrationContext.configure(connection), metadata) == []
+        engine.dispose()
+
+    def test_unmigrated_database_is_refused(self, database_url: str) -> None:
+        """A database that is not at head is an AuditError telling what to run."""
+        engine = make_engine(database_url)
+        with pytest.raises(AuditError, match="reaper db upgrade"):
+            require_current_schema(engine)
+        engine.dispose()
+
+    def test_unreachable_database(self) -> None:
+        """An unreachable PostgreSQL is an AuditError without the password in it."""
+        engine = make_engine("postgresql://reaper:s3cret-pw@127.0.0.1:9/reaper")
+        with pytest.raises(AuditError) as info:
+            require_current_schema(engine)
+        assert "s3cret-pw" not in str(info.value)
+        assert "***" in str(info.value)
+
+
+class TestWrites:
+    def test_intent_then_outcome(self, store: AuditStore) -> None:
+        """Pending rows become their outcomes; only pending rows of this run are updated."""
+        run_id = store.start_run(RECORD)
+        stamp = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+        store.record(
+            run_id,
+            [AuditEntry(f"task_{i}", "old", "completed", stamp) for i in range(3)],
+        )
+        store.resolve(
+            run_id,
+            [
+                DeleteResult("task_0", Outcome.DELETED, 200, reclaimed_bytes=10, files_count=2),
+                DeleteResult("task_1", Outcome.FAILED, 200, "DELETE_FAILED", "disk busy"),
+                DeleteResult("task_2", Outcome.ALREADY_GONE, 200, note="directory_deleted: false"),
+            ],
+        )
+        rows = {row.task_id: row for row in store.rows(run_id=run_id)}
+        assert rows["task_0"].outcome == "deleted"
+        assert rows["task_0"].reclaimed_bytes == 10
+        assert rows["task_1"].error_code == "DELETE_FAILED"
+        assert rows["task_1"].error_message == "disk busy"
+        assert rows["task_2"].outcome == "already_gone"
+        assert [rows[f"task_{i}"].seq for i in range(3)] == [1, 2, 3]
+        assert all(row.decided_at is not None for row in rows.values())
+
+    def test_timestamps_round_trip_as_aware_utc(self, store: AuditStore) -> None:
+        """Aware datetimes in any zone come back as the same instant in UTC."""
+        from zoneinfo import ZoneInfo
+
+        run_id = store.start_run(RECORD)
+        stamp = datetime(2026, 3, 29, 2, 30, tzinfo=ZoneInfo("Asia/Shanghai"))
+        store.record(run_id, [AuditEntry("t", "r", "completed", stamp, Outcome.DRY_RUN)])
+        [row] = store.rows(run_id=run_id)
+        assert row.task_timestamp == stamp
+        assert row.task_timestamp is not None and row.task_timestamp.tzinfo is UTC
+        assert row.recorded_at.tzinfo is UTC
+
+    def test_naive_datetimes_are_refused(self, store: AuditStore) -> None:
+        """A naive datetime never reaches the audit database."""
+        run_id = store.start_run(RECORD)
+        with pytest.raises((AuditError, ValueError)):
+            store.record(run_id, [AuditEntry("t", "r", None, datetime(2026, 1, 1))])  # noqa: DTZ001
+
+    def test_finish_run_stores_counts(self, store: AuditStore) -> None:
+        """A finished run carries its status, counts and error."""
+        run_id = store.start_run(RECORD)
+        summary = RunSummary(listed=10, eligible=4, deleted=3, failed=1, reclaimed_bytes=99)
+        store.finish_run(run_id, "partial", summary, "one failed")
+        with store.engine.connect() as connection:
+            row = connection.execute(select(runs_table)).mappings().one()
+        assert (row["status"], row["listed"], row["deleted"], row["failed"]) == (
+            "partial",
+            10,
+            3,
+            1,
+        )
+        assert row["reclaimed_bytes"] == 99
+        assert row["error"] == "one failed"
+        assert row["finished_at"] >= row["started_at"]
+
+    def test_a_task_is_recorded_once_per_run(self, store: AuditStore) -> None:
+        """The same task twice in one run is refused by the database (and is an AuditError)."""
+        run_id = store.start_run(RECORD)
+        store.record(run_id, [AuditEntry("t", "r", None, None)])
+        with pytest.raises(AuditError):
+            store.record(run_id, [AuditEntry("t", "r", None, None)])
+
+
+class TestQueries:
+    def test_filters(self, store: AuditStore) -> None:
+        """rows() filters by policy, task, outcome and time, newest first."""
+        run_id = store.start_run(RECORD)
+        store.record(
+            run_id,
+            [AuditEntry(f"t{i}", "r", None, None, Outcome.DRY_RUN) for i in range(5)],
+        )
+        assert [r.task_id for r in store.rows()] == ["t4", "t3", "t2", "t1", "t0"]
+        assert [r.task_id for r in store.rows(task_id="t2")] == ["t2"]
+        assert store.rows(policy="other") == []
+        assert len(store.rows(outcome="dry_run", limit=2)) == 2
+        future = datetime.now(UTC) + timedelta(hours=1)
+        assert store.rows(since=future) == []

@@ -1,0 +1,116 @@
+"""Durations, rates, timezones and timestamps."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from reaper.converters import (
+    format_duration,
+    parse_duration,
+    parse_rate,
+    parse_size,
+    parse_timestamp,
+    parse_timezone,
+)
+
+
+class TestDurations:
+    @pytest.mark.parametrize(
+        ("text", "expected"),
+        [
+            ("30d", timedelta(days=30)),
+            ("12h", timedelta(hours=12)),
+            ("90m", timedelta(minutes=90)),
+            ("45s", timedelta(seconds=45)),
+            ("2w", timedelta(weeks=2)),
+            ("1w2d", timedelta(days=9)),
+            ("1d12h", timedelta(hours=36)),
+            ("0s", timedelta(0)),
+        ],
+    )
+    def test_units(self, text: str, expected: timedelta) -> None:
+        """Every unit s, m, h, d, w parses, alone and combined."""
+        assert parse_duration(text) == expected
+
+    @pytest.mark.parametrize("text", ["", "30", "30x", "d30", "30 d", "-5d", "1.5d", "30dd", "30D"])
+    def test_bad_durations(self, text: str) -> None:
+        """Anything that is not number+unit is refused with a message that shows the form."""
+        with pytest.raises(ValueError, match="duration"):
+            parse_duration(text)
+
+    def test_format_round_trips(self) -> None:
+        """Formatted durations read back to the same value, in days rather than weeks."""
+        for value in ("30d", "14d", "1d12h", "90m", "0s"):
+            assert parse_duration(format_duration(parse_duration(value))) == parse_duration(value)
+        assert format_duration(timedelta(days=7)) == "7d"
+
+
+class TestRates:
+    @pytest.mark.parametrize(
+        ("text", "per_second"),
+        [("5/s", 5.0), ("300/m", 5.0), ("3600/h", 1.0), ("0.5/s", 0.5), (20, 20.0)],
+    )
+    def test_rates(self, text: str | int, per_second: float) -> None:
+        """Rates per second, minute and hour all become requests per second."""
+        assert parse_rate(text).per_second == pytest.approx(per_second)
+
+    @pytest.mark.parametrize("text", ["5", "0/s", "5/d", "fast", "-1/s"])
+    def test_bad_rates(self, text: str) -> None:
+        """Unitless strings, zero and unknown units are refused."""
+        with pytest.raises(ValueError, match="rate"):
+            parse_rate(text)
+
+
+class TestTimestamps:
+    def test_naive_is_read_in_the_configured_zone(self) -> None:
+        """A naive server timestamp is wall time in the target's zone, not UTC or local time."""
+        parsed = parse_timestamp("2025-07-02T22:57:21.317708", ZoneInfo("Asia/Shanghai"))
+        assert parsed == datetime(2025, 7, 2, 14, 57, 21, 317708, tzinfo=UTC)
+
+    def test_aware_keeps_its_offset(self) -> None:
+        """An explicit offset or Z wins over the configured zone."""
+        zone = ZoneInfo("Asia/Shanghai")
+        assert parse_timestamp("2020-06-17T07:38:42.503Z", zone) == datetime(
+            2020, 6, 17, 7, 38, 42, 503000, tzinfo=UTC
+        )
+        assert parse_timestamp("2020-06-17T09:38:42+02:00", zone).hour == 7
+
+    def test_dst_gap_and_fold(self) -> None:
+        """Wall times in a DST gap or fold resolve deterministically (fold=0)."""
+        zone = ZoneInfo("America/New_York")
+        # 2025-11-02 01:30 happens twice; fold=0 is the first (EDT, UTC-4).
+        assert parse_timestamp("2025-11-02T01:30:00", zone).hour == 5
+        # 2025-03-09 02:30 does not exist; zoneinfo maps it with the pre-gap offset (UTC-5).
+        assert parse_timestamp("2025-03-09T02:30:00", zone).hour == 7
+
+    @pytest.mark.parametrize("text", ["", "yesterday", "2025-07-02", "2025-13-02T00:00:00", "17"])
+    def test_garbage_is_refused(self, text: str) -> None:
+        """Dates without a time and non-timestamps raise ValueError."""
+        with pytest.raises(ValueError, match="timestamp"):
+            parse_timestamp(text)
+
+    def test_unknown_zone(self) -> None:
+        """Unknown zone names are refused."""
+        with pytest.raises(ValueError, match="unknown timezone"):
+            parse_timezone("Mars/Olympus")
+
+
+class TestSizes:
+    @pytest.mark.parametrize(
+        ("text", "size"),
+        [
+            ("2.5 MB", int(2.5 * 1024**2)),
+            ("512.0 B", 512),
+            ("0 B", 0),
+            ("1 GB", 1024**3),
+            (42, 42),
+            ("garbage", None),
+            (None, None),
+        ],
+    )
+    def test_sizes(self, text: str | int | None, size: int | None) -> None:
+        """The server's formatted sizes become bytes (1024-based); unknown forms become None."""
+        assert parse_size(text) == size

@@ -1,0 +1,176 @@
+"""Retries, Retry-After, transport errors and body limits (httpx MockTransport)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+
+import httpx
+import pytest
+
+from reaper.converters import Rate
+from reaper.errors import TargetAuthError
+from reaper.http import (
+    RequestFailed,
+    ResponseTooLarge,
+    RetryPolicy,
+    TargetHttp,
+    retry_after_seconds,
+)
+from reaper.ratelimit import RateLimiter
+
+FAST = RetryPolicy(attempts=4, backoff=0.001, max_backoff=0.002)
+
+
+def run(
+    handler: Callable[[httpx.Request], httpx.Response],
+    retry: RetryPolicy = FAST,
+    **kwargs: object,
+) -> tuple[TargetHttp, object]:
+    async def main() -> tuple[TargetHttp, object]:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+            http = TargetHttp(
+                client,
+                RateLimiter(Rate(1000)),
+                retry,
+                rng=random.Random(1),
+                **kwargs,  # type: ignore[arg-type]
+            )
+            try:
+                return http, await http.send("DELETE", "http://target/x", json_body={"a": 1})
+            except Exception as exc:
+                return http, exc
+
+    return asyncio.run(main())
+
+
+class TestRetries:
+    def test_5xx_then_success(self) -> None:
+        """5xx answers are retried; the final answer is returned with its attempt count."""
+        answers = iter([500, 503, 200])
+        http, result = run(lambda request: httpx.Response(next(answers), json={}))
+        assert result.status_code == 200  # type: ignore[attr-defined]
+        assert result.attempts == 3  # type: ignore[attr-defined]
+        assert result.lost_attempts == 0  # type: ignore[attr-defined]
+        assert http.stats.retries == 2
+
+    def test_exhausted_retries_raise(self) -> None:
+        """After the last attempt a RequestFailed says the request was answered (not maybe-sent)."""
+        _, result = run(lambda request: httpx.Response(502, json={}))
+        assert isinstance(result, RequestFailed)
+        assert result.attempts == 4
+        assert result.maybe_sent is False
+        assert result.http_status == 502
+
+    def test_4xx_is_not_retried(self) -> None:
+        """A 400 is an answer: returned at once, not retried."""
+        calls = []
+
+        def handler(request: httpx.Request) -> httpx.Response:
+            calls.append(request)
+            return httpx.Response(400, json={})
+
+        _, result = run(handler)
+        assert result.status_code == 400  # type: ignore[attr-defined]
+        assert len(calls) == 1
+
+    @pytest.mark.parametrize("status", [401, 403])
+    def test_auth_errors_stop(self, status: int) -> None:
+        """401/403 raise TargetAuthError at once (retrying bad credentials only locks accounts)."""
+        calls = []
+
+        def handler(request: httpx.Request) -> httpx.Response:
+            calls.append(request)
+            return httpx.Response(status, json={"error_msg": "bad"})
+
+        _, result = run(handler)
+        assert isinstance(result, TargetAuthError)
+        assert len(calls) == 1
+
+    def test_retry_after_is_honoured(self) -> None:
+        """A 429 with Retry-After: 1 delays the retry by at least one second."""
+        stamps: list[float] = []
+        loop_time = __import__("time").monotonic
+
+        def handler(request: httpx.Request) -> httpx.Response:
+            stamps.append(loop_time())
+            if len(stamps) == 1:
+                return httpx.Response(429, headers={"Retry-After": "1"}, json={})
+            return httpx.Response(200, json={})
+
+        _, result = run(handler)
+        assert result.status_code == 200  # type: ignore[attr-defined]
+        assert stamps[1] - stamps[0] >= 0.95
+
+    def test_connect_error_is_not_sent(self) -> None:
+        """Connection refused never reached the server: retried, and not 'maybe sent'."""
+
+        def handler(request: httpx.Request) -> httpx.Response:
+            raise httpx.ConnectError("refused", request=request)
+
+        _, result = run(handler)
+        assert isinstance(result, RequestFailed)
+        assert result.maybe_sent is False
+
+    def test_read_timeout_may_have_been_sent(self) -> None:
+        """A timeout after sending leaves the outcome unknown: maybe_sent, and counted as lost."""
+        attempts = []
+
+        def handler(request: httpx.Request) -> httpx.Response:
+            attempts.append(1)
+            if len(attempts) == 1:
+                raise httpx.ReadTimeout("slow", request=request)
+            return httpx.Response(200, json={})
+
+        _, result = run(handler)
+        assert result.status_code == 200  # type: ignore[attr-defined]
+        assert result.lost_attempts == 1  # type: ignore[attr-defined]
+
+    def test_no_retry_when_disabled(self) -> None:
+        """retry=False sends exactly once."""
+        calls = []
+
+        async def main() -> object:
+            def handler(request: httpx.Request) -> httpx.Response:
+                calls.append(1)
+                return httpx.Response(503)
+
+            async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+                http = TargetHttp(client, RateLimiter(Rate(1000)), FAST)
+                try:
+                    await http.send("GET", "http://target/", retry=False)
+                except RequestFailed as exc:
+                    return exc
+            return None
+
+        assert isinstance(asyncio.run(main()), RequestFailed)
+        assert calls == [1]
+
+
+class TestBodies:
+    def test_oversized_body_is_cut_off(self) -> None:
+        """A body larger than max_response_bytes raises instead of being read into memory."""
+        _, result = run(
+            lambda request: httpx.Response(200, content=b"x" * 5000), max_response_bytes=1024
+        )
+        assert isinstance(result, ResponseTooLarge)
+
+
+class TestRetryAfter:
+    def test_seconds(self) -> None:
+        """Delta-seconds parse as seconds."""
+        assert retry_after_seconds("3") == 3.0
+
+    def test_http_date(self) -> None:
+        """An HTTP date is converted to the seconds until then."""
+        now = datetime(2026, 1, 1, tzinfo=UTC)
+        header = format_datetime(now + timedelta(seconds=10), usegmt=True)
+        assert retry_after_seconds(header, now) == pytest.approx(10.0)
+
+    def test_garbage(self) -> None:
+        """Unparseable values are ignored (None)."""
+        assert retry_after_seconds("soon") is None
+        assert retry_after_seconds(None) is None
