@@ -1,0 +1,428 @@
+"""The ``reaper`` command line.
+
+Exit codes: 0 when everything eligible was deleted (or nothing was eligible), 1 when a deletion
+failed, a policy aborted or the audit database failed, 2 for configuration errors (nothing is
+listed or deleted then).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+import structlog
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from reaper import __version__
+from reaper.audit import AuditStore
+from reaper.converters import parse_duration, parse_timestamp
+from reaper.db import current_revision, head_revision, make_engine, require_current_schema, upgrade
+from reaper.errors import AuditError, ConfigError, PolicyError, ReaperError
+from reaper.execute import BatchEvent
+from reaper.logs import configure_logging, register_secret
+from reaper.plan import Plan
+from reaper.policy import LoadedPolicy, load_policies, policy_json_schema
+from reaper.report import (
+    audit_csv,
+    audit_json,
+    audit_table,
+    plan_dict,
+    plan_table,
+    run_dict,
+    runs_table,
+)
+from reaper.runner import Mode, PolicyRun, build_target, plan_policy, run_policy
+from reaper.settings import Settings, redact_url
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+
+log = structlog.get_logger("reaper.cli")
+
+
+class Context:
+    """What every subcommand gets: settings and consoles."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        # Piped output is read by people too (CI logs, `| less`): do not squeeze it to 80 columns.
+        self.out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
+        self.err = Console(stderr=True, soft_wrap=True)
+
+    def store(self, *, migrate: bool | None = None) -> AuditStore:
+        engine = make_engine(self.settings.database())
+        if migrate if migrate is not None else self.settings.db_auto_upgrade:
+            upgrade(engine)
+        require_current_schema(engine)
+        return AuditStore(engine)
+
+
+def _fail(code: int, message: str) -> NoReturn:
+    click.echo(f"reaper: {message}", err=True)
+    sys.exit(code)
+
+
+def _settings(overrides: dict[str, Any]) -> Settings:
+    try:
+        settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        # Never echo the input values: a database URL may carry a password.
+        problems = "; ".join(
+            f"REAPER_{'_'.join(str(p) for p in err['loc']).upper()}: "
+            f"{str(err['msg']).removeprefix('Value error, ')}"
+            for err in exc.errors()
+        )
+        _fail(EXIT_CONFIG, f"invalid settings: {problems}")
+    if settings.database_password is not None:
+        register_secret(settings.database_password.get_secret_value())
+    try:
+        url = settings.database()
+    except OSError as exc:
+        _fail(EXIT_CONFIG, f"cannot read the database password file: {exc.strerror}")
+    if url.password:
+        register_secret(str(url.password))
+    return settings
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="reaper")
+@click.option(
+    "--log-format",
+    type=click.Choice(["auto", "json", "console"]),
+    help="Log format on stderr (default: REAPER_LOG_FORMAT or auto).",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    help="Lowest level logged (default: REAPER_LOG_LEVEL or info).",
+)
+@click.pass_context
+def cli(ctx: click.Context, log_format: str | None, log_level: str | None) -> None:
+    """reaper: retention policies for task-management APIs, with an audit row per deletion.
+
+    Settings come from REAPER_* environment variables or a .env file: REAPER_DATABASE_URL,
+    REAPER_DATABASE_PASSWORD_FILE, REAPER_POLICIES, REAPER_LOG_FORMAT, REAPER_LOG_LEVEL,
+    REAPER_DB_AUTO_UPGRADE.
+    """
+    settings = _settings({"log_format": log_format, "log_level": log_level})
+    configure_logging(settings.log_format, settings.log_level)
+    ctx.obj = Context(settings)
+
+
+def _policies_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option(
+        "--policies",
+        "policies_path",
+        type=click.Path(path_type=Path),
+        help="Policy file or directory (default: REAPER_POLICIES or ./policies).",
+    )(fn)
+    fn = click.option(
+        "--policy",
+        "names",
+        multiple=True,
+        metavar="NAME",
+        help="Only this policy (repeatable; default: all).",
+    )(fn)
+    return fn
+
+
+def _load(ctx: Context, path: Path | None, names: Sequence[str]) -> list[LoadedPolicy]:
+    try:
+        loaded = load_policies([path or ctx.settings.policies])
+    except PolicyError as exc:
+        _fail(EXIT_CONFIG, f"invalid policy configuration; nothing was run:\n{exc}")
+    if names:
+        known = {item.name for item in loaded}
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            _fail(
+                EXIT_CONFIG,
+                f"no policy named {', '.join(map(repr, unknown))}; "
+                f"known: {', '.join(sorted(known))}",
+            )
+        loaded = [item for item in loaded if item.name in names]
+    return loaded
+
+
+# --- validate / schema ------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@click.pass_obj
+def validate(ctx: Context, paths: tuple[Path, ...]) -> None:
+    """Check policy files without touching any target (default: REAPER_POLICIES)."""
+    try:
+        loaded = load_policies(list(paths) or [ctx.settings.policies])
+    except PolicyError as exc:
+        _fail(EXIT_CONFIG, f"invalid policy configuration:\n{exc}")
+    for item in loaded:
+        ctx.out.print(
+            f"ok  {item.name}  ({item.path}:{item.line}, {item.policy.target_config.type})"
+        )
+
+
+@cli.command()
+def schema() -> None:
+    """Print the JSON Schema of policy files."""
+    click.echo(json.dumps(policy_json_schema(), indent=2, ensure_ascii=False))
+
+
+# --- plan / run -------------------------------------------------------------------------------
+
+
+@cli.command()
+@_policies_option
+@click.option("--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("--examples", type=int, default=5, show_default=True, help="Ids shown per reason.")
+@click.pass_obj
+def plan(
+    ctx: Context, names: tuple[str, ...], policies_path: Path | None, output: str, examples: int
+) -> None:
+    """Show what each policy would delete and what it keeps, with reasons. Deletes nothing."""
+    loaded = _load(ctx, policies_path, names)
+
+    async def plan_all() -> list[tuple[LoadedPolicy, Plan | None, str | None]]:
+        results: list[tuple[LoadedPolicy, Plan | None, str | None]] = []
+        for item in loaded:
+            target, client = build_target(item)
+            try:
+                results.append((item, await plan_policy(item, target, datetime.now(UTC)), None))
+            except ReaperError as exc:
+                results.append((item, None, f"listing failed, nothing would be deleted: {exc}"))
+            finally:
+                await client.aclose()
+        return results
+
+    results = asyncio.run(plan_all())
+    if output == "json":
+        click.echo(
+            json.dumps(
+                [
+                    plan_dict(p, examples) if p else {"policy": i.name, "error": e}
+                    for i, p, e in results
+                ],
+                indent=2,
+                ensure_ascii=False,
+            )
+        )
+    else:
+        for item, result, error in results:
+            if result is None:
+                ctx.out.print(f"[bold]{item.name}[/bold]: [red]{error}[/red]")
+            else:
+                plan_table(result, ctx.out, examples)
+    sys.exit(EXIT_FAILED if any(error for _, _, error in results) else EXIT_OK)
+
+
+@cli.command()
+@_policies_option
+@click.option(
+    "--dry-run", is_flag=True, help="Plan and record what would be deleted; delete nothing."
+)
+@click.option("--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option(
+    "--migrate", is_flag=True, default=None, help="Apply audit database migrations first."
+)
+@click.pass_obj
+def run(
+    ctx: Context,
+    names: tuple[str, ...],
+    policies_path: Path | None,
+    dry_run: bool,
+    output: str,
+    migrate: bool | None,
+) -> None:
+    """Run the selected policies once and exit (the CronJob entry point)."""
+    loaded = _load(ctx, policies_path, names)
+    try:
+        store = ctx.store(migrate=migrate)
+    except AuditError as exc:
+        _fail(EXIT_FAILED, f"{exc}; nothing was listed or deleted")
+    mode = Mode.DRY_RUN if dry_run else Mode.RUN
+    runs = asyncio.run(_run_all(ctx, loaded, store, mode))
+    store.engine.dispose()
+    if output == "json":
+        click.echo(json.dumps([run_dict(r) for r in runs], indent=2, ensure_ascii=False))
+    else:
+        runs_table(runs, ctx.out)
+    sys.exit(EXIT_OK if all(r.ok for r in runs) else EXIT_FAILED)
+
+
+async def _run_all(
+    ctx: Context, loaded: Sequence[LoadedPolicy], store: AuditStore, mode: Mode
+) -> list[PolicyRun]:
+    runs = []
+    for item in loaded:
+        reporter = _BatchReporter(ctx.err)
+        try:
+            runs.append(
+                await run_policy(
+                    item, store, mode=mode, on_batch=reporter.batch, on_plan=reporter.plan
+                )
+            )
+        finally:
+            reporter.close()
+    return runs
+
+
+class _BatchReporter:
+    """A progress bar on a TTY; one structured log line per batch otherwise."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.progress: Progress | None = None
+        self.task: Any = None
+
+    def plan(self, plan: Plan) -> None:
+        if self.console.is_terminal and plan.eligible:
+            self.progress = Progress(
+                TextColumn(plan.policy.name),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                console=self.console,
+                transient=True,
+            )
+            self.progress.start()
+            self.task = self.progress.add_task("deleting", total=plan.eligible)
+
+    def batch(self, event: BatchEvent) -> None:
+        if self.progress is not None:
+            self.progress.advance(self.task, event.size)
+            return
+        outcomes: dict[str, int] = {}
+        for result in event.results:
+            outcomes[result.outcome.value] = outcomes.get(result.outcome.value, 0) + 1
+        log.info(
+            "batch_done",
+            batch=event.batch_no,
+            size=event.size,
+            **outcomes,
+            deleted_total=event.summary.deleted,
+            failed_total=event.summary.failed,
+            remaining=event.total
+            - event.summary.deleted
+            - event.summary.already_gone
+            - event.summary.failed
+            - event.summary.unknown,
+        )
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+# --- audit ------------------------------------------------------------------------------------
+
+
+def _since(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        return datetime.now(UTC) - parse_duration(value)
+    except ValueError:
+        pass
+    try:
+        return parse_timestamp(value)
+    except ValueError:
+        raise click.BadParameter(
+            "use a duration such as '7d' or an ISO-8601 timestamp", param_hint="--since"
+        ) from None
+
+
+@cli.group(invoke_without_command=True)
+@click.option("--policy", help="Only rows of this policy.")
+@click.option("--task-id", help="Only rows about this task.")
+@click.option("--run-id", help="Only rows of this run.")
+@click.option("--outcome", help="Only rows with this outcome (deleted, failed, ...).")
+@click.option("--since", help="Only rows since a duration ago ('7d') or an ISO-8601 time.")
+@click.option("--limit", type=int, default=100, show_default=True)
+@click.option(
+    "--output", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True
+)
+@click.pass_context
+def audit(
+    click_ctx: click.Context,
+    policy: str | None,
+    task_id: str | None,
+    run_id: str | None,
+    outcome: str | None,
+    since: str | None,
+    limit: int,
+    output: str,
+) -> None:
+    """Query the audit log (newest first)."""
+    if click_ctx.invoked_subcommand is not None:
+        return
+    ctx: Context = click_ctx.obj
+    try:
+        store = ctx.store(migrate=False)
+        rows = store.rows(
+            policy=policy,
+            task_id=task_id,
+            run_id=run_id,
+            outcome=outcome,
+            since=_since(since),
+            limit=limit,
+        )
+    except AuditError as exc:
+        _fail(EXIT_FAILED, str(exc))
+    if output == "json":
+        click.echo(audit_json(rows))
+    elif output == "csv":
+        click.echo(audit_csv(rows), nl=False)
+    else:
+        audit_table(rows, ctx.out)
+
+
+# --- db ---------------------------------------------------------------------------------------
+
+
+@cli.group()
+def db() -> None:
+    """Manage the audit database schema."""
+
+
+@db.command("upgrade")
+@click.pass_obj
+def db_upgrade(ctx: Context) -> None:
+    """Apply pending migrations (idempotent)."""
+    url = ctx.settings.database()
+    try:
+        before, after = upgrade(make_engine(url))
+    except AuditError as exc:
+        _fail(EXIT_FAILED, str(exc))
+    state = "already at" if before == after else f"upgraded from {before or 'empty'} to"
+    click.echo(f"{redact_url(url)}: {state} revision {after}")
+
+
+@db.command("current")
+@click.pass_obj
+def db_current(ctx: Context) -> None:
+    """Show the schema revision of the audit database."""
+    url = ctx.settings.database()
+    try:
+        current = current_revision(make_engine(url))
+    except AuditError as exc:
+        _fail(EXIT_FAILED, str(exc))
+    click.echo(f"{redact_url(url)}: revision {current or 'none'} (head {head_revision()})")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``reaper`` console script."""
+    try:
+        cli.main(args=list(argv) if argv is not None else None, prog_name="reaper")
+    except ConfigError as exc:
+        _fail(EXIT_CONFIG, str(exc))
+    except ReaperError as exc:
+        _fail(EXIT_FAILED, str(exc))

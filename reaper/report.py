@@ -1,0 +1,205 @@
+"""Rendering plans, run summaries and audit rows for people (tables) and programs (JSON, CSV)."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from reaper.audit import AuditRow
+from reaper.plan import Plan, Verdict
+from reaper.runner import PolicyRun
+
+__all__ = [
+    "audit_csv",
+    "audit_json",
+    "audit_table",
+    "format_bytes",
+    "plan_dict",
+    "plan_table",
+    "run_dict",
+    "runs_table",
+]
+
+_VERDICT_ORDER = list(Verdict)
+
+
+def format_bytes(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{int(value)} B"
+        value /= 1024
+    return f"{size} B"  # pragma: no cover
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.astimezone(UTC).isoformat() if value is not None else None
+
+
+def plan_dict(plan: Plan, examples: int = 10) -> dict[str, Any]:
+    """A plan as a JSON-ready dict: counts per reason, examples, oldest and newest eligible."""
+    reasons = []
+    for (verdict, reason), count in sorted(
+        plan.counts.items(), key=lambda item: (_VERDICT_ORDER.index(item[0][0]), -item[1])
+    ):
+        reasons.append(
+            {
+                "verdict": verdict.value,
+                "reason": reason,
+                "count": count,
+                "examples": [
+                    {"task_id": e.task_id, "status": e.status, "timestamp": _iso(e.timestamp)}
+                    for e in plan.examples.get((verdict, reason), [])[:examples]
+                ],
+            }
+        )
+    oldest, newest = plan.oldest(), plan.newest()
+    return {
+        "policy": plan.policy.name,
+        "policy_hash": plan.policy.digest,
+        "created_at": _iso(plan.created_at),
+        "cutoff": _iso(plan.cutoff),
+        "listed": plan.listed,
+        "to_delete": plan.eligible,
+        "oldest_to_delete": (
+            {"task_id": oldest.task_id, "timestamp": _iso(oldest.timestamp)} if oldest else None
+        ),
+        "newest_to_delete": (
+            {"task_id": newest.task_id, "timestamp": _iso(newest.timestamp)} if newest else None
+        ),
+        "reasons": reasons,
+    }
+
+
+def plan_table(plan: Plan, console: Console, examples: int = 5) -> None:
+    """Print a plan for review."""
+    data = plan_dict(plan, examples)
+    console.print(
+        f"[bold]{plan.policy.name}[/bold]: listed {plan.listed}, "
+        f"[bold red]delete {plan.eligible}[/bold red], cutoff {data['cutoff']}"
+    )
+    if data["oldest_to_delete"]:
+        console.print(
+            f"  oldest to delete {data['oldest_to_delete']['task_id']} "
+            f"({data['oldest_to_delete']['timestamp']}), newest to delete "
+            f"{data['newest_to_delete']['task_id']} ({data['newest_to_delete']['timestamp']})"
+        )
+    table = Table(show_lines=False)
+    table.add_column("decision")
+    table.add_column("reason")
+    table.add_column("tasks", justify="right")
+    table.add_column("examples")
+    for entry in data["reasons"]:
+        table.add_row(
+            entry["verdict"],
+            entry["reason"],
+            str(entry["count"]),
+            ", ".join(e["task_id"] for e in entry["examples"]),
+        )
+    console.print(table)
+
+
+def run_dict(run: PolicyRun) -> dict[str, Any]:
+    s = run.summary
+    return {
+        "policy": run.policy,
+        "run_id": run.run_id,
+        "mode": run.mode.value,
+        "status": run.status.value,
+        "listed": s.listed,
+        "eligible": s.eligible,
+        "kept": s.kept,
+        "deleted": s.deleted,
+        "already_gone": s.already_gone,
+        "failed": s.failed,
+        "unknown": s.unknown,
+        "refused_ids": s.skipped,
+        "deferred": s.deferred,
+        "dry_run": s.dry_run,
+        "reclaimed_bytes": s.reclaimed_bytes,
+        "error": run.error,
+        "started_at": _iso(run.started_at),
+        "finished_at": _iso(run.finished_at),
+    }
+
+
+def runs_table(runs: Sequence[PolicyRun], console: Console) -> None:
+    table = Table(title="reaper run summary")
+    for name in (
+        "policy",
+        "status",
+        "listed",
+        "deleted",
+        "gone",
+        "failed",
+        "unknown",
+        "refused",
+        "deferred",
+        "kept",
+        "reclaimed",
+    ):
+        table.add_column(name, justify="left" if name in ("policy", "status") else "right")
+    for run in runs:
+        s = run.summary
+        deleted = str(s.deleted if run.mode.value == "run" else f"{s.dry_run} (dry run)")
+        table.add_row(
+            run.policy,
+            run.status.value,
+            str(s.listed),
+            deleted,
+            str(s.already_gone),
+            str(s.failed),
+            str(s.unknown),
+            str(s.skipped),
+            str(s.deferred),
+            str(s.kept),
+            format_bytes(s.reclaimed_bytes),
+        )
+    console.print(table)
+    for run in runs:
+        if run.error:
+            console.print(f"[red]{run.policy}[/red]: {run.error}")
+
+
+_AUDIT_COLUMNS = (
+    "recorded_at",
+    "policy",
+    "task_id",
+    "outcome",
+    "task_status",
+    "reason",
+    "http_status",
+    "error_message",
+    "run_id",
+)
+
+
+def audit_table(rows: Sequence[AuditRow], console: Console) -> None:
+    table = Table()
+    for name in _AUDIT_COLUMNS:
+        table.add_column(name)
+    for row in rows:
+        values = row.as_dict()
+        table.add_row(*("" if values[c] is None else str(values[c]) for c in _AUDIT_COLUMNS))
+    console.print(table)
+
+
+def audit_json(rows: Sequence[AuditRow]) -> str:
+    return json.dumps([row.as_dict() for row in rows], ensure_ascii=False, indent=2)
+
+
+def audit_csv(rows: Sequence[AuditRow]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=[f.name for f in dataclasses.fields(AuditRow)])
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(row.as_dict())
+    return buffer.getvalue()
