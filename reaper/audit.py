@@ -84,7 +84,6 @@ runs_table = Table(
     Column("failed", BigInteger, nullable=False, default=0),
     Column("unknown", BigInteger, nullable=False, default=0),
     Column("skipped", BigInteger, nullable=False, default=0),
-    Column("deferred", BigInteger, nullable=False, default=0),
     Column("reclaimed_bytes", BigInteger, nullable=False, default=0),
     Column("error", Text),
     Column("host", String(255), nullable=False),
@@ -150,7 +149,6 @@ class RunSummary:
     failed: int = 0
     unknown: int = 0
     skipped: int = 0
-    deferred: int = 0
     dry_run: int = 0
     reclaimed_bytes: int = 0
 
@@ -285,7 +283,6 @@ class AuditStore:
                         failed=summary.failed,
                         unknown=summary.unknown,
                         skipped=summary.skipped,
-                        deferred=summary.deferred,
                         reclaimed_bytes=summary.reclaimed_bytes,
                         error=error,
                     )
@@ -410,6 +407,27 @@ class AuditStore:
                 return [AuditRow(**row._mapping) for row in connection.execute(query)]
         except SQLAlchemyError as exc:
             raise self._fail("reading audit rows", exc) from None
+
+    def recent_eligible(self, policy: str, count: int) -> list[int]:
+        """Eligible counts of the policy's last ``count`` completed deleting runs, newest first.
+
+        Runs a guard refused, dry runs and runs that never got to plan are not history.
+        """
+        query = (
+            select(runs_table.c.eligible)
+            .where(
+                runs_table.c.policy == policy,
+                runs_table.c.mode.in_(("run", "apply")),
+                runs_table.c.status.in_(("succeeded", "partial")),
+            )
+            .order_by(runs_table.c.started_at.desc())
+            .limit(count)
+        )
+        try:
+            with self.engine.connect() as connection:
+                return [int(value) for value in connection.execute(query).scalars()]
+        except SQLAlchemyError as exc:
+            raise self._fail("reading run history", exc) from None
 
     def runs(self, *, policy: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
         """Recent runs, newest first."""

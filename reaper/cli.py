@@ -27,13 +27,16 @@ from reaper.converters import parse_duration, parse_timestamp
 from reaper.db import current_revision, head_revision, make_engine, require_current_schema, upgrade
 from reaper.errors import AuditError, ConfigError, PolicyError, ReaperError
 from reaper.execute import BatchEvent
+from reaper.guards import GuardOverrides
 from reaper.logs import configure_logging, register_secret
 from reaper.plan import Plan
+from reaper.planfile import SavedPlan, diff_plan, load_saved, refusal, save_plans
 from reaper.policy import LoadedPolicy, load_policies, policy_json_schema
 from reaper.report import (
     audit_csv,
     audit_json,
     audit_table,
+    diff_table,
     plan_dict,
     plan_table,
     run_dict,
@@ -135,6 +138,25 @@ def _policies_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+def _guard_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option(
+        "--confirm-anomaly",
+        is_flag=True,
+        help="Go ahead although far more tasks are eligible than in recent runs.",
+    )(fn)
+    fn = click.option(
+        "--max-fraction",
+        type=click.FloatRange(0, 1, min_open=True),
+        help="Raise the max_fraction guard for this invocation (share of listed tasks).",
+    )(fn)
+    fn = click.option(
+        "--max-deletions",
+        type=click.IntRange(min=1),
+        help="Raise the max_deletions guard for this invocation.",
+    )(fn)
+    return fn
+
+
 def _load(ctx: Context, path: Path | None, names: Sequence[str]) -> list[LoadedPolicy]:
     try:
         loaded = load_policies([path or ctx.settings.policies])
@@ -184,44 +206,143 @@ def schema() -> None:
 @_policies_option
 @click.option("--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @click.option("--examples", type=int, default=5, show_default=True, help="Ids shown per reason.")
+@click.option(
+    "--save",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the exact ids to delete, with reasons, for review and `reaper apply`.",
+)
+@click.option(
+    "--diff",
+    "diff_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Show what changed since a saved plan.",
+)
 @click.pass_obj
 def plan(
-    ctx: Context, names: tuple[str, ...], policies_path: Path | None, output: str, examples: int
+    ctx: Context,
+    names: tuple[str, ...],
+    policies_path: Path | None,
+    output: str,
+    examples: int,
+    save: Path | None,
+    diff_path: Path | None,
 ) -> None:
     """Show what each policy would delete and what it keeps, with reasons. Deletes nothing."""
     loaded = _load(ctx, policies_path, names)
-
-    async def plan_all() -> list[tuple[LoadedPolicy, Plan | None, str | None]]:
-        results: list[tuple[LoadedPolicy, Plan | None, str | None]] = []
-        for item in loaded:
-            target, client = build_target(item)
-            try:
-                results.append((item, await plan_policy(item, target, datetime.now(UTC)), None))
-            except ReaperError as exc:
-                results.append((item, None, f"listing failed, nothing would be deleted: {exc}"))
-            finally:
-                await client.aclose()
-        return results
-
-    results = asyncio.run(plan_all())
+    saved = {s.policy: s for s in load_saved(diff_path)} if diff_path else {}
+    results = asyncio.run(_plan_all(ctx, loaded))
+    failed = any(error for _, _, error in results)
+    if save is not None:
+        if failed:
+            _fail(EXIT_FAILED, "a listing failed: no plan was saved")
+        save_plans(save, [p for _, p, _ in results if p is not None])
     if output == "json":
-        click.echo(
-            json.dumps(
-                [
-                    plan_dict(p, examples) if p else {"policy": i.name, "error": e}
-                    for i, p, e in results
-                ],
-                indent=2,
-                ensure_ascii=False,
+        documents = []
+        for item, result, error in results:
+            document: dict[str, Any] = (
+                plan_dict(result, examples) if result else {"policy": item.name, "error": error}
             )
-        )
+            if result is not None and item.name in saved:
+                document["diff"] = diff_plan(saved[item.name], result).as_dict()
+            documents.append(document)
+        click.echo(json.dumps(documents, indent=2, ensure_ascii=False))
     else:
         for item, result, error in results:
             if result is None:
                 ctx.out.print(f"[bold]{item.name}[/bold]: [red]{error}[/red]")
-            else:
-                plan_table(result, ctx.out, examples)
-    sys.exit(EXIT_FAILED if any(error for _, _, error in results) else EXIT_OK)
+                continue
+            plan_table(result, ctx.out, examples)
+            if item.name in saved:
+                diff_table(diff_plan(saved[item.name], result), ctx.out, examples)
+            elif diff_path is not None:
+                ctx.out.print(f"  (the saved plan has no entry for {item.name})")
+        if save is not None:
+            ctx.out.print(f"plan saved to {save}; review it, then `reaper apply {save}`")
+    sys.exit(EXIT_FAILED if failed else EXIT_OK)
+
+
+async def _plan_all(
+    ctx: Context, loaded: Sequence[LoadedPolicy]
+) -> list[tuple[LoadedPolicy, Plan | None, str | None]]:
+    results: list[tuple[LoadedPolicy, Plan | None, str | None]] = []
+    for item in loaded:
+        target, client = build_target(item)
+        try:
+            result = await plan_policy(item, target, datetime.now(UTC), ctx.settings.min_age)
+            results.append((item, result, None))
+        except ReaperError as exc:
+            results.append((item, None, f"listing failed, nothing would be deleted: {exc}"))
+        finally:
+            await client.aclose()
+    return results
+
+
+@cli.command()
+@click.argument("plan_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--policies",
+    "policies_path",
+    type=click.Path(path_type=Path),
+    help="Policy file or directory (default: REAPER_POLICIES or ./policies).",
+)
+@click.option(
+    "--max-age",
+    default="24h",
+    show_default=True,
+    help="Refuse a plan older than this (e.g. 24h, 2d).",
+)
+@click.option("--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option(
+    "--migrate", is_flag=True, default=None, help="Apply audit database migrations first."
+)
+@_guard_options
+@click.pass_obj
+def apply(
+    ctx: Context,
+    plan_file: Path,
+    policies_path: Path | None,
+    max_age: str,
+    output: str,
+    migrate: bool | None,
+    max_deletions: int | None,
+    max_fraction: float | None,
+    confirm_anomaly: bool,
+) -> None:
+    """Delete exactly what a saved plan lists, and only what is still eligible now.
+
+    Refuses a plan whose policy changed since it was saved, or that is older than --max-age.
+    """
+    try:
+        limit = parse_duration(max_age)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--max-age") from None
+    saved_plans = load_saved(plan_file)
+    loaded = {item.name: item for item in _load(ctx, policies_path, ())}
+    now = datetime.now(UTC)
+    refusals = [
+        reason
+        for saved in saved_plans
+        if (reason := refusal(saved, loaded.get(saved.policy), now, limit)) is not None
+    ]
+    if refusals:
+        _fail(EXIT_FAILED, "refusing the saved plan; nothing was deleted:\n" + "\n".join(refusals))
+    try:
+        store = ctx.store(migrate=migrate)
+    except AuditError as exc:
+        _fail(EXIT_FAILED, f"{exc}; nothing was listed or deleted")
+    overrides = GuardOverrides(max_deletions, max_fraction, confirm_anomaly)
+    runs = asyncio.run(
+        _run_all(
+            ctx,
+            [loaded[saved.policy] for saved in saved_plans],
+            store,
+            Mode.APPLY,
+            overrides,
+            {saved.policy: saved for saved in saved_plans},
+        )
+    )
+    store.engine.dispose()
+    _report_runs(ctx, runs, output)
 
 
 @cli.command()
@@ -233,6 +354,7 @@ def plan(
 @click.option(
     "--migrate", is_flag=True, default=None, help="Apply audit database migrations first."
 )
+@_guard_options
 @click.pass_obj
 def run(
     ctx: Context,
@@ -241,6 +363,9 @@ def run(
     dry_run: bool,
     output: str,
     migrate: bool | None,
+    max_deletions: int | None,
+    max_fraction: float | None,
+    confirm_anomaly: bool,
 ) -> None:
     """Run the selected policies once and exit (the CronJob entry point)."""
     loaded = _load(ctx, policies_path, names)
@@ -249,8 +374,13 @@ def run(
     except AuditError as exc:
         _fail(EXIT_FAILED, f"{exc}; nothing was listed or deleted")
     mode = Mode.DRY_RUN if dry_run else Mode.RUN
-    runs = asyncio.run(_run_all(ctx, loaded, store, mode))
+    overrides = GuardOverrides(max_deletions, max_fraction, confirm_anomaly)
+    runs = asyncio.run(_run_all(ctx, loaded, store, mode, overrides))
     store.engine.dispose()
+    _report_runs(ctx, runs, output)
+
+
+def _report_runs(ctx: Context, runs: Sequence[PolicyRun], output: str) -> NoReturn:
     if output == "json":
         click.echo(json.dumps([run_dict(r) for r in runs], indent=2, ensure_ascii=False))
     else:
@@ -259,7 +389,12 @@ def run(
 
 
 async def _run_all(
-    ctx: Context, loaded: Sequence[LoadedPolicy], store: AuditStore, mode: Mode
+    ctx: Context,
+    loaded: Sequence[LoadedPolicy],
+    store: AuditStore,
+    mode: Mode,
+    overrides: GuardOverrides,
+    approved: dict[str, SavedPlan] | None = None,
 ) -> list[PolicyRun]:
     runs = []
     for item in loaded:
@@ -267,7 +402,14 @@ async def _run_all(
         try:
             runs.append(
                 await run_policy(
-                    item, store, mode=mode, on_batch=reporter.batch, on_plan=reporter.plan
+                    item,
+                    store,
+                    mode=mode,
+                    on_batch=reporter.batch,
+                    on_plan=reporter.plan,
+                    overrides=overrides,
+                    min_age=ctx.settings.min_age,
+                    approved=(approved or {}).get(item.name),
                 )
             )
         finally:

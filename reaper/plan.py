@@ -2,8 +2,9 @@
 
 Selection is a pipeline of small rules (in the manner of structlog's processors): each rule is
 built from the policy and, called with a task, either decides it (returning a verdict and the
-reason in words) or passes it on. Keep-newest-N and the per-run cap are applied once the listing
-is complete; a plan is never built from a partial listing.
+reason in words) or passes it on. Keep-newest-N is applied once the listing is complete; a plan
+is never built from a partial listing, nor from one where a task the policy is about has a
+timestamp that does not parse.
 
 A plan holds only what deletion and the audit need: for a million listed tasks it keeps the
 eligible ids, their timestamps and statuses in compact columns, counts for everything else, and a
@@ -16,9 +17,9 @@ import heapq
 import re
 from array import array
 from collections import Counter
-from collections.abc import AsyncIterable, Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from collections.abc import AsyncIterable, Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
 from reaper.converters import format_duration
@@ -45,9 +46,7 @@ class Verdict(StrEnum):
     PROTECTED = "protected"  # never deleted, whatever select says
     UNSELECTED = "unselected"  # not what the policy is about
     GONE = "gone"  # the target reports it as already deleted
-    UNUSABLE = "unusable"  # the record cannot be trusted (e.g. its timestamp does not parse)
     INVALID_ID = "invalid_id"  # eligible, but its id fails the target's guard: never sent
-    DEFERRED = "deferred"  # eligible, but beyond max_deletions for this run
 
 
 Decision = tuple[Verdict, str]
@@ -62,13 +61,6 @@ class AlreadyGone:
 
     def __call__(self, task: Task) -> Decision | None:
         return (Verdict.GONE, "already deleted on the target") if task.gone else None
-
-
-class UnusableRecord:
-    """A record whose data cannot be trusted is never deleted, and is reported."""
-
-    def __call__(self, task: Task) -> Decision | None:
-        return (Verdict.UNUSABLE, f"not deletable: {task.problem}") if task.problem else None
 
 
 class ProtectIds:
@@ -143,6 +135,18 @@ class NeedsTimestamp:
         return None
 
 
+class MinimumAge:
+    """No policy deletes a task younger than the process-wide minimum age (default 1h)."""
+
+    def __init__(self, now: datetime, min_age: timedelta) -> None:
+        self.limit = now - min_age
+        self.reason = f"kept: younger than the minimum age {format_duration(min_age)}"
+
+    def __call__(self, task: Task) -> Decision | None:
+        assert task.timestamp is not None
+        return (Verdict.KEEP, self.reason) if task.timestamp > self.limit else None
+
+
 class OlderThan:
     """Tasks younger than ``select.older_than`` (at the cutoff instant) are kept."""
 
@@ -162,7 +166,9 @@ def _field(task: Task, name: str) -> str:
     return task.id if name == "task_id" else task.fields.get(name, "")
 
 
-def build_rules(policy: Policy, cutoff: datetime) -> tuple[list[Rule], list[Rule]]:
+def build_rules(
+    policy: Policy, now: datetime, min_age: timedelta = timedelta(hours=1)
+) -> tuple[list[Rule], list[Rule]]:
     """The rules before (selection) and after (aging) the point where a task 'matches'.
 
     Keep-newest-N counts the tasks that pass the first list, whatever their age.
@@ -173,7 +179,6 @@ def build_rules(policy: Policy, cutoff: datetime) -> tuple[list[Rule], list[Rule
         protected |= target.live_statuses
     selection: list[Rule] = [
         AlreadyGone(),
-        UnusableRecord(),
         ProtectIds(policy.protect.ids),
         ProtectStatus(frozenset(protected)),
     ]
@@ -182,8 +187,10 @@ def build_rules(policy: Policy, cutoff: datetime) -> tuple[list[Rule], list[Rule
     selection.append(StatusFilter(policy.select.status))
     if policy.select.match:
         selection.append(MatchFilter(policy.select.match))
+    cutoff = now - policy.select.older_than
     aging: list[Rule] = [
         NeedsTimestamp(policy.age_field),
+        MinimumAge(now, min_age),
         OlderThan(cutoff, format_duration(policy.select.older_than), policy.age_field),
     ]
     return selection, aging
@@ -239,16 +246,23 @@ class Plan:
     def count(self, verdict: Verdict) -> int:
         return sum(n for (v, _), n in self.counts.items() if v is verdict)
 
+    def _candidate(self, index: int) -> Candidate:
+        status = self._statuses[index]
+        return Candidate(
+            self._ids[index],
+            status,
+            datetime.fromtimestamp(self._stamps[index], UTC),
+            self.reasons[status],
+        )
+
     def candidates(self) -> Iterator[Candidate]:
         """The tasks to delete, oldest first."""
         for index in range(len(self._ids)):
-            status = self._statuses[index]
-            yield Candidate(
-                self._ids[index],
-                status,
-                datetime.fromtimestamp(self._stamps[index], UTC),
-                self.reasons[status],
-            )
+            yield self._candidate(index)
+
+    def task_ids(self) -> Iterator[str]:
+        """The ids to delete, oldest first."""
+        return iter(self._ids)
 
     def batches(self, size: int) -> Iterator[list[Candidate]]:
         """The candidates in delete requests of at most ``size`` ids."""
@@ -262,19 +276,54 @@ class Plan:
             yield batch
 
     def oldest(self) -> Candidate | None:
-        return next(self.candidates(), None)
+        return self._candidate(0) if self._ids else None
 
     def newest(self) -> Candidate | None:
-        if not self._ids:
-            return None
-        index = len(self._ids) - 1
-        status = self._statuses[index]
-        return Candidate(
-            self._ids[index],
-            status,
-            datetime.fromtimestamp(self._stamps[index], UTC),
-            self.reasons[status],
+        return self._candidate(len(self._ids) - 1) if self._ids else None
+
+    def restrict(self, approved: Collection[str]) -> Plan:
+        """This plan limited to ``approved`` ids (a reviewed, saved plan).
+
+        Tasks eligible now but not approved are kept, with that reason. Approved ids that are
+        not eligible now are simply absent: the fresh listing and rules decided them.
+        """
+        counts: Counter[tuple[Verdict, str]] = Counter(
+            {key: n for key, n in self.counts.items() if key[0] is not Verdict.DELETE}
         )
+        examples = {k: v for k, v in self.examples.items() if k[0] is not Verdict.DELETE}
+        ids: list[str] = []
+        stamps: array[float] = array("d")
+        statuses: list[str] = []
+        not_approved = (Verdict.KEEP, "kept: not in the approved plan")
+        for index, task_id in enumerate(self._ids):
+            candidate = self._candidate(index)
+            if task_id in approved:
+                ids.append(task_id)
+                stamps.append(self._stamps[index])
+                statuses.append(self._statuses[index])
+                decision = (Verdict.DELETE, candidate.reason)
+            else:
+                decision = not_approved
+            _tally(
+                counts, examples, decision, candidate.task_id, candidate.status, candidate.timestamp
+            )
+        return replace(
+            self, counts=counts, examples=examples, _ids=ids, _stamps=stamps, _statuses=statuses
+        )
+
+
+def _tally(
+    counts: Counter[tuple[Verdict, str]],
+    examples: dict[tuple[Verdict, str], list[Example]],
+    decision: Decision,
+    task_id: str,
+    status: str,
+    timestamp: datetime | None,
+) -> None:
+    counts[decision] += 1
+    listed = examples.setdefault(decision, [])
+    if len(listed) < Planner.EXAMPLES_PER_REASON:
+        listed.append(Example(task_id, status, timestamp))
 
 
 class Planner:
@@ -282,15 +331,20 @@ class Planner:
 
     EXAMPLES_PER_REASON = 10
 
-    def __init__(self, loaded: LoadedPolicy, target: Target, now: datetime) -> None:
+    def __init__(
+        self,
+        loaded: LoadedPolicy,
+        target: Target,
+        now: datetime,
+        min_age: timedelta = timedelta(hours=1),
+    ) -> None:
         policy = loaded.policy
         self.loaded = loaded
         self.target = target
         self.now = now
         self.cutoff = now - policy.select.older_than
-        self.selection, self.aging = build_rules(policy, self.cutoff)
+        self.selection, self.aging = build_rules(policy, now, min_age)
         self.keep_newest = policy.keep.newest
-        self.max_deletions = policy.delete.max_deletions
         self.older_than = format_duration(policy.select.older_than)
         self.match = policy.select.match
         self.listed = 0
@@ -318,6 +372,12 @@ class Planner:
             if decision is not None:
                 self._note(task, decision)
                 return
+        if task.problem is not None:
+            # The policy is about this task but cannot age it; keep-newest-N and the cutoff
+            # would be computed on a guess. The whole policy stops, nothing is deleted.
+            raise ListingError(
+                f"task {task.id!r} ({task.status}) cannot be planned: {task.problem}"
+            )
         if self.keep_newest and task.timestamp is not None:
             entry = (task.timestamp.timestamp(), task.id)
             if len(self._newest) < self.keep_newest:
@@ -336,10 +396,7 @@ class Planner:
         self._status_col.append(status)
 
     def _note(self, task: Task, decision: Decision) -> None:
-        self.counts[decision] += 1
-        examples = self.examples.setdefault(decision, [])
-        if len(examples) < self.EXAMPLES_PER_REASON:
-            examples.append(Example(task.id, task.status, task.timestamp))
+        _tally(self.counts, self.examples, decision, task.id, task.status, task.timestamp)
 
     def _reason(self, status: str) -> str:
         reason = f"older than {self.older_than} and status {status}"
@@ -348,7 +405,7 @@ class Planner:
         return reason
 
     def finish(self) -> Plan:
-        """Apply keep-newest-N, the id guard and the per-run cap; return the plan."""
+        """Apply keep-newest-N and the id guard; return the plan."""
         ids, stamps, statuses = self._ids, self._stamps, self._status_col
         kept_newest = {task_id for _, task_id in self._newest}
         order = sorted(range(len(ids)), key=stamps.__getitem__)
@@ -357,23 +414,23 @@ class Planner:
         final_statuses: list[str] = []
         invalid: list[Candidate] = []
         keep_reason = (Verdict.KEEP, f"kept: newest {self.keep_newest}")
-        deferred_reason = (
-            Verdict.DEFERRED,
-            f"deferred: max_deletions {self.max_deletions} reached",
-        )
         for index in order:
             task_id, status, stamp = ids[index], statuses[index], stamps[index]
             when = datetime.fromtimestamp(stamp, UTC)
             if task_id in kept_newest:
-                self._count_example(keep_reason, task_id, status, when)
+                _tally(self.counts, self.examples, keep_reason, task_id, status, when)
                 continue
             why_invalid = self.target.invalid_id_reason(task_id)
             if why_invalid is not None:
                 invalid.append(Candidate(task_id, status, when, f"refused: {why_invalid}"))
-                self._count_example((Verdict.INVALID_ID, why_invalid), task_id, status, when)
-                continue
-            if self.max_deletions is not None and len(final_ids) >= self.max_deletions:
-                self._count_example(deferred_reason, task_id, status, when)
+                _tally(
+                    self.counts,
+                    self.examples,
+                    (Verdict.INVALID_ID, why_invalid),
+                    task_id,
+                    status,
+                    when,
+                )
                 continue
             final_ids.append(task_id)
             final_stamps.append(stamp)
@@ -383,17 +440,15 @@ class Planner:
         self._seen = set()
         reasons = {status: self._reason(status) for status in self._statuses.values()}
         for index, task_id in enumerate(final_ids):
-            decision = (Verdict.DELETE, reasons[final_statuses[index]])
-            self.counts[decision] += 1
-            examples = self.examples.setdefault(decision, [])
-            if len(examples) < self.EXAMPLES_PER_REASON:
-                examples.append(
-                    Example(
-                        task_id,
-                        final_statuses[index],
-                        datetime.fromtimestamp(final_stamps[index], UTC),
-                    )
-                )
+            status = final_statuses[index]
+            _tally(
+                self.counts,
+                self.examples,
+                (Verdict.DELETE, reasons[status]),
+                task_id,
+                status,
+                datetime.fromtimestamp(final_stamps[index], UTC),
+            )
         return Plan(
             policy=self.loaded,
             created_at=self.now,
@@ -408,18 +463,16 @@ class Planner:
             reasons=reasons,
         )
 
-    def _count_example(self, decision: Decision, task_id: str, status: str, when: datetime) -> None:
-        self.counts[decision] += 1
-        examples = self.examples.setdefault(decision, [])
-        if len(examples) < self.EXAMPLES_PER_REASON:
-            examples.append(Example(task_id, status, when))
-
 
 async def make_plan(
-    loaded: LoadedPolicy, target: Target, tasks: AsyncIterable[Task], now: datetime
+    loaded: LoadedPolicy,
+    target: Target,
+    tasks: AsyncIterable[Task],
+    now: datetime,
+    min_age: timedelta = timedelta(hours=1),
 ) -> Plan:
     """Consume a whole listing and plan it; a ListingError from the listing propagates."""
-    planner = Planner(loaded, target, now)
+    planner = Planner(loaded, target, now, min_age)
     async for task in tasks:
         planner.add(task)
     return planner.finish()

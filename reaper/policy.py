@@ -102,6 +102,14 @@ class Protect(_Model):
     )
 
 
+class Anomaly(_Model):
+    """Guard: far more eligible tasks than the policy's recent runs had."""
+
+    factor: float = Field(10.0, gt=1, description="Trip above factor x the recent median.")
+    floor: int = Field(100, ge=0, description="Eligible counts up to this never trip.")
+    history: int = Field(10, ge=1, le=1000, description="How many recent runs to compare with.")
+
+
 class DeleteSettings(_Model):
     """How deletions are sent."""
 
@@ -118,9 +126,18 @@ class DeleteSettings(_Model):
         None, ge=1, le=256, description="Requests in flight; default: sized from rate x latency."
     )
     continue_on_error: bool = Field(True, description="Go on after a failed deletion.")
-    max_deletions: int | None = Field(
-        1000, ge=1, description="Most deletions per run; the rest wait for the next run."
+    max_deletions: int = Field(
+        1000,
+        ge=1,
+        description="Guard: more eligible tasks than this and the run deletes nothing.",
     )
+    max_fraction: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="Guard: a larger share of the listed tasks than this and nothing is deleted.",
+    )
+    anomaly: Anomaly = Field(default_factory=Anomaly)
     options: dict[str, Any] = Field(
         default_factory=dict, description="Target-specific delete options."
     )

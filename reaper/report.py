@@ -15,12 +15,14 @@ from rich.table import Table
 
 from reaper.audit import AuditRow
 from reaper.plan import Plan, Verdict
+from reaper.planfile import PlanDiff
 from reaper.runner import PolicyRun
 
 __all__ = [
     "audit_csv",
     "audit_json",
     "audit_table",
+    "diff_table",
     "format_bytes",
     "plan_dict",
     "plan_table",
@@ -107,6 +109,18 @@ def plan_table(plan: Plan, console: Console, examples: int = 5) -> None:
     console.print(table)
 
 
+def diff_table(diff: PlanDiff, console: Console, examples: int = 5) -> None:
+    """Print how a fresh plan differs from a saved one."""
+    console.print(
+        f"  since the saved plan: [green]+{len(diff.added)}[/green] newly eligible, "
+        f"[yellow]-{len(diff.removed)}[/yellow] no longer eligible, {diff.unchanged} unchanged"
+    )
+    if diff.added:
+        console.print("    added: " + ", ".join(diff.added[:examples]))
+    if diff.removed:
+        console.print("    removed: " + ", ".join(diff.removed[:examples]))
+
+
 def run_dict(run: PolicyRun) -> dict[str, Any]:
     s = run.summary
     return {
@@ -122,10 +136,10 @@ def run_dict(run: PolicyRun) -> dict[str, Any]:
         "failed": s.failed,
         "unknown": s.unknown,
         "refused_ids": s.skipped,
-        "deferred": s.deferred,
         "dry_run": s.dry_run,
         "reclaimed_bytes": s.reclaimed_bytes,
         "error": run.error,
+        "not_eligible": run.not_eligible,
         "started_at": _iso(run.started_at),
         "finished_at": _iso(run.finished_at),
     }
@@ -142,7 +156,6 @@ def runs_table(runs: Sequence[PolicyRun], console: Console) -> None:
         "failed",
         "unknown",
         "refused",
-        "deferred",
         "kept",
         "reclaimed",
     ):
@@ -159,7 +172,6 @@ def runs_table(runs: Sequence[PolicyRun], console: Console) -> None:
             str(s.failed),
             str(s.unknown),
             str(s.skipped),
-            str(s.deferred),
             str(s.kept),
             format_bytes(s.reclaimed_bytes),
         )

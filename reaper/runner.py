@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
 import httpx
@@ -22,8 +22,10 @@ from reaper.audit import AuditEntry, AuditStore, RunRecord, RunSummary
 from reaper.converters import Rate
 from reaper.errors import AuditError, ListingError, TargetAuthError, TargetError
 from reaper.execute import AsyncAudit, BatchEvent, Executor, auto_concurrency
+from reaper.guards import GuardOverrides, check_guards
 from reaper.http import RetryPolicy, TargetHttp
 from reaper.plan import Plan, Verdict, make_plan
+from reaper.planfile import SavedPlan, not_eligible_now
 from reaper.policy import LoadedPolicy
 from reaper.ratelimit import RateLimiter
 from reaper.targets.base import ListRequest, Outcome, Target
@@ -33,19 +35,22 @@ __all__ = ["Mode", "PolicyRun", "RunStatus", "build_target", "plan_policy", "run
 log = structlog.get_logger("reaper.runner")
 
 _RECORD_CHUNK = 1000
+DEFAULT_MIN_AGE = timedelta(hours=1)
 
 
 class Mode(StrEnum):
     RUN = "run"
     DRY_RUN = "dry_run"
+    APPLY = "apply"  # a reviewed, saved plan
 
 
 class RunStatus(StrEnum):
     """How a policy run ended (stored in ``reaper_runs.status``)."""
 
     SUCCEEDED = "succeeded"  # everything eligible was deleted (or nothing was eligible)
-    PARTIAL = "partial"  # some deletions failed, were refused by the id guard, or were deferred
+    PARTIAL = "partial"  # some deletions failed, had unknown outcomes, or were refused by id
     ABORTED = "aborted"  # the policy stopped before deleting everything (listing, auth, stop)
+    REFUSED = "refused"  # a mass-deletion guard tripped: nothing was deleted
     FAILED = "failed"  # the audit failed: the run stopped, fail closed
 
 
@@ -60,6 +65,8 @@ class PolicyRun:
     run_id: str | None = None
     plan: Plan | None = None
     error: str | None = None
+    #: Applying a saved plan: approved ids that were no longer eligible, so not deleted.
+    not_eligible: list[str] = field(default_factory=list)
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     finished_at: datetime | None = None
 
@@ -116,10 +123,17 @@ def _list_request(loaded: LoadedPolicy, cutoff: datetime) -> ListRequest:
     )
 
 
-async def plan_policy(loaded: LoadedPolicy, target: Target, now: datetime) -> Plan:
+async def plan_policy(
+    loaded: LoadedPolicy,
+    target: Target,
+    now: datetime,
+    min_age: timedelta = DEFAULT_MIN_AGE,
+) -> Plan:
     """List the target completely and plan the policy over it."""
     cutoff = now - loaded.policy.select.older_than
-    return await make_plan(loaded, target, target.list_tasks(_list_request(loaded, cutoff)), now)
+    return await make_plan(
+        loaded, target, target.list_tasks(_list_request(loaded, cutoff)), now, min_age
+    )
 
 
 async def run_policy(
@@ -132,10 +146,17 @@ async def run_policy(
     on_batch: Callable[[BatchEvent], None] | None = None,
     on_plan: Callable[[Plan], None] | None = None,
     stop: asyncio.Event | None = None,
+    overrides: GuardOverrides = GuardOverrides(),  # noqa: B008 - frozen
+    min_age: timedelta = DEFAULT_MIN_AGE,
+    approved: SavedPlan | None = None,
 ) -> PolicyRun:
     """Run one policy once. Never raises for target or audit trouble: the result says."""
     policy = loaded.policy
     now = now or datetime.now(UTC)
+    if (mode is Mode.APPLY) != (approved is not None):
+        raise ValueError("a saved plan is applied with mode=APPLY, and only then")
+    if approved is not None and approved.policy_hash != loaded.digest:
+        raise ValueError("the saved plan was made for another version of the policy")
     run = PolicyRun(policy.name, mode, RunStatus.FAILED)
     async_audit = AsyncAudit(audit)
     async with AsyncExitStack() as stack:
@@ -161,7 +182,19 @@ async def run_policy(
             run.finished_at = datetime.now(UTC)
             return run
         with structlog.contextvars.bound_contextvars(run_id=run.run_id, policy=policy.name):
-            await _run(run, loaded, target, async_audit, now, on_batch, on_plan, stop)
+            await _run(
+                run,
+                loaded,
+                target,
+                async_audit,
+                now,
+                on_batch,
+                on_plan,
+                stop,
+                overrides,
+                min_age,
+                approved,
+            )
     run.finished_at = datetime.now(UTC)
     return run
 
@@ -175,6 +208,9 @@ async def _run(
     on_batch: Callable[[BatchEvent], None] | None,
     on_plan: Callable[[Plan], None] | None,
     stop: asyncio.Event | None,
+    overrides: GuardOverrides,
+    min_age: timedelta,
+    approved: SavedPlan | None,
 ) -> None:
     policy = loaded.policy
     summary = run.summary
@@ -183,13 +219,24 @@ async def _run(
     log.info("run_started", mode=run.mode.value, target=policy.target_config.describe())
     try:
         try:
-            plan = await plan_policy(loaded, target, now)
+            plan = await plan_policy(loaded, target, now, min_age)
         except (ListingError, TargetError) as exc:
             # An incomplete listing deletes nothing: keep-newest-N needs all of it.
             run.status = RunStatus.ABORTED
             run.error = f"listing failed, nothing deleted: {exc}"
             log.error("listing_failed", error=str(exc))
             return
+        if approved is not None:
+            # Only what was reviewed, and only if it is still eligible right now.
+            run.not_eligible = not_eligible_now(approved, plan)
+            plan = plan.restrict(approved.items)
+            log.info(
+                "saved_plan_checked",
+                approved=len(approved.items),
+                still_eligible=plan.eligible,
+                not_eligible=len(run.not_eligible),
+                examples=run.not_eligible[:10],
+            )
         run.plan = plan
         summary.listed = plan.listed
         summary.eligible = plan.eligible
@@ -198,7 +245,6 @@ async def _run(
             for (verdict, _), n in plan.counts.items()
             if verdict in (Verdict.KEEP, Verdict.PROTECTED)
         )
-        summary.deferred = plan.count(Verdict.DEFERRED)
         summary.skipped = len(plan.invalid)
         if on_plan is not None:
             on_plan(plan)
@@ -207,9 +253,17 @@ async def _run(
             listed=plan.listed,
             eligible=plan.eligible,
             kept=summary.kept,
-            deferred=summary.deferred,
             refused_ids=summary.skipped,
         )
+        history = await audit.call(
+            audit.store.recent_eligible, policy.name, policy.delete.anomaly.history
+        )
+        trip = check_guards(policy, plan.eligible, plan.listed, history, overrides)
+        if trip is not None:
+            run.status = RunStatus.REFUSED
+            run.error = trip.message
+            log.error("guard_tripped", guard=trip.guard, error=trip.message)
+            return
         for start in range(0, len(plan.invalid), _RECORD_CHUNK):
             chunk = plan.invalid[start : start + _RECORD_CHUNK]
             await audit.call(
@@ -276,7 +330,7 @@ async def _run(
 
 
 def _final_status(summary: RunSummary) -> RunStatus:
-    if summary.failed or summary.unknown or summary.skipped or summary.deferred:
+    if summary.failed or summary.unknown or summary.skipped:
         return RunStatus.PARTIAL
     return RunStatus.SUCCEEDED
 
@@ -315,7 +369,6 @@ async def _finish(run: PolicyRun, audit: AsyncAudit) -> None:
         failed=s.failed,
         unknown=s.unknown,
         refused_ids=s.skipped,
-        deferred=s.deferred,
         dry_run=s.dry_run,
         reclaimed_bytes=s.reclaimed_bytes,
         error=run.error,

@@ -6,6 +6,7 @@ files, and are kept as ``SecretStr`` so they do not print.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 from typing import Literal
 
@@ -13,6 +14,8 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
+
+from reaper.fields import Duration
 
 __all__ = ["Settings", "redact_url"]
 
@@ -38,6 +41,10 @@ class Settings(BaseSettings):
         False, description="Apply pending audit database migrations before running."
     )
     policies: Path = Field(Path("policies"), description="Policy file or directory.")
+    min_age: Duration = Field(
+        timedelta(hours=1),
+        description="No policy deletes a task younger than this, whatever it says.",
+    )
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

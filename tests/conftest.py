@@ -144,16 +144,14 @@ def policy_doc(base_url: str, **sections: Any) -> dict[str, Any]:
         "name": "test-policy",
         "target": {"type": "data_pipeline", "base_url": base_url, "timestamps_timezone": "UTC"},
         "select": {"status": ["completed", "failed"], "older_than": "30d"},
-        "delete": {
-            "batch_size": 10,
-            "rate": "200/s",
-            "retries": None,
-        },
+        # Tests delete most of small inventories: the fraction guard has its own tests.
+        "delete": {"batch_size": 10, "rate": "200/s", "max_fraction": 1.0},
     }
-    doc["delete"].pop("retries")
     for key, value in sections.items():
         if value is None:
             doc.pop(key, None)
+        elif key == "delete":
+            doc[key] = {"max_fraction": 1.0, **value}
         else:
             doc[key] = value
     return doc

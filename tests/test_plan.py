@@ -269,13 +269,18 @@ class TestUntrustedRecords:
         assert ids(plan) == [tid(2)]
         assert counts(plan)[("gone", "already deleted on the target")] == 1
 
-    def test_unparsable_timestamps_are_never_deleted(self) -> None:
-        """A task whose timestamp did not parse is unusable, whatever else it matches."""
+    def test_unparsable_timestamp_of_a_selected_task_stops_the_plan(self) -> None:
+        """A task the policy is about whose timestamp did not parse: no plan, nothing deleted."""
         problem = "created_at does not parse: not an ISO-8601 timestamp: 'yesterday'"
-        plan = plan_of([Task(tid(1), "completed", None, problem=problem), task(2)])
+        with pytest.raises(ListingError, match="cannot be planned: created_at does not parse"):
+            plan_of([Task(tid(1), "completed", None, problem=problem), task(2)])
+
+    def test_unparsable_timestamp_of_an_unselected_task_is_harmless(self) -> None:
+        """A broken timestamp on a task the policy is not about does not stop the plan."""
+        problem = "created_at does not parse: not an ISO-8601 timestamp: 'yesterday'"
+        plan = plan_of([Task(tid(1), "in_progress", None, problem=problem), task(2)])
         assert ids(plan) == [tid(2)]
-        assert plan.count(Verdict.UNUSABLE) == 1
-        assert counts(plan)[("unusable", f"not deletable: {problem}")] == 1
+        assert counts(plan)[("protected", "protected: in_progress")] == 1
 
     def test_listing_marks_missing_directories_as_gone(self) -> None:
         """directory_exists: false makes a listed task gone; true or absent does not."""
@@ -290,9 +295,8 @@ class TestUntrustedRecords:
         assert item.timestamp is None
         assert item.problem is not None
         assert item.problem.startswith("created_at does not parse: ")
-        plan = plan_of([item])
-        assert plan.count(Verdict.UNUSABLE) == 1
-        assert plan.eligible == 0
+        with pytest.raises(ListingError):
+            plan_of([item])
 
     def test_listing_without_the_age_field(self) -> None:
         """A task without the age field has no timestamp and no problem: kept, not unusable."""
@@ -330,14 +334,6 @@ class TestIdGuard:
         assert ids(plan) == ["manual_20250702_223802"]
         assert plan.invalid == []
 
-    def test_invalid_ids_do_not_use_up_max_deletions(self) -> None:
-        """The cap counts only ids that will be sent."""
-        tasks = [Task("../a", "completed", NOW - timedelta(days=90)), task(1), task(2)]
-        plan = plan_of(tasks, delete={"max_deletions": 2})
-        assert ids(plan) == [tid(1), tid(2)]
-        assert plan.count(Verdict.DEFERRED) == 0
-        assert [c.task_id for c in plan.invalid] == ["../a"]
-
     def test_the_guard_is_the_targets(self) -> None:
         """The planner asks the target instance which ids are unsafe."""
 
@@ -354,28 +350,24 @@ class TestIdGuard:
         assert [(c.task_id, c.reason) for c in plan.invalid] == [(tid(1), "refused: picky")]
 
 
-class TestMaxDeletions:
-    def test_cap_takes_the_oldest_and_defers_the_rest(self) -> None:
-        """max_deletions plans the oldest tasks; the others are counted as deferred."""
-        tasks = [task(n, age=timedelta(days=40 + n)) for n in range(7)]
-        plan = plan_of(tasks, delete={"max_deletions": 3})
-        assert ids(plan) == [tid(6), tid(5), tid(4)]
-        assert counts(plan) == {
-            ("deferred", "deferred: max_deletions 3 reached"): 4,
-            ("delete", "older than 30d and status completed"): 3,
-        }
+class TestMinimumAge:
+    def test_younger_than_the_minimum_age_is_kept(self) -> None:
+        """Whatever older_than says, tasks younger than the global minimum age are kept."""
+        young = Task(tid(1), "completed", NOW - timedelta(minutes=30))
+        old = Task(tid(2), "completed", NOW - timedelta(minutes=90))
+        plan = plan_of([young, old], select={"status": ["completed"], "older_than": "1m"})
+        assert ids(plan) == [tid(2)]
+        assert counts(plan)[("keep", "kept: younger than the minimum age 1h")] == 1
 
-    def test_no_cap(self) -> None:
-        """max_deletions: null plans every eligible task."""
-        plan = plan_of([task(n) for n in range(1200)], delete={"max_deletions": None})
-        assert plan.eligible == len(plan) == 1200
-        assert plan.count(Verdict.DEFERRED) == 0
-
-    def test_default_cap_is_1000(self) -> None:
-        """Without a setting at most 1000 tasks are planned per run."""
-        plan = plan_of([task(n) for n in range(1001)], delete={})
-        assert plan.eligible == 1000
-        assert plan.count(Verdict.DEFERRED) == 1
+    def test_the_minimum_age_is_configurable(self) -> None:
+        """A larger minimum age (REAPER_MIN_AGE) keeps more."""
+        loaded = make_policy(URL, select={"status": ["completed"], "older_than": "1d"})
+        planner = Planner(loaded, target_for(loaded), NOW, timedelta(days=7))
+        planner.add(Task(tid(1), "completed", NOW - timedelta(days=3)))
+        planner.add(Task(tid(2), "completed", NOW - timedelta(days=8)))
+        plan = planner.finish()
+        assert ids(plan) == [tid(2)]
+        assert counts(plan)[("keep", "kept: younger than the minimum age 7d")] == 1
 
 
 class TestOrderAndBatches:

@@ -20,6 +20,7 @@ from reaper.policy import (
     policy_files,
     policy_json_schema,
 )
+from reaper.targets import TARGETS
 from reaper.targets.data_pipeline import DataPipelineConfig
 from reaper.yamlfile import read_documents
 
@@ -313,7 +314,7 @@ class TestRealisticMistakes:
                 "type: jenkins",
                 "target.type",
                 4,
-                "unknown target type; expected one of: data_pipeline",
+                f"unknown target type; expected one of: {', '.join(sorted(TARGETS))}",
                 id="unknown-target-type",
             ),
             pytest.param(
@@ -438,7 +439,7 @@ class TestRealisticMistakes:
         """A target without ``type`` says which types exist."""
         errors, _ = load_errors(edited("  type: data_pipeline\n", ""))
         assert [(e.field, e.message) for e in errors] == [
-            ("target", "target.type is required; one of: data_pipeline")
+            ("target", f"target.type is required; one of: {', '.join(sorted(TARGETS))}")
         ]
 
     def test_misspelled_section_is_reported_on_its_own_line(self) -> None:
@@ -719,11 +720,11 @@ class TestJsonSchema:
             for key, prop in definition.get("properties", {}).items()
             if prop.get("pattern") == DURATION_PATTERN and "default" in prop
         }
-        assert set(defaults) == {
+        assert {
             "DataPipelineConfig.timeout",
             "RetrySettings.backoff",
             "RetrySettings.max_backoff",
-        }
+        } <= set(defaults)
         unreadable = {k: v for k, v in defaults.items() if not re.fullmatch(DURATION_PATTERN, v)}
         assert unreadable == {}
 
@@ -735,7 +736,10 @@ class TestJsonSchema:
             if "$ref" in node:
                 node = schema["$defs"][node["$ref"].rsplit("/", 1)[-1]]
             if "oneOf" in node:
-                [node] = [schema["$defs"][n["$ref"].rsplit("/", 1)[-1]] for n in node["oneOf"]]
+                # the target union: pick the branch of this document's target type
+                kind = value.get("type") if isinstance(value, dict) else None
+                branches = [schema["$defs"][n["$ref"].rsplit("/", 1)[-1]] for n in node["oneOf"]]
+                [node] = [b for b in branches if b["properties"]["type"].get("const") == kind]
             if not isinstance(value, dict) or "properties" not in node:
                 return
             for key, item in value.items():
@@ -749,7 +753,7 @@ class TestJsonSchema:
                 for raw in data:
                     check(raw, schema, raw["name"])
                     checked += 1
-        assert checked == 2
+        assert checked >= 2
 
 
 class TestCommandLine:
@@ -782,10 +786,10 @@ class TestCommandLine:
         result = runner.invoke(cli_module.cli, ["validate", str(EXAMPLES)])
         assert result.exit_code == 0, result.output
         path = EXAMPLES / "data_pipeline.yaml"
-        assert result.stdout.splitlines() == [
-            f"ok  pipeline-finished-30d  ({path}:3, data_pipeline)",
-            f"ok  pipeline-failed-7d  ({path}:28, data_pipeline)",
-        ]
+        lines = result.stdout.splitlines()
+        assert f"ok  pipeline-finished-30d  ({path}:3, data_pipeline)" in lines
+        assert f"ok  pipeline-failed-7d  ({path}:28, data_pipeline)" in lines
+        assert all(line.startswith("ok  ") for line in lines)
 
     def test_validate_reports_and_exits_2(self, runner: CliRunner, tmp_path: Path) -> None:
         """An invalid file makes `reaper validate` exit 2 with the located problem on stderr."""

@@ -54,6 +54,10 @@ class DataPipelineConfig(TargetConfig):
     page_size: int = Field(
         SERVER_PAGE_CAP, ge=1, le=SERVER_PAGE_CAP, description="Tasks per listing page (max 100)."
     )
+    verify_total: bool = Field(
+        True,
+        description="Cross-check the listing against the query endpoint's true total.",
+    )
 
     @field_validator("timestamps_timezone")
     @classmethod
@@ -133,43 +137,88 @@ class DataPipelineTarget(Target):
         url = self.config.endpoint()
         limit = self.config.page_size
         zone = self.config.zone
+        total_before = await self._true_total() if self.config.verify_total else None
         offset = 0
         page_no = 0
+        listed = 0
         previous_ids: set[str] = set()
         while True:
             page_no += 1
             where = f"listing page {page_no} (offset {offset})"
-            exchange = await self.fetch_page(
-                where, "GET", url, params={"limit": limit, "offset": offset}
-            )
-            if exchange.status_code != 200:
-                code, message = _error_text(_json_or_none(exchange.body))
-                raise ListingError(
-                    f"{where}: HTTP {exchange.status_code}: {message or 'no error message'}",
-                    http_status=exchange.status_code,
-                    error_code=code,
-                    error_message=message,
-                )
-            try:
-                body = exchange.json()
-            except ValueError as exc:
-                raise ListingError(f"{where}: the body is not JSON") from exc
-            tasks = _page_tasks(body, where)
+            tasks = await self._page(url, limit, offset, where)
             page_ids: set[str] = set()
-            for raw in tasks:
+            shifted = 0
+            for position, raw in enumerate(tasks):
                 task = self._task(raw, request, zone, where)
                 page_ids.add(task.id)
                 if task.id in previous_ids:
-                    # New tasks arrived at the head (newest first) and pushed this one across the
-                    # page boundary: the same record again, not a paging fault.
-                    log.info("listing_shifted", task_id=task.id, page=page_no)
+                    # Tasks created meanwhile arrive at the head (newest first) and push the
+                    # last ones of the previous page across the boundary: the same records
+                    # again, at the start of this page. Anywhere else it is a paging fault.
+                    if position != shifted:
+                        raise ListingError(
+                            f"{where}: task {task.id!r} of the previous page appears again in "
+                            "the middle of this one: paging is inconsistent"
+                        )
+                    shifted += 1
                     continue
+                listed += 1
                 yield task
+            if tasks and shifted == len(tasks):
+                raise ListingError(f"{where}: the page repeats the previous one")
+            if shifted:
+                log.info("listing_shifted", page=page_no, repeated=shifted)
             previous_ids = page_ids
             # `total` is the page length, not a grand total: only a short page ends the listing.
             if len(tasks) < limit:
-                return
+                break
             offset += len(tasks)
+        if total_before is not None:
+            total_after = await self._true_total()
+            expected = min(total_before, total_after)
+            if listed < expected:
+                raise ListingError(
+                    f"the listing returned {listed} task(s) but the server holds {expected}: "
+                    "a page was missing or cut short; nothing is deleted"
+                )
+
+    async def _page(self, url: str, limit: int, offset: int, where: str) -> list[Any]:
+        exchange = await self.fetch_page(
+            where, "GET", url, params={"limit": limit, "offset": offset}
+        )
+        if exchange.status_code != 200:
+            code, message = _error_text(_json_or_none(exchange.body))
+            raise ListingError(
+                f"{where}: HTTP {exchange.status_code}: {message or 'no error message'}",
+                http_status=exchange.status_code,
+                error_code=code,
+                error_message=message,
+            )
+        try:
+            body = exchange.json()
+        except ValueError as exc:
+            raise ListingError(f"{where}: the body is not JSON") from exc
+        return _page_tasks(body, where)
+
+    async def _true_total(self) -> int:
+        """The number of task records, from the query form (its total is a real count)."""
+        where = "counting tasks (POST .../tasks/query)"
+        exchange = await self.fetch_page(
+            where,
+            "POST",
+            self.config.endpoint() + "/query",
+            json_body={"page": 1, "page_size": 1},
+        )
+        body = _json_or_none(exchange.body)
+        pagination = body.get("data", {}).get("pagination") if isinstance(body, dict) else None
+        total = pagination.get("total") if isinstance(pagination, dict) else None
+        if exchange.status_code != 200 or not isinstance(total, int) or isinstance(total, bool):
+            raise ListingError(
+                f"{where}: HTTP {exchange.status_code} without a pagination total; set "
+                "target.verify_total: false if this server has no query endpoint",
+                http_status=exchange.status_code,
+            )
+        return total
 
     def _task(self, raw: Any, request: ListRequest, zone: ZoneInfo, where: str) -> Task:
         if not isinstance(raw, dict):

@@ -44,7 +44,6 @@ def upgrade() -> None:
                 "failed",
                 "unknown",
                 "skipped",
-                "deferred",
                 "reclaimed_bytes",
             )
         ),
