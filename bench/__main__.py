@@ -5,7 +5,7 @@ from __future__ import annotations
 import runpy
 import sys
 
-BENCHMARKS = ["bench.rate_limit"]
+BENCHMARKS = ["bench.rate_limit", "bench.huawei_rate"]
 
 if __name__ == "__main__":
     for name in BENCHMARKS:

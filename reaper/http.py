@@ -126,6 +126,28 @@ class HttpStats:
         return ordered[min(len(ordered) - 1, int(len(ordered) * 0.9))]
 
 
+def error_fields(body: bytes) -> tuple[str | None, str | None]:
+    """The error code and message of a JSON error body, in the common shapes (Huawei's
+    ``error_code``/``error_msg``, ``code``/``message``, ``error.message``); never raises."""
+    try:
+        data = json.loads(body[:65536])
+    except (ValueError, UnicodeDecodeError):
+        return None, None
+    if not isinstance(data, dict):
+        return None, None
+    error = data.get("error")
+    if isinstance(error, dict):
+        data = {**data, **error}
+    code = data.get("error_code") or data.get("code")
+    message = (
+        data.get("error_msg") or data.get("message") or (error if isinstance(error, str) else None)
+    )
+    return (
+        str(code)[:128] if code is not None else None,
+        str(message)[:1024] if message is not None else None,
+    )
+
+
 def retry_after_seconds(value: str | None, now: datetime | None = None) -> float | None:
     """Parse a Retry-After header (delta-seconds or an HTTP date)."""
     if not value:
@@ -217,10 +239,14 @@ class TargetHttp:
             self.stats.status[response.status_code] += 1
             exchange = Exchange(response, body, attempt, lost)
             if response.status_code in (401, 403):
+                code, message = error_fields(body)
+                detail = f": {code or ''} {message or ''}".rstrip() if code or message else ""
                 raise TargetAuthError(
                     f"{method} {url}: the target refused our credentials "
-                    f"(HTTP {response.status_code})",
+                    f"(HTTP {response.status_code}{detail})",
                     http_status=response.status_code,
+                    error_code=code,
+                    error_message=message,
                 )
             if response.status_code not in self.retry.retry_statuses:
                 self.stats.record_latency(time.monotonic() - started)

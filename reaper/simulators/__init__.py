@@ -7,11 +7,23 @@ client did from the server's side. ``python -m reaper.simulators <target>`` runs
 
 from reaper.simulators.base import Faults, SimulatorBase
 from reaper.simulators.data_pipeline import DataPipelineSimulator, SimTask, generate_tasks
+from reaper.simulators.huawei_dcs import DcsSimTask, HuaweiDcsSimulator, generate_dcs_tasks
+from reaper.simulators.huawei_iotda import (
+    HuaweiIotdaSimulator,
+    IotdaSimTask,
+    generate_iotda_tasks,
+)
 
 __all__ = [
     "DataPipelineSimulator",
+    "DcsSimTask",
     "Faults",
+    "HuaweiDcsSimulator",
+    "HuaweiIotdaSimulator",
+    "IotdaSimTask",
     "SimTask",
     "SimulatorBase",
+    "generate_dcs_tasks",
+    "generate_iotda_tasks",
     "generate_tasks",
 ]

@@ -1,5 +1,9 @@
 """Run a simulator standalone: ``python -m reaper.simulators data_pipeline --port 0 --tasks 1000``.
 
+The Huawei simulators (``huawei_dcs``, ``huawei_iotda``) accept the AK given by ``--ak`` with the
+SK read from the environment variable named by ``--sk-env`` (and a token from ``--token-env``), so
+that no secret appears on a command line.
+
 Once listening it writes one JSON line to stdout (``{"url": ..., "tasks": ...}``) so that a parent
 process can read the URL, then serves until SIGTERM or SIGINT and exits 0.
 """
@@ -8,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -18,6 +23,10 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from reaper.simulators.base import Faults, SimulatorBase
 from reaper.simulators.data_pipeline import DataPipelineSimulator, generate_tasks
+from reaper.simulators.huawei_dcs import HuaweiDcsSimulator, generate_dcs_tasks
+from reaper.simulators.huawei_iotda import HuaweiIotdaSimulator, generate_iotda_tasks
+
+TARGETS = ("data_pipeline", "huawei_dcs", "huawei_iotda")
 
 
 def _timezone(text: str) -> str:
@@ -32,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m reaper.simulators", description="Serve a simulated target API."
     )
-    parser.add_argument("target", choices=["data_pipeline"], help="which API to simulate")
+    parser.add_argument("target", choices=TARGETS, help="which API to simulate")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--tasks", type=int, default=1000, help="how many tasks to generate")
@@ -41,6 +50,19 @@ def _parser() -> argparse.ArgumentParser:
         "--span-days", type=float, default=None, help="spread tasks over this many days"
     )
     parser.add_argument("--timezone", type=_timezone, default="Asia/Shanghai")
+    huawei = parser.add_argument_group("huawei_dcs and huawei_iotda")
+    huawei.add_argument("--project-id", default="0123456789abcdef0123456789abcdef")
+    huawei.add_argument("--ak", default="SIMULATORACCESSKEY00", help="the accepted access key")
+    huawei.add_argument(
+        "--sk-env", default="HUAWEI_SIM_SK", help="variable holding the SK (default: a dev SK)"
+    )
+    huawei.add_argument("--token-env", default=None, help="variable holding an accepted token")
+    huawei.add_argument("--instance-id", default=None, help="IoTDA: required Instance-Id")
+    huawei.add_argument(
+        "--task-types",
+        default="firmwareUpgrade,createCommands",
+        help="IoTDA: comma-separated task types of the generated tasks",
+    )
     faults = parser.add_argument_group("faults (all off by default)")
     faults.add_argument("--latency-ms", type=float, default=0.0)
     faults.add_argument("--latency-jitter-ms", type=float, default=0.0)
@@ -58,10 +80,42 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _build(args: argparse.Namespace, faults: Faults) -> tuple[SimulatorBase, int]:
+    if args.target in ("huawei_dcs", "huawei_iotda"):
+        return _build_huawei(args, faults)
     span = timedelta(days=args.span_days) if args.span_days is not None else None
     tasks = generate_tasks(args.tasks, seed=args.seed, timezone=args.timezone, span=span)
     simulator = DataPipelineSimulator(tasks, timezone=args.timezone, faults=faults, seed=args.seed)
     return simulator, len(tasks)
+
+
+def _build_huawei(args: argparse.Namespace, faults: Faults) -> tuple[SimulatorBase, int]:
+    credentials = {args.ak: os.environ.get(args.sk_env) or "simulator-secret-key"}
+    token = os.environ.get(args.token_env) if args.token_env else None
+    tokens = [token] if token else []
+    simulator: SimulatorBase
+    if args.target == "huawei_dcs":
+        dcs_tasks = generate_dcs_tasks(args.tasks, seed=args.seed)
+        simulator = HuaweiDcsSimulator(
+            dcs_tasks,
+            project_id=args.project_id,
+            credentials=credentials,
+            tokens=tokens,
+            faults=faults,
+            seed=args.seed,
+        )
+        return simulator, len(dcs_tasks)
+    types = [t for t in args.task_types.split(",") if t]
+    iotda_tasks = generate_iotda_tasks(args.tasks, seed=args.seed, task_types=types)
+    simulator = HuaweiIotdaSimulator(
+        iotda_tasks,
+        project_id=args.project_id,
+        instance_id=args.instance_id,
+        credentials=credentials,
+        tokens=tokens,
+        faults=faults,
+        seed=args.seed,
+    )
+    return simulator, len(iotda_tasks)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

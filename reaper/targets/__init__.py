@@ -13,6 +13,8 @@ from reaper.targets.base import (
     Task,
 )
 from reaper.targets.data_pipeline import DataPipelineTarget
+from reaper.targets.huawei_dcs import HuaweiDcsTarget
+from reaper.targets.huawei_iotda import HuaweiIotdaTarget
 
 __all__ = [
     "TARGETS",
@@ -28,7 +30,9 @@ __all__ = [
 ]
 
 #: Every target kind, by the ``target.type`` a policy names. Adding a kind: one line here.
-TARGETS: dict[str, type[Target]] = {cls.kind: cls for cls in (DataPipelineTarget,)}
+TARGETS: dict[str, type[Target]] = {
+    cls.kind: cls for cls in (DataPipelineTarget, HuaweiDcsTarget, HuaweiIotdaTarget)
+}
 
 
 def target_class(kind: str) -> type[Target]:

@@ -16,6 +16,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any, ClassVar
 
+import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
 from reaper.errors import ListingError
@@ -153,6 +154,9 @@ class Target(ABC):
     live_statuses: ClassVar[frozenset[str]] = frozenset()
     #: Every status the API documents (used to catch typos in policies).
     known_statuses: ClassVar[frozenset[str]] = frozenset()
+    #: The only statuses the API lets a client delete (None: any). A hard rail: no policy can
+    #: select others, and the planner protects tasks in them whatever a policy says.
+    deletable_statuses: ClassVar[frozenset[str] | None] = None
     #: Timestamp fields a policy may use as ``select.age_field``; the first is the default.
     time_fields: ClassVar[tuple[str, ...]]
     #: Fields a policy may match regular expressions against.
@@ -163,6 +167,12 @@ class Target(ABC):
     def __init__(self, config: TargetConfig, http: TargetHttp) -> None:
         self.config = config
         self.http = http
+
+    @classmethod
+    def client_auth(cls, config: TargetConfig) -> httpx.Auth | None:
+        """The auth flow for every request to this target (it may read secrets: a missing one
+        is a ConfigError naming the variable or file, never its value)."""
+        return None
 
     def invalid_id_reason(self, task_id: str) -> str | None:
         """Why ``task_id`` must never be sent to this target, or None when it is safe."""
