@@ -85,6 +85,19 @@ class ProtectStatus:
         return None
 
 
+class NotDeletable:
+    """Statuses the target's API refuses to delete: a hard rail no policy can lift."""
+
+    def __init__(self, kind: str, deletable: frozenset[str]) -> None:
+        self.kind = kind
+        self.deletable = deletable
+
+    def __call__(self, task: Task) -> Decision | None:
+        if task.status not in self.deletable:
+            return Verdict.PROTECTED, f"protected: {self.kind} cannot delete {task.status} tasks"
+        return None
+
+
 class ProtectMatch:
     """Tasks with a field matching one of ``protect.match``."""
 
@@ -182,6 +195,8 @@ def build_rules(
         ProtectIds(policy.protect.ids),
         ProtectStatus(frozenset(protected)),
     ]
+    if target.deletable_statuses is not None:
+        selection.append(NotDeletable(target.kind, target.deletable_statuses))
     if policy.protect.match:
         selection.append(ProtectMatch(policy.protect.match))
     selection.append(StatusFilter(policy.select.status))

@@ -457,8 +457,17 @@ def _semantic_problems(raw: dict[str, Any]) -> list[tuple[Path_, str]]:
                 if status not in target.known_statuses
             )
     protected_set = {status for _, status in protected}
+    deletable = target.deletable_statuses
     for index, status in selected:
-        if status in protected_set:
+        if deletable is not None and status not in deletable:
+            problems.append(
+                (
+                    ("select", "status", index),
+                    f"{kind} never deletes tasks in status {status!r} (only "
+                    f"{', '.join(sorted(deletable))}); no setting lifts this",
+                )
+            )
+        elif status in protected_set:
             problems.append(
                 (("select", "status", index), f"status {status!r} is both selected and protected")
             )
