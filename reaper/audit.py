@@ -8,10 +8,12 @@ request is not sent. Writes are batched per request, not one transaction per row
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import socket
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -19,6 +21,7 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     Column,
+    Connection,
     Engine,
     ForeignKey,
     Index,
@@ -31,6 +34,7 @@ from sqlalchemy import (
     and_,
     bindparam,
     insert,
+    or_,
     select,
     update,
 )
@@ -42,9 +46,11 @@ from reaper.settings import redact_url
 from reaper.targets.base import DeleteResult, Outcome
 
 __all__ = [
+    "RETENTION_POLICY",
     "AuditEntry",
     "AuditRow",
     "AuditStore",
+    "ChainProblem",
     "RunRecord",
     "RunSummary",
     "audit_table",
@@ -88,6 +94,9 @@ runs_table = Table(
     Column("error", Text),
     Column("host", String(255), nullable=False),
     Column("pid", Integer, nullable=False),
+    # The hash of the newest finalized row of this run, and how many rows the chain holds.
+    Column("chain_head", String(64)),
+    Column("chain_length", Integer, nullable=False, default=0, server_default="0"),
     Index(None, "policy", "started_at"),
     Index(None, "started_at"),
 )
@@ -114,11 +123,16 @@ audit_table = Table(
     Column("note", Text),
     Column("recorded_at", UTCDateTime, nullable=False),
     Column("decided_at", UTCDateTime),
+    # Position in the run's hash chain and the hash over this row and the previous one; set when
+    # the row gets its final outcome (pending rows are not yet in the chain).
+    Column("chain_seq", Integer),
+    Column("row_hash", String(64)),
     UniqueConstraint("run_id", "task_id"),
     Index(None, "task_id"),
     Index(None, "recorded_at"),
     Index(None, "policy", "recorded_at"),
     Index(None, "run_id", "seq"),
+    Index(None, "run_id", "chain_seq"),
 )
 
 #: Outcomes a finished deletion row can have.
@@ -203,6 +217,8 @@ class AuditRow:
     note: str | None
     recorded_at: datetime
     decided_at: datetime | None
+    chain_seq: int | None = None
+    row_hash: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -216,6 +232,66 @@ class _RunState:
     record: RunRecord
     seq: int = 0
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+
+GENESIS = "0" * 64
+
+
+def row_hash(previous: str, policy_hash: str, row: Mapping[str, Any]) -> str:
+    """The chain hash of one finalized audit row.
+
+    It covers the previous row's hash, the run, the row's place in the chain, the task, the
+    outcome, the policy version and what the target answered; editing any of them, or removing a
+    row, breaks every later link.
+    """
+    decided = row["decided_at"]
+    content = [
+        row["run_id"] if "run_id" in row else row["b_run_id"],
+        row["chain_seq"],
+        row["task_id"],
+        row["outcome"],
+        policy_hash,
+        row["http_status"],
+        row["error_code"],
+        row["error_message"],
+        row["reclaimed_bytes"],
+        row["note"],
+        decided.astimezone(UTC).isoformat() if decided is not None else None,
+    ]
+    payload = previous + json.dumps(content, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+@dataclass
+class _Chain:
+    """A run's hash chain inside one transaction: load the head, append rows, store it."""
+
+    run_id: str
+    policy_hash: str
+    head: str
+    length: int
+
+    @classmethod
+    def load(cls, connection: Connection, run_id: str) -> _Chain:
+        query = select(
+            runs_table.c.policy_hash, runs_table.c.chain_head, runs_table.c.chain_length
+        ).where(runs_table.c.id == run_id)
+        if connection.dialect.name == "postgresql":
+            query = query.with_for_update()  # one writer per chain, even across processes
+        row = connection.execute(query).one()
+        return cls(run_id, row.policy_hash, row.chain_head or GENESIS, row.chain_length)
+
+    def append(self, row: dict[str, Any]) -> None:
+        self.length += 1
+        row["chain_seq"] = self.length
+        row["row_hash"] = self.head = row_hash(self.head, self.policy_hash, row)
+
+    def store(self, connection: Connection) -> None:
+        connection.execute(
+            update(runs_table)
+            .where(runs_table.c.id == self.run_id)
+            .values(chain_head=self.head, chain_length=self.length)
+        )
 
 
 class AuditStore:
@@ -299,7 +375,7 @@ class AuditStore:
             return
         state = self._runs[run_id]
         now = self._now()
-        rows = []
+        rows: list[dict[str, Any]] = []
         for entry in entries:
             state.seq += 1
             final = entry.outcome is not Outcome.PENDING
@@ -322,32 +398,53 @@ class AuditStore:
                     "error_message": entry.error_message,
                     "recorded_at": now,
                     "decided_at": now if final else None,
+                    "http_status": None,
+                    "error_code": None,
+                    "reclaimed_bytes": None,
+                    "note": None,
                 }
             )
         try:
             with self.engine.begin() as connection:
+                decided = [row for row in rows if row["outcome"] != Outcome.PENDING.value]
+                if decided:
+                    chain = _Chain.load(connection, run_id)
+                    for row in decided:
+                        chain.append(row)
+                    chain.store(connection)
                 connection.execute(insert(audit_table), rows)
         except SQLAlchemyError as exc:
             raise self._fail(f"recording {len(rows)} row(s)", exc) from None
 
-    def resolve(self, run_id: str, results: Iterable[DeleteResult]) -> None:
-        """Turn ``pending`` rows of ``run_id`` into their outcomes, in one transaction."""
+    def resolve(
+        self, run_id: str, results: Iterable[DeleteResult], *, note: str | None = None
+    ) -> None:
+        """Turn ``pending``/``unknown`` rows of ``run_id`` into their outcomes, in one transaction.
+
+        Each resolved row joins the run's hash chain. ``note`` is appended to every row's note
+        (reconciliation says so there).
+        """
         now = self._now()
-        params = [
-            {
-                "b_run_id": run_id,
-                "b_task_id": result.task_id,
-                "outcome": result.outcome.value,
-                "http_status": result.http_status,
-                "error_code": _clip(result.error_code, 128),
-                "error_message": _clip(result.error_message, 4000),
-                "reclaimed_bytes": result.reclaimed_bytes,
-                "files_count": result.files_count,
-                "note": _clip(result.note, 4000),
-                "decided_at": now,
-            }
-            for result in results
-        ]
+        params = []
+        for result in results:
+            result_note = result.note
+            if note is not None:
+                result_note = f"{result_note}; {note}" if result_note else note
+            params.append(
+                {
+                    "b_run_id": run_id,
+                    "b_task_id": result.task_id,
+                    "task_id": result.task_id,
+                    "outcome": result.outcome.value,
+                    "http_status": result.http_status,
+                    "error_code": _clip(result.error_code, 128),
+                    "error_message": _clip(result.error_message, 4000),
+                    "reclaimed_bytes": result.reclaimed_bytes,
+                    "files_count": result.files_count,
+                    "note": _clip(result_note, 4000),
+                    "decided_at": now,
+                }
+            )
         if not params:
             return
         statement = (
@@ -356,7 +453,11 @@ class AuditStore:
                 and_(
                     audit_table.c.run_id == bindparam("b_run_id"),
                     audit_table.c.task_id == bindparam("b_task_id"),
-                    audit_table.c.outcome == Outcome.PENDING.value,
+                    # (not IN: expanding parameters do not work with executemany)
+                    or_(
+                        audit_table.c.outcome == Outcome.PENDING.value,
+                        audit_table.c.outcome == Outcome.UNKNOWN.value,
+                    ),
                 )
             )
             .values(
@@ -368,11 +469,17 @@ class AuditStore:
                 files_count=bindparam("files_count"),
                 note=bindparam("note"),
                 decided_at=bindparam("decided_at"),
+                chain_seq=bindparam("chain_seq"),
+                row_hash=bindparam("row_hash"),
             )
         )
         try:
             with self.engine.begin() as connection:
+                chain = _Chain.load(connection, run_id)
+                for row in params:
+                    chain.append(row)
                 connection.execute(statement, params)
+                chain.store(connection)
         except SQLAlchemyError as exc:
             raise self._fail(f"recording {len(params)} outcome(s)", exc) from None
 
@@ -429,6 +536,121 @@ class AuditStore:
         except SQLAlchemyError as exc:
             raise self._fail("reading run history", exc) from None
 
+    def unresolved(self, policy: str, *, exclude_run: str | None = None) -> list[AuditRow]:
+        """``pending``/``unknown`` rows of the policy's other runs: what reconciliation resolves."""
+        query = (
+            select(audit_table)
+            .where(
+                audit_table.c.policy == policy,
+                audit_table.c.outcome.in_((Outcome.PENDING.value, Outcome.UNKNOWN.value)),
+            )
+            .order_by(audit_table.c.id)
+        )
+        if exclude_run is not None:
+            query = query.where(audit_table.c.run_id != exclude_run)
+        try:
+            with self.engine.connect() as connection:
+                return [AuditRow(**row._mapping) for row in connection.execute(query)]
+        except SQLAlchemyError as exc:
+            raise self._fail("reading unresolved rows", exc) from None
+
+    def mark_interrupted(self, policy: str, *, exclude_run: str | None = None) -> int:
+        """Runs of the policy still marked ``running`` were interrupted (the caller holds the
+        policy's lock, so none of them is alive); record them so. Returns how many."""
+        statement = (
+            update(runs_table)
+            .where(runs_table.c.policy == policy, runs_table.c.status == "running")
+            .values(status="interrupted", error="the run stopped without finishing (crash or kill)")
+        )
+        if exclude_run is not None:
+            statement = statement.where(runs_table.c.id != exclude_run)
+        try:
+            with self.engine.begin() as connection:
+                return int(connection.execute(statement).rowcount or 0)
+        except SQLAlchemyError as exc:
+            raise self._fail("marking interrupted runs", exc) from None
+
+    def verify(self) -> list[ChainProblem]:
+        """Check every run's hash chain; return the first problem of each broken run."""
+        problems: list[ChainProblem] = []
+        try:
+            with self.engine.connect() as connection:
+                runs = connection.execute(
+                    select(
+                        runs_table.c.id,
+                        runs_table.c.policy_hash,
+                        runs_table.c.chain_head,
+                        runs_table.c.chain_length,
+                    ).order_by(runs_table.c.started_at)
+                ).all()
+                for run in runs:
+                    problem = _verify_run(connection, run)
+                    if problem is not None:
+                        problems.append(problem)
+        except SQLAlchemyError as exc:
+            raise self._fail("verifying the audit chains", exc) from None
+        return problems
+
+    def prune(self, older_than: datetime) -> tuple[int, int]:
+        """Delete runs finished before ``older_than`` with all their rows (whole chains only).
+
+        The pruning itself is recorded as a run of the pseudo-policy ``<audit-retention>``.
+        Returns (runs, rows) deleted.
+        """
+        finished = select(runs_table.c.id).where(
+            runs_table.c.finished_at < older_than, runs_table.c.policy != RETENTION_POLICY
+        )
+        try:
+            with self.engine.begin() as connection:
+                rows = connection.execute(
+                    audit_table.delete().where(audit_table.c.run_id.in_(finished))
+                ).rowcount
+                runs = connection.execute(
+                    runs_table.delete().where(runs_table.c.id.in_(finished))
+                ).rowcount
+                now = self._now()
+                connection.execute(
+                    insert(runs_table).values(
+                        id=str(uuid.uuid4()),
+                        policy=RETENTION_POLICY,
+                        policy_hash=GENESIS,
+                        policy_json=json.dumps({"older_than": older_than.isoformat()}),
+                        target_kind="audit",
+                        target=redact_url(self.engine.url),
+                        mode="prune",
+                        status="succeeded",
+                        started_at=now,
+                        finished_at=now,
+                        listed=0,
+                        eligible=runs,
+                        kept=0,
+                        deleted=rows,
+                        already_gone=0,
+                        failed=0,
+                        unknown=0,
+                        skipped=0,
+                        reclaimed_bytes=0,
+                        error=f"pruned {runs} run(s) and {rows} audit row(s) finished before "
+                        f"{older_than.isoformat()}",
+                        host=socket.gethostname()[:255],
+                        pid=os.getpid(),
+                    )
+                )
+        except SQLAlchemyError as exc:
+            raise self._fail("pruning the audit log", exc) from None
+        return int(runs or 0), int(rows or 0)
+
+    def run(self, run_id: str) -> dict[str, Any] | None:
+        """One run row."""
+        try:
+            with self.engine.connect() as connection:
+                row = connection.execute(
+                    select(runs_table).where(runs_table.c.id == run_id)
+                ).first()
+        except SQLAlchemyError as exc:
+            raise self._fail("reading a run", exc) from None
+        return dict(row._mapping) if row is not None else None
+
     def runs(self, *, policy: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
         """Recent runs, newest first."""
         query = select(runs_table).order_by(runs_table.c.started_at.desc()).limit(limit)
@@ -439,6 +661,56 @@ class AuditStore:
                 return [dict(row._mapping) for row in connection.execute(query)]
         except SQLAlchemyError as exc:
             raise self._fail("reading runs", exc) from None
+
+
+RETENTION_POLICY = "<audit-retention>"
+
+
+@dataclass(frozen=True)
+class ChainProblem:
+    """The first broken link of one run's chain."""
+
+    run_id: str
+    chain_seq: int | None
+    task_id: str | None
+    message: str
+
+
+def _verify_run(connection: Connection, run: Any) -> ChainProblem | None:
+    rows = connection.execute(
+        select(audit_table)
+        .where(audit_table.c.run_id == run.id, audit_table.c.chain_seq.is_not(None))
+        .order_by(audit_table.c.chain_seq)
+    ).mappings()
+    head, expected = GENESIS, 0
+    for row in rows:
+        expected += 1
+        if row["chain_seq"] != expected:
+            return ChainProblem(
+                run.id,
+                expected,
+                None,
+                f"row {expected} of the chain is missing (next present is {row['chain_seq']}): "
+                "a row was deleted",
+            )
+        head = row_hash(head, run.policy_hash, dict(row))
+        if head != row["row_hash"]:
+            return ChainProblem(
+                run.id,
+                expected,
+                row["task_id"],
+                f"row {expected} (audit id {row['id']}, task {row['task_id']!r}) does not match "
+                "its hash: it was edited",
+            )
+    if expected != run.chain_length or (expected and head != run.chain_head):
+        return ChainProblem(
+            run.id,
+            expected + 1,
+            None,
+            f"the run records {run.chain_length} chained row(s) but {expected} are present "
+            "or its head differs: rows were deleted",
+        )
+    return None
 
 
 def _clip(value: str | None, size: int) -> str | None:

@@ -11,7 +11,7 @@ import asyncio
 import json
 import sys
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -37,12 +37,21 @@ from reaper.report import (
     audit_json,
     audit_table,
     diff_table,
+    explain_entry,
+    explain_text,
     plan_dict,
     plan_table,
     run_dict,
     runs_table,
 )
-from reaper.runner import Mode, PolicyRun, build_target, plan_policy, run_policy
+from reaper.runner import (
+    Mode,
+    PolicyRun,
+    build_target,
+    plan_policy,
+    reconcile_policy,
+    run_policy,
+)
 from reaper.settings import Settings, redact_url
 
 __all__ = ["main"]
@@ -172,6 +181,16 @@ def _load(ctx: Context, path: Path | None, names: Sequence[str]) -> list[LoadedP
                 f"known: {', '.join(sorted(known))}",
             )
         loaded = [item for item in loaded if item.name in names]
+    # Secrets are read before anything runs: one missing credential stops the whole invocation
+    # (exit 2) instead of failing halfway through the policies.
+    missing = []
+    for item in loaded:
+        try:
+            item.policy.target_class.client_auth(item.policy.target_config)
+        except ConfigError as exc:
+            missing.append(f"{item.path}: policy {item.name!r}: {exc}")
+    if missing:
+        _fail(EXIT_CONFIG, "missing credentials; nothing was run:\n" + "\n".join(missing))
     return loaded
 
 
@@ -376,8 +395,22 @@ def run(
     mode = Mode.DRY_RUN if dry_run else Mode.RUN
     overrides = GuardOverrides(max_deletions, max_fraction, confirm_anomaly)
     runs = asyncio.run(_run_all(ctx, loaded, store, mode, overrides))
+    _auto_prune(ctx, store)
     store.engine.dispose()
     _report_runs(ctx, runs, output)
+
+
+def _auto_prune(ctx: Context, store: AuditStore) -> None:
+    retention = ctx.settings.audit_retention
+    if retention is None:
+        return
+    try:
+        runs, rows = store.prune(datetime.now(UTC) - retention)
+    except AuditError as exc:
+        log.error("audit_prune_failed", error=str(exc))
+        return
+    if runs:
+        log.info("audit_pruned", runs=runs, rows=rows, retention=str(retention))
 
 
 def _report_runs(ctx: Context, runs: Sequence[PolicyRun], output: str) -> NoReturn:
@@ -525,6 +558,131 @@ def audit(
         click.echo(audit_csv(rows), nl=False)
     else:
         audit_table(rows, ctx.out)
+
+
+@audit.command("verify")
+@click.pass_obj
+def audit_verify(ctx: Context) -> None:
+    """Check the hash chain of every run: edited or deleted rows are reported (exit 1)."""
+    try:
+        store = ctx.store(migrate=False)
+        problems = store.verify()
+        runs = len(store.runs(limit=1_000_000_000))
+    except AuditError as exc:
+        _fail(EXIT_FAILED, str(exc))
+    if not problems:
+        click.echo(f"audit chains verified: {runs} run(s), no edited or missing rows")
+        return
+    for problem in problems:
+        click.echo(f"run {problem.run_id}: {problem.message}")
+    sys.exit(EXIT_FAILED)
+
+
+@audit.command("prune")
+@click.option(
+    "--older-than",
+    help="Delete runs finished longer ago than this (default: REAPER_AUDIT_RETENTION).",
+)
+@click.pass_obj
+def audit_prune(ctx: Context, older_than: str | None) -> None:
+    """Delete old runs with their audit rows, recording that it did so."""
+    retention = _retention(ctx, older_than)
+    if retention is None:
+        _fail(EXIT_CONFIG, "give --older-than or set REAPER_AUDIT_RETENTION")
+    try:
+        runs, rows = ctx.store(migrate=False).prune(datetime.now(UTC) - retention)
+    except AuditError as exc:
+        _fail(EXIT_FAILED, str(exc))
+    click.echo(f"pruned {runs} run(s) and {rows} audit row(s) older than {older_than or retention}")
+
+
+def _retention(ctx: Context, older_than: str | None) -> timedelta | None:
+    if older_than is None:
+        return ctx.settings.audit_retention
+    try:
+        return parse_duration(older_than)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--older-than") from None
+
+
+# --- reconcile / explain ------------------------------------------------------------------------
+
+
+@cli.command()
+@_policies_option
+@click.option("--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.pass_obj
+def reconcile(
+    ctx: Context, names: tuple[str, ...], policies_path: Path | None, output: str
+) -> None:
+    """Resolve pending/unknown audit rows of interrupted runs against the targets."""
+    loaded = _load(ctx, policies_path, names)
+    try:
+        store = ctx.store()
+    except AuditError as exc:
+        _fail(EXIT_FAILED, str(exc))
+
+    async def all_policies() -> list[dict[str, Any]]:
+        reports: list[dict[str, Any]] = []
+        for item in loaded:
+            try:
+                report = await reconcile_policy(item, store)
+            except ReaperError as exc:
+                reports.append({"policy": item.name, "error": str(exc)})
+                continue
+            reports.append(
+                {
+                    "policy": item.name,
+                    "deleted": report.deleted,
+                    "not_deleted": report.not_deleted,
+                    "runs": len(report.runs),
+                    "interrupted_runs": report.interrupted_runs,
+                }
+            )
+        return reports
+
+    reports = asyncio.run(all_policies())
+    store.engine.dispose()
+    if output == "json":
+        click.echo(json.dumps(reports, indent=2))
+    else:
+        for entry in reports:
+            if "error" in entry:
+                ctx.out.print(f"{entry['policy']}: [red]{entry['error']}[/red]")
+            else:
+                ctx.out.print(
+                    f"{entry['policy']}: {entry['deleted']} confirmed deleted, "
+                    f"{entry['not_deleted']} not deleted, in {entry['runs']} run(s); "
+                    f"{entry['interrupted_runs']} run(s) marked interrupted"
+                )
+    sys.exit(EXIT_FAILED if any("error" in entry for entry in reports) else EXIT_OK)
+
+
+@cli.command()
+@click.argument("task_id")
+@click.option("--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("--show-policy", is_flag=True, help="Print the exact policy text each run used.")
+@click.pass_obj
+def explain(ctx: Context, task_id: str, output: str, show_policy: bool) -> None:
+    """Explain from the audit log what reaper did to a task, when, why and by which policy."""
+    try:
+        store = ctx.store(migrate=False)
+        rows = list(reversed(store.rows(task_id=task_id, limit=None)))
+        runs = {row.run_id: store.run(row.run_id) for row in rows}
+    except AuditError as exc:
+        _fail(EXIT_FAILED, str(exc))
+    entries = [explain_entry(row, runs[row.run_id]) for row in rows]
+    if output == "json":
+        click.echo(json.dumps(entries, indent=2, ensure_ascii=False))
+        return
+    if not entries:
+        click.echo(
+            f"no audit row mentions {task_id!r}: reaper never acted on it (tasks that are kept "
+            "are not recorded; `reaper plan` shows what the policies decide now)"
+        )
+        return
+    for entry in entries:
+        explain_text(entry, ctx.out, show_policy)
 
 
 # --- db ---------------------------------------------------------------------------------------

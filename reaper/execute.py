@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
+import signal
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -38,6 +40,16 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 _MAX_AUTO_CONCURRENCY = 64
+
+#: Crash tests kill the process at a named point (``REAPER_FAILPOINT=after_intent``). Off unless
+#: that variable is set; read once at import.
+_FAILPOINT = os.environ.get("REAPER_FAILPOINT")
+
+
+def failpoint(name: str) -> None:
+    """Die here, as SIGKILL would, when the crash tests ask for this point."""
+    if _FAILPOINT == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def auto_concurrency(rate_per_second: float, latency_seconds: float | None) -> int:
@@ -146,7 +158,9 @@ class Executor:
             self._halt(f"audit write failed: {exc}")
             return
 
+        failpoint("after_intent")
         results = await self._send(ids)
+        failpoint("after_response")
         # Counted before the outcome write: the deletions happened whether or not it succeeds.
         for result in results:
             self.summary.count(result)

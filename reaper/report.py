@@ -23,6 +23,8 @@ __all__ = [
     "audit_json",
     "audit_table",
     "diff_table",
+    "explain_entry",
+    "explain_text",
     "format_bytes",
     "plan_dict",
     "plan_table",
@@ -202,6 +204,50 @@ def audit_table(rows: Sequence[AuditRow], console: Console) -> None:
         values = row.as_dict()
         table.add_row(*("" if values[c] is None else str(values[c]) for c in _AUDIT_COLUMNS))
     console.print(table)
+
+
+def explain_entry(row: AuditRow, run: dict[str, Any] | None) -> dict[str, Any]:
+    """One audit row about a task, with the run and policy version behind it."""
+    run = run or {}
+    return {
+        "when": _iso(row.decided_at or row.recorded_at),
+        "task_id": row.task_id,
+        "outcome": row.outcome,
+        "policy": row.policy,
+        "policy_hash": run.get("policy_hash"),
+        "policy_json": run.get("policy_json"),
+        "run_id": row.run_id,
+        "mode": run.get("mode"),
+        "rule": row.reason,
+        "task_status": row.task_status,
+        "task_timestamp": _iso(row.task_timestamp),
+        "target": row.target,
+        "http_status": row.http_status,
+        "error_code": row.error_code,
+        "error_message": row.error_message,
+        "note": row.note,
+        "reclaimed_bytes": row.reclaimed_bytes,
+    }
+
+
+def explain_text(entry: dict[str, Any], console: Console, show_policy: bool) -> None:
+    """Print one explained row for a person."""
+    answer = f"HTTP {entry['http_status']}" if entry["http_status"] else "no answer"
+    if entry["error_code"] or entry["error_message"]:
+        answer += f": {entry['error_code'] or ''} {entry['error_message'] or ''}".rstrip()
+    console.print(
+        f"[bold]{entry['when']}[/bold] {entry['task_id']}: [bold]{entry['outcome']}[/bold] "
+        f"by policy {entry['policy']} (version {str(entry['policy_hash'])[:12]}, "
+        f"{entry['mode']} {entry['run_id']})"
+    )
+    console.print(
+        f"  rule: {entry['rule']}; listed as {entry['task_status']}, {entry['task_timestamp']}"
+    )
+    console.print(f"  target {entry['target']} answered {answer}")
+    if entry["note"]:
+        console.print(f"  note: {entry['note']}")
+    if show_policy and entry["policy_json"]:
+        console.print(f"  policy: {entry['policy_json']}")
 
 
 def audit_json(rows: Sequence[AuditRow]) -> str:

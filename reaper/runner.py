@@ -14,23 +14,35 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from typing import Any
 
 import httpx
 import structlog
 
 from reaper.audit import AuditEntry, AuditStore, RunRecord, RunSummary
 from reaper.converters import Rate
-from reaper.errors import AuditError, ListingError, TargetAuthError, TargetError
+from reaper.errors import AuditError, ListingError, RunAborted, TargetAuthError, TargetError
 from reaper.execute import AsyncAudit, BatchEvent, Executor, auto_concurrency
 from reaper.guards import GuardOverrides, check_guards
 from reaper.http import RetryPolicy, TargetHttp
+from reaper.locks import PolicyLock
 from reaper.plan import Plan, Verdict, make_plan
 from reaper.planfile import SavedPlan, not_eligible_now
 from reaper.policy import LoadedPolicy
 from reaper.ratelimit import RateLimiter
+from reaper.reconcile import Reconciler, ReconcileReport
 from reaper.targets.base import ListRequest, Outcome, Target
 
-__all__ = ["Mode", "PolicyRun", "RunStatus", "build_target", "plan_policy", "run_policy"]
+__all__ = [
+    "Mode",
+    "PolicyRun",
+    "RunOptions",
+    "RunStatus",
+    "build_target",
+    "plan_policy",
+    "reconcile_policy",
+    "run_policy",
+]
 
 log = structlog.get_logger("reaper.runner")
 
@@ -52,6 +64,8 @@ class RunStatus(StrEnum):
     ABORTED = "aborted"  # the policy stopped before deleting everything (listing, auth, stop)
     REFUSED = "refused"  # a mass-deletion guard tripped: nothing was deleted
     FAILED = "failed"  # the audit failed: the run stopped, fail closed
+    SKIPPED = "skipped"  # another run of the policy holds its lock (not recorded)
+    INTERRUPTED = "interrupted"  # stopped by a signal, or found dead by reconciliation
 
 
 @dataclass
@@ -72,7 +86,7 @@ class PolicyRun:
 
     @property
     def ok(self) -> bool:
-        return self.status is RunStatus.SUCCEEDED
+        return self.status in (RunStatus.SUCCEEDED, RunStatus.SKIPPED)
 
 
 def build_target(
@@ -90,7 +104,9 @@ def build_target(
             hint="target.verify_tls is false: the target's identity is not checked",
         )
     timeout = config.timeout.total_seconds()
+    auth = policy.target_class.client_auth(config)
     client = httpx.AsyncClient(
+        auth=auth,
         timeout=httpx.Timeout(timeout),
         verify=verify,
         transport=transport,
@@ -119,7 +135,10 @@ def _list_request(loaded: LoadedPolicy, cutoff: datetime) -> ListRequest:
     return ListRequest(
         age_field=policy.age_field,
         match_fields=fields - {"task_id"},
-        created_before=cutoff if policy.age_field == "created_at" else None,
+        # Server-side filtering by age would hide the newest tasks keep-newest-N must count.
+        created_before=(
+            cutoff if policy.age_field == "created_at" and not policy.keep.newest else None
+        ),
     )
 
 
@@ -128,115 +147,128 @@ async def plan_policy(
     target: Target,
     now: datetime,
     min_age: timedelta = DEFAULT_MIN_AGE,
-) -> Plan:
-    """List the target completely and plan the policy over it."""
-    cutoff = now - loaded.policy.select.older_than
-    return await make_plan(
-        loaded, target, target.list_tasks(_list_request(loaded, cutoff)), now, min_age
-    )
-
-
-async def run_policy(
-    loaded: LoadedPolicy,
-    audit: AuditStore,
     *,
-    mode: Mode = Mode.RUN,
-    now: datetime | None = None,
-    transport: httpx.AsyncBaseTransport | None = None,
-    on_batch: Callable[[BatchEvent], None] | None = None,
-    on_plan: Callable[[Plan], None] | None = None,
-    stop: asyncio.Event | None = None,
-    overrides: GuardOverrides = GuardOverrides(),  # noqa: B008 - frozen
-    min_age: timedelta = DEFAULT_MIN_AGE,
-    approved: SavedPlan | None = None,
-) -> PolicyRun:
-    """Run one policy once. Never raises for target or audit trouble: the result says."""
-    policy = loaded.policy
-    now = now or datetime.now(UTC)
-    if (mode is Mode.APPLY) != (approved is not None):
+    observe: Reconciler | None = None,
+) -> Plan:
+    """List the target completely and plan the policy over it.
+
+    ``observe`` sees every listed task too (reconciliation shares the run's listing).
+    """
+    cutoff = now - loaded.policy.select.older_than
+    tasks = target.list_tasks(_list_request(loaded, cutoff))
+    if observe:
+        tasks = observe.watch(tasks)
+    return await make_plan(loaded, target, tasks, now, min_age)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a policy run behaves, beyond the policy itself."""
+
+    mode: Mode = Mode.RUN
+    now: datetime | None = None
+    transport: httpx.AsyncBaseTransport | None = None
+    on_batch: Callable[[BatchEvent], None] | None = None
+    on_plan: Callable[[Plan], None] | None = None
+    stop: asyncio.Event | None = None
+    overrides: GuardOverrides = field(default_factory=GuardOverrides)
+    min_age: timedelta = DEFAULT_MIN_AGE
+    approved: SavedPlan | None = None
+
+
+async def run_policy(loaded: LoadedPolicy, audit: AuditStore, **options: Any) -> PolicyRun:
+    """Run one policy once (see :class:`RunOptions`). Target and audit trouble never raise:
+    the returned :class:`PolicyRun` says what happened."""
+    opts = RunOptions(**options)
+    if (opts.mode is Mode.APPLY) != (opts.approved is not None):
         raise ValueError("a saved plan is applied with mode=APPLY, and only then")
-    if approved is not None and approved.policy_hash != loaded.digest:
+    if opts.approved is not None and opts.approved.policy_hash != loaded.digest:
         raise ValueError("the saved plan was made for another version of the policy")
-    run = PolicyRun(policy.name, mode, RunStatus.FAILED)
-    async_audit = AsyncAudit(audit)
-    async with AsyncExitStack() as stack:
-        stack.callback(async_audit.close)
-        target, client = build_target(loaded, transport=transport)
-        stack.push_async_callback(client.aclose)
-        try:
-            run.run_id = await async_audit.call(
-                audit.start_run,
-                RunRecord(
-                    policy=policy.name,
-                    policy_hash=loaded.digest,
-                    policy_json=policy.canonical_json(),
-                    target_kind=target.kind,
-                    target=policy.target_config.describe(),
-                    mode=mode.value,
-                ),
-            )
-        except AuditError as exc:
-            # No audit, no delete: nothing is listed either.
-            run.error = str(exc)
-            log.error("run_not_started", policy=policy.name, error=run.error)
-            run.finished_at = datetime.now(UTC)
-            return run
-        with structlog.contextvars.bound_contextvars(run_id=run.run_id, policy=policy.name):
-            await _run(
-                run,
-                loaded,
-                target,
-                async_audit,
-                now,
-                on_batch,
-                on_plan,
-                stop,
-                overrides,
-                min_age,
-                approved,
-            )
-    run.finished_at = datetime.now(UTC)
-    return run
+    return await _PolicyRunner(loaded, audit, opts).execute()
 
 
-async def _run(
-    run: PolicyRun,
-    loaded: LoadedPolicy,
-    target: Target,
-    audit: AsyncAudit,
-    now: datetime,
-    on_batch: Callable[[BatchEvent], None] | None,
-    on_plan: Callable[[Plan], None] | None,
-    stop: asyncio.Event | None,
-    overrides: GuardOverrides,
-    min_age: timedelta,
-    approved: SavedPlan | None,
-) -> None:
-    policy = loaded.policy
-    summary = run.summary
-    assert run.run_id is not None
-    run_id = run.run_id
-    log.info("run_started", mode=run.mode.value, target=policy.target_config.describe())
-    try:
+class _PolicyRunner:
+    """The steps of one run, in order; each step records what it learnt in ``self.run``."""
+
+    def __init__(self, loaded: LoadedPolicy, store: AuditStore, opts: RunOptions) -> None:
+        self.loaded = loaded
+        self.policy = loaded.policy
+        self.opts = opts
+        self.now = opts.now or datetime.now(UTC)
+        self.store = store
+        self.audit = AsyncAudit(store)
+        self.run = PolicyRun(self.policy.name, opts.mode, RunStatus.FAILED)
+
+    async def execute(self) -> PolicyRun:
+        run, policy = self.run, self.policy
+        lock = PolicyLock(self.store.engine, policy.name)
+        async with AsyncExitStack() as stack:
+            stack.callback(self.audit.close)
+            try:
+                held = await self.audit.call(lock.acquire)
+            except AuditError as exc:
+                run.error = f"{exc}; nothing was listed or deleted"
+                log.error("run_not_started", policy=policy.name, error=run.error)
+                return self._done()
+            if not held:
+                run.status = RunStatus.SKIPPED
+                run.error = "another run of this policy holds its lock; skipped"
+                log.warning("run_skipped", policy=policy.name, reason=run.error)
+                return self._done()
+            stack.push_async_callback(self.audit.call, lock.release)
+            target, client = build_target(self.loaded, transport=self.opts.transport)
+            stack.push_async_callback(client.aclose)
+            try:
+                run.run_id = await self.audit.call(self.store.start_run, self._record(target))
+            except AuditError as exc:
+                # No audit, no delete: nothing is listed either.
+                run.error = f"{exc}; nothing was listed or deleted"
+                log.error("run_not_started", policy=policy.name, error=run.error)
+                return self._done()
+            with structlog.contextvars.bound_contextvars(run_id=run.run_id, policy=policy.name):
+                try:
+                    await self._steps(target, run.run_id)
+                except AuditError as exc:
+                    run.status = RunStatus.FAILED
+                    run.error = f"audit database failed; no further deletions were sent: {exc}"
+                    log.error("audit_failed", error=str(exc))
+                finally:
+                    await _finish(run, self.audit)
+        return self._done()
+
+    def _done(self) -> PolicyRun:
+        self.run.finished_at = datetime.now(UTC)
+        return self.run
+
+    def _record(self, target: Target) -> RunRecord:
+        return RunRecord(
+            policy=self.policy.name,
+            policy_hash=self.loaded.digest,
+            policy_json=self.policy.canonical_json(),
+            target_kind=target.kind,
+            target=self.policy.target_config.describe(),
+            mode=self.opts.mode.value,
+        )
+
+    async def _steps(self, target: Target, run_id: str) -> None:
+        run, policy, summary = self.run, self.policy, self.run.summary
+        log.info("run_started", mode=run.mode.value, target=policy.target_config.describe())
+        reconciler = await self.audit.call(
+            Reconciler.load, self.store, policy.name, exclude_run=run_id
+        )
         try:
-            plan = await plan_policy(loaded, target, now, min_age)
+            plan = await plan_policy(
+                self.loaded, target, self.now, self.opts.min_age, observe=reconciler
+            )
         except (ListingError, TargetError) as exc:
             # An incomplete listing deletes nothing: keep-newest-N needs all of it.
             run.status = RunStatus.ABORTED
             run.error = f"listing failed, nothing deleted: {exc}"
             log.error("listing_failed", error=str(exc))
             return
-        if approved is not None:
-            # Only what was reviewed, and only if it is still eligible right now.
-            run.not_eligible = not_eligible_now(approved, plan)
-            plan = plan.restrict(approved.items)
-            log.info(
-                "saved_plan_checked",
-                approved=len(approved.items),
-                still_eligible=plan.eligible,
-                not_eligible=len(run.not_eligible),
-                examples=run.not_eligible[:10],
-            )
+        # The listing was complete: earlier runs' unresolved rows can be settled from it.
+        await self.audit.call(reconciler.apply, self.store, exclude_run=run_id)
+        plan = self._restrict(plan)
         run.plan = plan
         summary.listed = plan.listed
         summary.eligible = plan.eligible
@@ -246,8 +278,8 @@ async def _run(
             if verdict in (Verdict.KEEP, Verdict.PROTECTED)
         )
         summary.skipped = len(plan.invalid)
-        if on_plan is not None:
-            on_plan(plan)
+        if self.opts.on_plan is not None:
+            self.opts.on_plan(plan)
         log.info(
             "plan_ready",
             listed=plan.listed,
@@ -255,19 +287,46 @@ async def _run(
             kept=summary.kept,
             refused_ids=summary.skipped,
         )
-        history = await audit.call(
-            audit.store.recent_eligible, policy.name, policy.delete.anomaly.history
+        history = await self.audit.call(
+            self.store.recent_eligible, policy.name, policy.delete.anomaly.history
         )
-        trip = check_guards(policy, plan.eligible, plan.listed, history, overrides)
+        trip = check_guards(policy, plan.eligible, plan.listed, history, self.opts.overrides)
         if trip is not None:
             run.status = RunStatus.REFUSED
             run.error = trip.message
             log.error("guard_tripped", guard=trip.guard, error=trip.message)
             return
+        await self._record_invalid(plan, run_id)
+        if run.mode is Mode.DRY_RUN:
+            await _record_dry_run(plan, self.audit, run_id, summary)
+            run.status = RunStatus.SUCCEEDED
+            return
+        if plan.eligible:
+            await self._delete(plan, target, run_id)
+        if run.status is RunStatus.FAILED and run.error is None:
+            run.status = _final_status(summary)
+
+    def _restrict(self, plan: Plan) -> Plan:
+        approved = self.opts.approved
+        if approved is None:
+            return plan
+        # Only what was reviewed, and only if it is still eligible right now.
+        self.run.not_eligible = not_eligible_now(approved, plan)
+        restricted = plan.restrict(approved.items)
+        log.info(
+            "saved_plan_checked",
+            approved=len(approved.items),
+            still_eligible=restricted.eligible,
+            not_eligible=len(self.run.not_eligible),
+            examples=self.run.not_eligible[:10],
+        )
+        return restricted
+
+    async def _record_invalid(self, plan: Plan, run_id: str) -> None:
         for start in range(0, len(plan.invalid), _RECORD_CHUNK):
             chunk = plan.invalid[start : start + _RECORD_CHUNK]
-            await audit.call(
-                audit.store.record,
+            await self.audit.call(
+                self.store.record,
                 run_id,
                 [
                     AuditEntry(
@@ -281,27 +340,23 @@ async def _run(
                     for c in chunk
                 ],
             )
-        if run.mode is Mode.DRY_RUN:
-            await _record_dry_run(plan, audit, run_id, summary)
-            run.status = RunStatus.SUCCEEDED
-            return
-        if plan.eligible == 0:
-            run.status = _final_status(summary)
-            return
+
+    async def _delete(self, plan: Plan, target: Target, run_id: str) -> None:
+        run, policy = self.run, self.policy
         concurrency = policy.delete.concurrency or auto_concurrency(
             policy.delete.rate.per_second, target.http.stats.latency_p90()
         )
         executor = Executor(
             target,
-            audit,
+            self.audit,
             run_id,
             policy.target_class.options_model.model_validate(policy.delete.options),
             batch_size=policy.batch_size,
             concurrency=concurrency,
             continue_on_error=policy.delete.continue_on_error,
-            summary=summary,
-            on_batch=on_batch,
-            stop=stop,
+            summary=run.summary,
+            on_batch=self.opts.on_batch,
+            stop=self.opts.stop,
         )
         log.info(
             "deleting",
@@ -319,14 +374,6 @@ async def _run(
         if executor.stopped is not None:
             run.status = RunStatus.ABORTED
             run.error = executor.stopped
-            return
-        run.status = _final_status(summary)
-    except AuditError as exc:
-        run.status = RunStatus.FAILED
-        run.error = f"audit database failed; no further deletions were sent: {exc}"
-        log.error("audit_failed", error=str(exc))
-    finally:
-        await _finish(run, audit)
 
 
 def _final_status(summary: RunSummary) -> RunStatus:
@@ -379,3 +426,37 @@ async def _finish(run: PolicyRun, audit: AsyncAudit) -> None:
         run.status = RunStatus.FAILED
         run.error = (run.error + "; " if run.error else "") + str(exc)
         log.error("run_not_recorded", error=str(exc))
+
+
+async def reconcile_policy(
+    loaded: LoadedPolicy,
+    store: AuditStore,
+    *,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> ReconcileReport:
+    """Resolve the policy's ``pending``/``unknown`` rows against a fresh, complete listing.
+
+    Takes the policy's run lock, so a run in progress is never second-guessed. Raises
+    ListingError/TargetError if the listing is incomplete (nothing is resolved then).
+    """
+    audit = AsyncAudit(store)
+    lock = PolicyLock(store.engine, loaded.name)
+    try:
+        if not await audit.call(lock.acquire):
+            raise RunAborted(f"policy {loaded.name!r} is running elsewhere; try again later")
+        try:
+            reconciler = await audit.call(Reconciler.load, store, loaded.name)
+            if reconciler:
+                target, client = build_target(loaded, transport=transport)
+                try:
+                    cutoff = datetime.now(UTC) - loaded.policy.select.older_than
+                    listing = target.list_tasks(_list_request(loaded, cutoff))
+                    async for _ in reconciler.watch(listing):
+                        pass
+                finally:
+                    await client.aclose()
+            return await audit.call(reconciler.apply, store)
+        finally:
+            await audit.call(lock.release)
+    finally:
+        audit.close()

@@ -45,6 +45,9 @@ class Settings(BaseSettings):
         timedelta(hours=1),
         description="No policy deletes a task younger than this, whatever it says.",
     )
+    audit_retention: Duration | None = Field(
+        None, description="Prune runs and audit rows older than this after each `reaper run`."
+    )
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
