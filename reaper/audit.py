@@ -54,6 +54,7 @@ __all__ = [
     "RunRecord",
     "RunSummary",
     "audit_table",
+    "ledger_table",
     "metadata",
     "runs_table",
 ]
@@ -133,6 +134,18 @@ audit_table = Table(
     Index(None, "policy", "recorded_at"),
     Index(None, "run_id", "seq"),
     Index(None, "run_id", "chain_seq"),
+)
+
+ledger_table = Table(
+    "reaper_ledger",
+    metadata,
+    # One row per policy and scheduled slot: whoever inserts it first runs that slot.
+    Column("policy", String(128), primary_key=True),
+    Column("slot", UTCDateTime, primary_key=True),
+    Column("claimed_at", UTCDateTime, nullable=False),
+    Column("run_id", String(36)),
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
 )
 
 #: Outcomes a finished deletion row can have.
