@@ -36,8 +36,11 @@ from sqlalchemy import (
     insert,
     or_,
     select,
+    text,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import SQLAlchemyError
 
 from reaper.db import UTCDateTime, short_error
@@ -663,6 +666,71 @@ class AuditStore:
         except SQLAlchemyError as exc:
             raise self._fail("reading a run", exc) from None
         return dict(row._mapping) if row is not None else None
+
+    # -- the run ledger -----------------------------------------------------------------------
+
+    def db_now(self) -> datetime:
+        """The database's clock: every replica agrees on it, whatever the hosts' clocks say."""
+        try:
+            with self.engine.connect() as connection:
+                if connection.dialect.name == "postgresql":
+                    value = connection.execute(text("SELECT CURRENT_TIMESTAMP")).scalar_one()
+                else:
+                    value = datetime.fromisoformat(
+                        connection.execute(
+                            text("SELECT strftime('%Y-%m-%dT%H:%M:%f', 'now')")
+                        ).scalar_one()
+                    )
+        except SQLAlchemyError as exc:
+            raise self._fail("reading the database clock", exc) from None
+        moment: datetime = value
+        return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+    def claim_slot(self, policy: str, slot: datetime) -> bool:
+        """Claim a scheduled slot of a policy; False when another process claimed it first."""
+        dialect = self.engine.dialect.name
+        insert_ = pg_insert if dialect == "postgresql" else sqlite_insert
+        statement = (
+            insert_(ledger_table)
+            .values(
+                policy=policy,
+                slot=slot,
+                claimed_at=self.db_now(),
+                host=socket.gethostname()[:255],
+                pid=os.getpid(),
+            )
+            .on_conflict_do_nothing(index_elements=["policy", "slot"])
+            # RETURNING, not rowcount: drivers disagree on rowcount for a skipped insert.
+            .returning(ledger_table.c.policy)
+        )
+        try:
+            with self.engine.begin() as connection:
+                return connection.execute(statement).first() is not None
+        except SQLAlchemyError as exc:
+            raise self._fail("claiming a schedule slot", exc) from None
+
+    def ledger_run(self, policy: str, slot: datetime, run_id: str | None) -> None:
+        """Record which run served a claimed slot."""
+        try:
+            with self.engine.begin() as connection:
+                connection.execute(
+                    update(ledger_table)
+                    .where(ledger_table.c.policy == policy, ledger_table.c.slot == slot)
+                    .values(run_id=run_id)
+                )
+        except SQLAlchemyError as exc:
+            raise self._fail("recording a slot's run", exc) from None
+
+    def ledger(self, policy: str | None = None) -> list[dict[str, Any]]:
+        """Claimed slots, newest first."""
+        query = select(ledger_table).order_by(ledger_table.c.slot.desc())
+        if policy is not None:
+            query = query.where(ledger_table.c.policy == policy)
+        try:
+            with self.engine.connect() as connection:
+                return [dict(row._mapping) for row in connection.execute(query)]
+        except SQLAlchemyError as exc:
+            raise self._fail("reading the run ledger", exc) from None
 
     def runs(self, *, policy: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
         """Recent runs, newest first."""

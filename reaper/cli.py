@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -24,11 +26,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from reaper import __version__
 from reaper.audit import AuditStore
 from reaper.converters import parse_duration, parse_timestamp
+from reaper.daemon import Daemon, DaemonConfig
 from reaper.db import current_revision, head_revision, make_engine, require_current_schema, upgrade
 from reaper.errors import AuditError, ConfigError, PolicyError, ReaperError
 from reaper.execute import BatchEvent
 from reaper.guards import GuardOverrides
 from reaper.logs import configure_logging, register_secret
+from reaper.metrics import Metrics
 from reaper.plan import Plan
 from reaper.planfile import SavedPlan, diff_plan, load_saved, refusal, save_plans
 from reaper.policy import LoadedPolicy, load_policies, policy_json_schema
@@ -52,6 +56,7 @@ from reaper.runner import (
     reconcile_policy,
     run_policy,
 )
+from reaper.schedule import parse_cron
 from reaper.settings import Settings, redact_url
 
 __all__ = ["main"]
@@ -373,6 +378,14 @@ def apply(
 @click.option(
     "--migrate", is_flag=True, default=None, help="Apply audit database migrations first."
 )
+@click.option(
+    "--slot",
+    type=click.Choice(["none", "auto"]),
+    default="none",
+    show_default=True,
+    help="auto: claim the policy's current schedule slot in the run ledger first, so "
+    "overlapping CronJob pods or replicas run each slot once (needs a schedule).",
+)
 @_guard_options
 @click.pass_obj
 def run(
@@ -382,22 +395,45 @@ def run(
     dry_run: bool,
     output: str,
     migrate: bool | None,
+    slot: str,
     max_deletions: int | None,
     max_fraction: float | None,
     confirm_anomaly: bool,
 ) -> None:
-    """Run the selected policies once and exit (the CronJob entry point)."""
+    """Run the selected policies once and exit (the CronJob entry point).
+
+    SIGTERM stops starting batches, lets in-flight ones finish, records the runs as interrupted
+    and exits 0; a second signal exits at once.
+    """
     loaded = _load(ctx, policies_path, names)
+    if slot == "auto":
+        unscheduled = [item.name for item in loaded if not item.policy.schedule]
+        if unscheduled:
+            _fail(EXIT_CONFIG, f"--slot auto needs a schedule; none in: {', '.join(unscheduled)}")
     try:
         store = ctx.store(migrate=migrate)
     except AuditError as exc:
         _fail(EXIT_FAILED, f"{exc}; nothing was listed or deleted")
     mode = Mode.DRY_RUN if dry_run else Mode.RUN
     overrides = GuardOverrides(max_deletions, max_fraction, confirm_anomaly)
-    runs = asyncio.run(_run_all(ctx, loaded, store, mode, overrides))
+    metrics = Metrics()
+    runs = asyncio.run(
+        _run_all(ctx, loaded, store, mode, overrides, slots=slot == "auto", metrics=metrics)
+    )
     _auto_prune(ctx, store)
     store.engine.dispose()
+    _export_metrics(ctx, metrics)
     _report_runs(ctx, runs, output)
+
+
+def _export_metrics(ctx: Context, metrics: Metrics) -> None:
+    try:
+        if ctx.settings.pushgateway_url:
+            metrics.push(ctx.settings.pushgateway_url)
+        if ctx.settings.metrics_file:
+            metrics.write(str(ctx.settings.metrics_file))
+    except OSError as exc:
+        log.error("metrics_export_failed", error=str(exc))
 
 
 def _auto_prune(ctx: Context, store: AuditStore) -> None:
@@ -428,26 +464,55 @@ async def _run_all(
     mode: Mode,
     overrides: GuardOverrides,
     approved: dict[str, SavedPlan] | None = None,
+    *,
+    slots: bool = False,
+    metrics: Metrics | None = None,
 ) -> list[PolicyRun]:
+    stop = asyncio.Event()
+    _graceful_signals(stop)
     runs = []
     for item in loaded:
+        if stop.is_set():
+            break
+        slot = None
+        if slots:
+            assert item.policy.schedule is not None
+            now = await asyncio.to_thread(store.db_now)
+            slot = parse_cron(item.policy.schedule, item.policy.zone).previous_fire_time(now)
         reporter = _BatchReporter(ctx.err)
         try:
-            runs.append(
-                await run_policy(
-                    item,
-                    store,
-                    mode=mode,
-                    on_batch=reporter.batch,
-                    on_plan=reporter.plan,
-                    overrides=overrides,
-                    min_age=ctx.settings.min_age,
-                    approved=(approved or {}).get(item.name),
-                )
+            result = await run_policy(
+                item,
+                store,
+                mode=mode,
+                on_batch=reporter.batch,
+                on_plan=reporter.plan,
+                overrides=overrides,
+                min_age=ctx.settings.min_age,
+                approved=(approved or {}).get(item.name),
+                slot=slot,
+                stop=stop,
             )
         finally:
             reporter.close()
+        runs.append(result)
+        if metrics is not None:
+            metrics.observe(result, item.policy.target_config.type)
     return runs
+
+
+def _graceful_signals(stop: asyncio.Event) -> None:
+    """First SIGTERM/SIGINT: stop starting batches; the second: exit at once."""
+    loop = asyncio.get_running_loop()
+
+    def handle(signum: int) -> None:
+        if stop.is_set():
+            os._exit(1)
+        log.warning("stopping", signal=signal.Signals(signum).name)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, handle, signum)
 
 
 class _BatchReporter:
@@ -683,6 +748,67 @@ def explain(ctx: Context, task_id: str, output: str, show_policy: bool) -> None:
         return
     for entry in entries:
         explain_text(entry, ctx.out, show_policy)
+
+
+@cli.command()
+@click.option(
+    "--policies",
+    "policies_path",
+    type=click.Path(path_type=Path),
+    help="Policy file or directory (default: REAPER_POLICIES or ./policies).",
+)
+@click.option(
+    "--metrics-host",
+    help="Address of /metrics, /healthz, /readyz (default: REAPER_METRICS_HOST or 127.0.0.1).",
+)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    help="Their port (default: REAPER_METRICS_PORT or 9464; 0 picks a free one).",
+)
+@click.option(
+    "--migrate", is_flag=True, default=None, help="Apply audit database migrations first."
+)
+@click.pass_obj
+def serve(
+    ctx: Context,
+    policies_path: Path | None,
+    metrics_host: str | None,
+    metrics_port: int | None,
+    migrate: bool | None,
+) -> None:
+    """Run the scheduler: each policy on its cron schedule, until SIGTERM (the systemd service).
+
+    SIGHUP reloads the policy files (kept as they were if any is invalid).
+    """
+    settings = ctx.settings
+    path = policies_path or settings.policies
+    _load(ctx, path, ())  # validate (and check credentials) before taking any port
+    try:
+        store = ctx.store(migrate=migrate)
+    except AuditError as exc:
+        _fail(EXIT_FAILED, str(exc))
+    config = DaemonConfig(
+        policies=path,
+        metrics_host=metrics_host or settings.metrics_host,
+        metrics_port=settings.metrics_port if metrics_port is None else metrics_port,
+        grace=settings.shutdown_grace,
+        misfire_grace=settings.misfire_grace,
+        min_age=settings.min_age,
+    )
+
+    async def main() -> int:
+        return await Daemon(config, store).serve()
+
+    try:
+        code = asyncio.run(main())
+    except OSError as exc:
+        _fail(
+            EXIT_FAILED,
+            f"cannot serve metrics on {config.metrics_host}:{config.metrics_port}: {exc.strerror}",
+        )
+    store.engine.dispose()
+    sys.exit(code)
 
 
 # --- db ---------------------------------------------------------------------------------------

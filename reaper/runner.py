@@ -9,7 +9,7 @@ or, in a dry run, records what it would delete.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -24,14 +24,14 @@ from reaper.converters import Rate
 from reaper.errors import AuditError, ListingError, RunAborted, TargetAuthError, TargetError
 from reaper.execute import AsyncAudit, BatchEvent, Executor, auto_concurrency
 from reaper.guards import GuardOverrides, check_guards
-from reaper.http import RetryPolicy, TargetHttp
+from reaper.http import HttpStats, RetryPolicy, TargetHttp
 from reaper.locks import PolicyLock
 from reaper.plan import Plan, Verdict, make_plan
 from reaper.planfile import SavedPlan, not_eligible_now
 from reaper.policy import LoadedPolicy
 from reaper.ratelimit import RateLimiter
 from reaper.reconcile import Reconciler, ReconcileReport
-from reaper.targets.base import ListRequest, Outcome, Target
+from reaper.targets.base import ListRequest, Outcome, Target, Task
 
 __all__ = [
     "Mode",
@@ -81,12 +81,18 @@ class PolicyRun:
     error: str | None = None
     #: Applying a saved plan: approved ids that were no longer eligible, so not deleted.
     not_eligible: list[str] = field(default_factory=list)
+    #: The target's HTTP counters for this run (requests by status, retries), for metrics.
+    http: HttpStats | None = None
+    #: The scheduled slot this run served (daemon and `reaper run --slot`).
+    slot: datetime | None = None
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     finished_at: datetime | None = None
 
     @property
     def ok(self) -> bool:
-        return self.status in (RunStatus.SUCCEEDED, RunStatus.SKIPPED)
+        """Exit code 0: everything eligible was deleted, or another process ran it, or the run
+        was stopped by a signal and recorded so (it resumes next time)."""
+        return self.status in (RunStatus.SUCCEEDED, RunStatus.SKIPPED, RunStatus.INTERRUPTED)
 
 
 def build_target(
@@ -149,6 +155,7 @@ async def plan_policy(
     min_age: timedelta = DEFAULT_MIN_AGE,
     *,
     observe: Reconciler | None = None,
+    stop: asyncio.Event | None = None,
 ) -> Plan:
     """List the target completely and plan the policy over it.
 
@@ -158,7 +165,20 @@ async def plan_policy(
     tasks = target.list_tasks(_list_request(loaded, cutoff))
     if observe:
         tasks = observe.watch(tasks)
+    if stop is not None:
+        tasks = _until(stop, tasks)
     return await make_plan(loaded, target, tasks, now, min_age)
+
+
+class Interrupted(Exception):
+    """A stop was requested (SIGTERM) while listing."""
+
+
+async def _until(stop: asyncio.Event, tasks: AsyncIterator[Task]) -> AsyncIterator[Task]:
+    async for task in tasks:
+        if stop.is_set():
+            raise Interrupted
+        yield task
 
 
 @dataclass(frozen=True)
@@ -174,6 +194,8 @@ class RunOptions:
     overrides: GuardOverrides = field(default_factory=GuardOverrides)
     min_age: timedelta = DEFAULT_MIN_AGE
     approved: SavedPlan | None = None
+    #: Claim this scheduled slot in the run ledger first; skip if another process has it.
+    slot: datetime | None = None
 
 
 async def run_policy(loaded: LoadedPolicy, audit: AuditStore, **options: Any) -> PolicyRun:
@@ -205,6 +227,15 @@ class _PolicyRunner:
         async with AsyncExitStack() as stack:
             stack.callback(self.audit.close)
             try:
+                if self.opts.slot is not None:
+                    run.slot = self.opts.slot
+                    if not await self.audit.call(
+                        self.store.claim_slot, policy.name, self.opts.slot
+                    ):
+                        run.status = RunStatus.SKIPPED
+                        run.error = f"slot {self.opts.slot.isoformat()} already ran elsewhere"
+                        log.info("slot_taken", policy=policy.name, slot=self.opts.slot)
+                        return self._done()
                 held = await self.audit.call(lock.acquire)
             except AuditError as exc:
                 run.error = f"{exc}; nothing was listed or deleted"
@@ -225,6 +256,11 @@ class _PolicyRunner:
                 run.error = f"{exc}; nothing was listed or deleted"
                 log.error("run_not_started", policy=policy.name, error=run.error)
                 return self._done()
+            run.http = target.http.stats
+            if self.opts.slot is not None:
+                await self.audit.call(
+                    self.store.ledger_run, policy.name, self.opts.slot, run.run_id
+                )
             with structlog.contextvars.bound_contextvars(run_id=run.run_id, policy=policy.name):
                 try:
                     await self._steps(target, run.run_id)
@@ -258,8 +294,18 @@ class _PolicyRunner:
         )
         try:
             plan = await plan_policy(
-                self.loaded, target, self.now, self.opts.min_age, observe=reconciler
+                self.loaded,
+                target,
+                self.now,
+                self.opts.min_age,
+                observe=reconciler,
+                stop=self.opts.stop,
             )
+        except Interrupted:
+            run.status = RunStatus.INTERRUPTED
+            run.error = "stopped by a signal while listing; nothing was deleted"
+            log.warning("run_interrupted", phase="listing")
+            return
         except (ListingError, TargetError) as exc:
             # An incomplete listing deletes nothing: keep-newest-N needs all of it.
             run.status = RunStatus.ABORTED
@@ -374,6 +420,16 @@ class _PolicyRunner:
         if executor.stopped is not None:
             run.status = RunStatus.ABORTED
             run.error = executor.stopped
+        elif self.opts.stop is not None and self.opts.stop.is_set():
+            s = run.summary
+            done = s.deleted + s.already_gone + s.failed + s.unknown
+            if done < plan.eligible:
+                run.status = RunStatus.INTERRUPTED
+                run.error = (
+                    f"stopped by a signal after {done} of {plan.eligible} deletions; "
+                    "the rest is left for the next run"
+                )
+                log.warning("run_interrupted", phase="deleting", done=done, of=plan.eligible)
 
 
 def _final_status(summary: RunSummary) -> RunStatus:

@@ -48,6 +48,21 @@ class Settings(BaseSettings):
     audit_retention: Duration | None = Field(
         None, description="Prune runs and audit rows older than this after each `reaper run`."
     )
+    metrics_host: str = Field("127.0.0.1", description="`serve`: address of /metrics, /healthz.")
+    metrics_port: int = Field(9464, ge=0, le=65535, description="`serve`: its port (0: any).")
+    shutdown_grace: Duration = Field(
+        timedelta(seconds=25),
+        description="On SIGTERM, how long in-flight batches may take (below Kubernetes' 30s).",
+    )
+    misfire_grace: Duration = Field(
+        timedelta(minutes=5), description="`serve`: how late a missed run may still start."
+    )
+    pushgateway_url: str | None = Field(
+        None, description="`run`: push metrics to this Prometheus Pushgateway when done."
+    )
+    metrics_file: Path | None = Field(
+        None, description="`run`: write metrics here (node_exporter textfile collector)."
+    )
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
