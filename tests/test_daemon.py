@@ -36,14 +36,15 @@ class Process:
         base = {k: v for k, v in os.environ.items() if not k.startswith("REAPER_")}
         self.popen = subprocess.Popen(
             [sys.executable, "-m", "reaper", *args],
-            stdout=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
             env={**base, "REAPER_LOG_FORMAT": "json", **env},
         )
         self.events: queue.Queue[dict[str, Any]] = queue.Queue()
         self.seen: list[dict[str, Any]] = []
-        threading.Thread(target=self._read, daemon=True).start()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
 
     def _read(self) -> None:
         assert self.popen.stderr is not None
@@ -74,15 +75,21 @@ class Process:
             self.popen.send_signal(signal.SIGTERM)
         return self.popen.wait(timeout=60)
 
+    def close(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+        self.popen.wait()
+        self.reader.join(timeout=10)
+        assert self.popen.stderr is not None
+        self.popen.stderr.close()
+
 
 @pytest.fixture
 def processes() -> Iterator[list[Process]]:
     started: list[Process] = []
     yield started
     for process in started:
-        if process.popen.poll() is None:
-            process.popen.kill()
-            process.popen.wait()
+        process.close()
 
 
 def tasks_now(n: int) -> list[Any]:
