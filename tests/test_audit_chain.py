@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from conftest import NOW, make_policy, sim_task
 from sqlalchemy import delete, select, update
 
 from reaper.audit import AuditStore, audit_table, runs_table
+from reaper.db import make_engine
 from reaper.runner import run_policy
 from reaper.simulators import DataPipelineSimulator, Faults
 
@@ -129,3 +131,70 @@ class TestPrune:
         populated(data_pipeline, store)
         assert store.prune(datetime.now(UTC) - timedelta(days=365)) == (0, 0)
         assert len(store.rows(limit=None)) == 31
+
+
+class TestCommands:
+    def test_explain_verify_and_reconcile_from_the_command_line(
+        self, data_pipeline: Start, tmp_path: Any, database_url: str
+    ) -> None:
+        """explain names policy version, rule and answer; verify passes, then catches an edit."""
+        import json
+        import os
+        import subprocess
+        import sys
+
+        import yaml
+        from conftest import policy_doc
+
+        now = datetime.now(UTC)
+        tasks = [
+            sim_task(f"task_20260901_{i:06d}", age=timedelta(days=40, minutes=i), now=now)
+            for i in range(3)
+        ]
+        _, url = data_pipeline(tasks)
+        (tmp_path / "p.yaml").write_text(yaml.safe_dump(policy_doc(url)), encoding="utf-8")
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("REAPER_")},
+            "REAPER_DATABASE_URL": database_url,
+            "REAPER_POLICIES": str(tmp_path / "p.yaml"),
+            "REAPER_DB_AUTO_UPGRADE": "true",
+            "REAPER_LOG_FORMAT": "json",
+        }
+
+        def reaper(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "reaper", *args],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
+
+        assert reaper("run").returncode == 0
+        explained = reaper("explain", "task_20260901_000001", "--output", "json")
+        [entry] = json.loads(explained.stdout)
+        assert entry["outcome"] == "deleted"
+        assert entry["policy"] == "test-policy"
+        assert entry["rule"] == "older than 30d and status completed"
+        assert entry["http_status"] == 200
+        assert len(entry["policy_hash"]) == 64
+        assert json.loads(entry["policy_json"])["name"] == "test-policy"
+        text = reaper("explain", "task_20260901_000001").stdout
+        assert "deleted" in text and "rule: older than 30d" in text
+        assert "never acted on it" in reaper("explain", "task_19990101_000000").stdout
+
+        verified = reaper("audit", "verify")
+        assert verified.returncode == 0, verified.stderr
+        assert "no edited or missing rows" in verified.stdout
+        engine = make_engine(database_url)
+        with engine.begin() as connection:
+            connection.execute(update(audit_table).values(note="edited"))
+        engine.dispose()
+        broken = reaper("audit", "verify")
+        assert broken.returncode == 1
+        assert "it was edited" in broken.stdout
+
+        reconciled = reaper("reconcile", "--output", "json")
+        assert reconciled.returncode == 0, reconciled.stderr
+        assert json.loads(reconciled.stdout)[0]["deleted"] == 0
