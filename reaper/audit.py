@@ -33,6 +33,7 @@ from sqlalchemy import (
     UniqueConstraint,
     and_,
     bindparam,
+    func,
     insert,
     or_,
     select,
@@ -666,6 +667,21 @@ class AuditStore:
         except SQLAlchemyError as exc:
             raise self._fail("reading a run", exc) from None
         return dict(row._mapping) if row is not None else None
+
+    def last_successes(self) -> dict[str, datetime]:
+        """When each policy last finished a run with everything eligible deleted."""
+        query = (
+            select(runs_table.c.policy, func.max(runs_table.c.finished_at))
+            .where(runs_table.c.status == "succeeded", runs_table.c.mode.in_(("run", "apply")))
+            .group_by(runs_table.c.policy)
+        )
+        try:
+            with self.engine.connect() as connection:
+                rows = connection.execute(query).all()
+        except SQLAlchemyError as exc:
+            raise self._fail("reading last successes", exc) from None
+        # max() keeps the column's type: the values come back as aware UTC datetimes.
+        return {policy: when for policy, when in rows if when is not None}
 
     # -- the run ledger -----------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ import os
 import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -86,10 +86,16 @@ class Daemon:
         for job in self.scheduler.get_jobs():
             if job.id not in wanted:
                 job.remove()
+        self.metrics.interval.clear()
         for name, item in wanted.items():
             policy = item.policy
             assert policy.schedule is not None
-            trigger = parse_cron(policy.schedule, policy.zone).trigger
+            schedule = parse_cron(policy.schedule, policy.zone)
+            trigger = schedule.trigger
+            first = schedule.next_fire_time(datetime.now(UTC))
+            second = schedule.next_fire_time(first) if first is not None else None
+            if first is not None and second is not None:
+                self.metrics.interval.labels(name).set((second - first).total_seconds())
             self.scheduler.add_job(
                 self._fire, trigger, args=[name], id=name, name=name, replace_existing=True
             )
@@ -173,9 +179,20 @@ class Daemon:
         notify("STOPPING=1")
         self._stopping.set()
 
+    def _restore_last_success(self) -> None:
+        """After a restart, the last-success gauge starts from the audit, not from zero."""
+        try:
+            finished = self.store.last_successes()
+        except AuditError as exc:
+            log.warning("last_success_unknown", error=str(exc))
+            return
+        for policy, when in finished.items():
+            self.metrics.last_success.labels(policy).set(when.timestamp())
+
     async def serve(self) -> int:
         """Run until SIGTERM/SIGINT; return the exit code."""
         self.install(self.load())
+        self._restore_last_success()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         for signum in (signal.SIGTERM, signal.SIGINT):

@@ -86,6 +86,12 @@ class Metrics:
             registry=r,
         )
         self.policies = Gauge("reaper_policies_loaded", "Policies scheduled.", registry=r)
+        self.interval = Gauge(
+            "reaper_schedule_interval_seconds",
+            "Seconds between a policy's next two scheduled runs (for staleness alerts).",
+            ["policy"],
+            registry=r,
+        )
 
     def observe(self, run: PolicyRun, target: str) -> None:
         """Record one finished policy run."""

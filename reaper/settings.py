@@ -6,6 +6,7 @@ files, and are kept as ``SecretStr`` so they do not print.
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 from pathlib import Path
 from typing import Literal
@@ -17,7 +18,7 @@ from sqlalchemy.exc import ArgumentError
 
 from reaper.fields import Duration
 
-__all__ = ["Settings", "redact_url"]
+__all__ = ["Settings", "credential_path", "redact_url"]
 
 
 class Settings(BaseSettings):
@@ -86,10 +87,21 @@ class Settings(BaseSettings):
         if self.database_password is not None:
             password = self.database_password.get_secret_value()
         elif self.database_password_file is not None:
-            password = self.database_password_file.read_text(encoding="utf-8").strip()
-        if password is not None:
+            password = (
+                credential_path(self.database_password_file).read_text(encoding="utf-8").strip()
+            )
+        if password:  # an empty file (e.g. a systemd credential left blank for SQLite): none
             url = url.set(password=password)
         return url
+
+
+def credential_path(path: Path) -> Path:
+    """A secret file's path; a relative one is looked up in systemd's $CREDENTIALS_DIRECTORY
+    (``LoadCredential=``) when that is set, so units can name credentials by their id."""
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    if directory and not path.is_absolute():
+        return Path(directory) / path
+    return path
 
 
 def redact_url(url: URL | str) -> str:

@@ -240,6 +240,7 @@ class TestServe:
         assert ready.status_code == 200 and "1 policies" in ready.text
         metrics = httpx.get(f"{base}/metrics").text
         assert "reaper_policies_loaded 1.0" in metrics
+        assert 'reaper_schedule_interval_seconds{policy="test-policy"} 86400.0' in metrics
         assert "reaper_deletions_total" in metrics or "# HELP reaper_deletions" in metrics
         assert process.stop() == 0
 
