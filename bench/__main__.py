@@ -1,14 +1,21 @@
-"""Run every benchmark in turn: ``python -m bench``."""
+"""Run every benchmark in turn: ``python -m bench`` (``--quick``: scale at 10k and 100k only)."""
 
 from __future__ import annotations
 
 import runpy
 import sys
 
-BENCHMARKS = ["bench.rate_limit", "bench.huawei_rate"]
+BENCHMARKS = [
+    ("bench.rate_limit", []),
+    ("bench.batching", []),
+    ("bench.audit_throughput", []),
+    ("bench.scale", []),
+]
+QUICK = {"bench.scale": ["10000", "100000"]}
 
 if __name__ == "__main__":
-    for name in BENCHMARKS:
+    quick = "--quick" in sys.argv[1:]
+    for name, args in BENCHMARKS:
         print(f"\n### {name}", flush=True)
-        sys.argv = [name]
+        sys.argv = [name, *(QUICK.get(name, args) if quick else args)]
         runpy.run_module(name, run_name="__main__")
