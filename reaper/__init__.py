@@ -26,6 +26,7 @@ from reaper.plan import Plan, Verdict
 from reaper.policy import LoadedPolicy, Policy, load_policies
 from reaper.runner import Mode, PolicyRun, RunStatus, run_policy
 from reaper.targets import Outcome, Target, Task
+from reaper.track import track
 
 __all__ = [
     "AuditError",
@@ -52,4 +53,5 @@ __all__ = [
     "__version__",
     "load_policies",
     "run_policy",
+    "track",
 ]

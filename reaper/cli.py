@@ -58,6 +58,7 @@ from reaper.runner import (
 )
 from reaper.schedule import parse_cron
 from reaper.settings import Settings, redact_url
+from reaper.track import track_command
 
 __all__ = ["main"]
 
@@ -842,6 +843,9 @@ def db_current(ctx: Context) -> None:
     except AuditError as exc:
         _fail(EXIT_FAILED, str(exc))
     click.echo(f"{redact_url(url)}: revision {current or 'none'} (head {head_revision()})")
+
+
+cli.add_command(track_command)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -736,10 +736,11 @@ class TestJsonSchema:
             if "$ref" in node:
                 node = schema["$defs"][node["$ref"].rsplit("/", 1)[-1]]
             if "oneOf" in node:
-                # the target union: pick the branch of this document's target type
-                kind = value.get("type") if isinstance(value, dict) else None
+                # a discriminated union (target type, paging style...): pick this value's branch
+                tag = node.get("discriminator", {}).get("propertyName", "type")
+                kind = value.get(tag) if isinstance(value, dict) else None
                 branches = [schema["$defs"][n["$ref"].rsplit("/", 1)[-1]] for n in node["oneOf"]]
-                [node] = [b for b in branches if b["properties"]["type"].get("const") == kind]
+                [node] = [b for b in branches if b["properties"][tag].get("const") == kind]
             if not isinstance(value, dict) or "properties" not in node:
                 return
             for key, item in value.items():

@@ -5,6 +5,7 @@ injects faults on demand (:class:`Faults`) and logs what it deleted, so a test c
 client did from the server's side. ``python -m reaper.simulators <target>`` runs one standalone.
 """
 
+from reaper.simulators.aparavi import AparaviSimTask, AparaviSimulator, generate_aparavi_tasks
 from reaper.simulators.base import Faults, SimulatorBase
 from reaper.simulators.data_pipeline import DataPipelineSimulator, SimTask, generate_tasks
 from reaper.simulators.huawei_dcs import DcsSimTask, HuaweiDcsSimulator, generate_dcs_tasks
@@ -15,6 +16,8 @@ from reaper.simulators.huawei_iotda import (
 )
 
 __all__ = [
+    "AparaviSimTask",
+    "AparaviSimulator",
     "DataPipelineSimulator",
     "DcsSimTask",
     "Faults",
@@ -23,6 +26,7 @@ __all__ = [
     "IotdaSimTask",
     "SimTask",
     "SimulatorBase",
+    "generate_aparavi_tasks",
     "generate_dcs_tasks",
     "generate_iotda_tasks",
     "generate_tasks",

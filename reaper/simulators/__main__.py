@@ -1,5 +1,7 @@
 """Run a simulator standalone: ``python -m reaper.simulators data_pipeline --port 0 --tasks 1000``.
 
+The aparavi simulator accepts the API key read from the variable named by ``--key-env`` (bare or
+as a bearer token) and prints the tokens and types of its generated tasks, for ``reaper track``.
 The Huawei simulators (``huawei_dcs``, ``huawei_iotda``) accept the AK given by ``--ak`` with the
 SK read from the environment variable named by ``--sk-env`` (and a token from ``--token-env``), so
 that no secret appears on a command line.
@@ -21,12 +23,13 @@ from datetime import timedelta
 from types import FrameType
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from reaper.simulators.aparavi import AparaviSimulator, generate_aparavi_tasks
 from reaper.simulators.base import Faults, SimulatorBase
 from reaper.simulators.data_pipeline import DataPipelineSimulator, generate_tasks
 from reaper.simulators.huawei_dcs import HuaweiDcsSimulator, generate_dcs_tasks
 from reaper.simulators.huawei_iotda import HuaweiIotdaSimulator, generate_iotda_tasks
 
-TARGETS = ("data_pipeline", "huawei_dcs", "huawei_iotda")
+TARGETS = ("data_pipeline", "huawei_dcs", "huawei_iotda", "aparavi")
 
 
 def _timezone(text: str) -> str:
@@ -63,6 +66,15 @@ def _parser() -> argparse.ArgumentParser:
         default="firmwareUpgrade,createCommands",
         help="IoTDA: comma-separated task types of the generated tasks",
     )
+    aparavi = parser.add_argument_group("aparavi")
+    aparavi.add_argument(
+        "--key-env", default="APARAVI_SIM_KEY", help="variable holding the accepted API key"
+    )
+    aparavi.add_argument(
+        "--refuse-completed",
+        action="store_true",
+        help="answer 'Cannot delete completed task' like self-cleaning deployments",
+    )
     faults = parser.add_argument_group("faults (all off by default)")
     faults.add_argument("--latency-ms", type=float, default=0.0)
     faults.add_argument("--latency-jitter-ms", type=float, default=0.0)
@@ -82,6 +94,16 @@ def _parser() -> argparse.ArgumentParser:
 def _build(args: argparse.Namespace, faults: Faults) -> tuple[SimulatorBase, int]:
     if args.target in ("huawei_dcs", "huawei_iotda"):
         return _build_huawei(args, faults)
+    if args.target == "aparavi":
+        aparavi_tasks = generate_aparavi_tasks(args.tasks, seed=args.seed)
+        aparavi = AparaviSimulator(
+            aparavi_tasks,
+            api_keys=[os.environ.get(args.key_env) or "sim-aparavi-key"],
+            refuse_completed=args.refuse_completed,
+            faults=faults,
+            seed=args.seed,
+        )
+        return aparavi, len(aparavi_tasks)
     span = timedelta(days=args.span_days) if args.span_days is not None else None
     tasks = generate_tasks(args.tasks, seed=args.seed, timezone=args.timezone, span=span)
     simulator = DataPipelineSimulator(tasks, timezone=args.timezone, faults=faults, seed=args.seed)
@@ -151,7 +173,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     url = simulator.start(args.host, args.port)
     try:
-        sys.stdout.write(json.dumps({"url": url, "tasks": count, "target": args.target}) + "\n")
+        info: dict[str, object] = {"url": url, "tasks": count, "target": args.target}
+        if isinstance(simulator, AparaviSimulator):
+            # No list endpoint: whoever registers the tasks needs their tokens.
+            info["tokens"] = [{"token": t.token, "type": t.type} for t in simulator.tasks]
+        sys.stdout.write(json.dumps(info) + "\n")
         sys.stdout.flush()
         # Event.wait with a timeout lets the main thread run the signal handler promptly.
         while not stop.wait(0.5):

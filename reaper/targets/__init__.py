@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from reaper.targets.aparavi import AparaviTarget
 from reaper.targets.base import (
     BatchResult,
     DeleteOptions,
@@ -13,6 +14,7 @@ from reaper.targets.base import (
     Task,
 )
 from reaper.targets.data_pipeline import DataPipelineTarget
+from reaper.targets.generic_http import GenericHttpTarget
 from reaper.targets.huawei_dcs import HuaweiDcsTarget
 from reaper.targets.huawei_iotda import HuaweiIotdaTarget
 
@@ -31,7 +33,14 @@ __all__ = [
 
 #: Every target kind, by the ``target.type`` a policy names. Adding a kind: one line here.
 TARGETS: dict[str, type[Target]] = {
-    cls.kind: cls for cls in (DataPipelineTarget, HuaweiDcsTarget, HuaweiIotdaTarget)
+    cls.kind: cls
+    for cls in (
+        DataPipelineTarget,
+        HuaweiDcsTarget,
+        HuaweiIotdaTarget,
+        AparaviTarget,
+        GenericHttpTarget,
+    )
 }
 
 
