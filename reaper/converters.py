@@ -6,6 +6,7 @@ Everything inward of the policy loader and the target modules sees ``timedelta``
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, tzinfo
@@ -96,13 +97,15 @@ def parse_rate(text: str | float | int) -> Rate:
         raise ValueError("expected a rate such as '5/s'")
     if isinstance(text, int | float):
         count, per = float(text), 1
+    elif not isinstance(text, str):
+        raise ValueError("expected a rate such as '5/s'")
     else:
         match = _RATE_RE.match(text)
         if not match:
             raise ValueError(f"invalid rate {text!r}; use e.g. '5/s', '300/m' or '1000/h'")
         count, per = float(match.group(1)), _RATE_UNITS[match.group(2)]
-    if count <= 0:
-        raise ValueError("a rate must be greater than zero")
+    if not math.isfinite(count) or count <= 0:
+        raise ValueError("a rate must be a finite number greater than zero")
     return Rate(count / per)
 
 
@@ -119,6 +122,8 @@ def parse_timezone(name: str) -> ZoneInfo:
 def as_aware_utc(value: datetime, naive_tz: tzinfo = UTC) -> datetime:
     """Return ``value`` in UTC; a naive value is read as wall time in ``naive_tz``."""
     if value.tzinfo is None:
+        if naive_tz is UTC:
+            return value.replace(tzinfo=UTC)  # the common case, on the hot path of listings
         value = value.replace(tzinfo=naive_tz)
     return value.astimezone(UTC)
 

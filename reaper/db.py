@@ -74,7 +74,13 @@ def make_engine(url: URL | str, **kwargs: Any) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     kwargs.setdefault("pool_pre_ping", True)
-    kwargs.setdefault("connect_args", {"connect_timeout": 10})
+    # psycopg prepares repeated statements; a generic plan cached while reaper_audit had no
+    # statistics is a sequential scan kept for the connection's life, which made each outcome
+    # update O(rows in the table). Custom plans use the (run_id, task_id) index every time.
+    kwargs.setdefault(
+        "connect_args",
+        {"connect_timeout": 10, "options": "-c plan_cache_mode=force_custom_plan"},
+    )
     return create_engine(url, **kwargs)
 
 

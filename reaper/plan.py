@@ -14,10 +14,11 @@ few examples per reason for the report.
 from __future__ import annotations
 
 import heapq
+import itertools
 import re
 from array import array
 from collections import Counter
-from collections.abc import AsyncIterable, Callable, Collection, Iterator, Sequence
+from collections.abc import AsyncIterable, Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -365,7 +366,7 @@ class Planner:
         self.listed = 0
         self.counts: Counter[tuple[Verdict, str]] = Counter()
         self.examples: dict[tuple[Verdict, str], list[Example]] = {}
-        self._seen: set[int] = set()
+        self._seen: array[int] = array("q")  # hash of every listed id
         self._statuses: dict[str, str] = {}  # one shared string per status value
         self._ids: list[str] = []
         self._stamps: array[float] = array("d")
@@ -375,12 +376,8 @@ class Planner:
 
     def add(self, task: Task) -> None:
         """Decide one listed task."""
-        key = hash(task.id)
-        if key in self._seen:
-            raise ListingError(
-                f"the listing returned task {task.id!r} twice: paging is inconsistent"
-            )
-        self._seen.add(key)
+        # 8 bytes a task; duplicates are found once the listing is complete (finish()).
+        self._seen.append(hash(task.id))
         self.listed += 1
         for rule in self.selection:
             decision = rule(task)
@@ -393,8 +390,9 @@ class Planner:
             raise ListingError(
                 f"task {task.id!r} ({task.status}) cannot be planned: {task.problem}"
             )
-        if self.keep_newest and task.timestamp is not None:
-            entry = (task.timestamp.timestamp(), task.id)
+        stamp = task.timestamp.timestamp() if task.timestamp is not None else None
+        if self.keep_newest and stamp is not None:
+            entry = (stamp, task.id)
             if len(self._newest) < self.keep_newest:
                 heapq.heappush(self._newest, entry)
             elif entry > self._newest[0]:
@@ -404,10 +402,10 @@ class Planner:
             if decision is not None:
                 self._note(task, decision)
                 return
-        assert task.timestamp is not None
+        assert stamp is not None
         status = self._statuses.setdefault(task.status, task.status)
         self._ids.append(task.id)
-        self._stamps.append(task.timestamp.timestamp())
+        self._stamps.append(stamp)
         self._status_col.append(status)
 
     def _note(self, task: Task, decision: Decision) -> None:
@@ -421,9 +419,22 @@ class Planner:
 
     def finish(self) -> Plan:
         """Apply keep-newest-N and the id guard; return the plan."""
+        seen = sorted(self._seen)
+        self._seen = array("q")
+        if any(a == b for a, b in itertools.pairwise(seen)):
+            # (A hash collision would also land here: astronomically rare, and it fails safe.)
+            raise ListingError("the listing returned a task twice: paging is inconsistent")
+        del seen
         ids, stamps, statuses = self._ids, self._stamps, self._status_col
         kept_newest = {task_id for _, task_id in self._newest}
-        order = sorted(range(len(ids)), key=stamps.__getitem__)
+        n = len(ids)
+        order: Iterable[int]
+        if all(stamps[i] > stamps[i + 1] for i in range(n - 1)):
+            # A newest-first listing (data_pipeline, DCS) is already in order; strictly, so that
+            # ties keep the listing order as the stable sort below would.
+            order = range(n - 1, -1, -1)
+        else:
+            order = sorted(range(n), key=stamps.__getitem__)
         final_ids: list[str] = []
         final_stamps: array[float] = array("d")
         final_statuses: list[str] = []
@@ -452,7 +463,6 @@ class Planner:
             final_statuses.append(status)
         # The columns are rebuilt in deletion order; release the listing-order ones.
         self._ids, self._stamps, self._status_col = [], array("d"), []
-        self._seen = set()
         reasons = {status: self._reason(status) for status in self._statuses.values()}
         for index, task_id in enumerate(final_ids):
             status = final_statuses[index]

@@ -9,6 +9,7 @@ or, in a dry run, records what it would delete.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -101,7 +102,12 @@ def build_target(
     """Create the target for a policy, with its HTTP client, rate limiter and retry policy."""
     policy = loaded.policy
     config = policy.target_config
-    verify: bool | str = config.ca_bundle if config.ca_bundle else config.verify_tls
+    # httpx 0.28 deprecates a CA path as `verify`: hand it an SSL context.
+    verify: bool | ssl.SSLContext = (
+        ssl.create_default_context(cafile=config.ca_bundle)
+        if config.ca_bundle
+        else config.verify_tls
+    )
     if not config.verify_tls:
         log.warning(
             "tls_verification_disabled",

@@ -121,7 +121,10 @@ class _Builder:
 
 def read_documents(text: str) -> list[Document]:
     """Parse every YAML document in ``text``; raises YamlError with a line number."""
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = yaml.SafeLoader(text)
+    except yaml.YAMLError as exc:  # e.g. a control character: the reader refuses the text
+        raise YamlError(str(exc).replace('in "<unicode string>", ', "")) from None
     documents = []
     try:
         while loader.check_node():

@@ -3,7 +3,8 @@
 A target simulator subclasses :class:`SimulatorBase`, declares its routes and its error shape, and
 acts on requests; this module does everything that is the same for all targets:
 
-* a ``ThreadingHTTPServer`` on 127.0.0.1 speaking HTTP/1.1 with keep-alive, quiet, stoppable;
+* a ``ThreadingHTTPServer`` on 127.0.0.1 speaking HTTP/1.1 with keep-alive, quiet, stoppable,
+  and HTTPS when given an :class:`ssl.SSLContext` (to test certificate verification);
 * fault injection from a :class:`Faults` value, applied to every API request in a fixed order
   (down -> rate limit -> latency -> drop before -> error -> malformed -> act -> drop after);
 * a server-side token bucket, so a client's own rate limiter can be checked from the outside;
@@ -21,6 +22,7 @@ import random
 import re
 import socket
 import socketserver
+import ssl
 import sys
 import threading
 import time
@@ -194,8 +196,14 @@ class _Server(ThreadingHTTPServer):
     # The default backlog of 5 makes concurrent benchmark clients wait for SYN retransmits.
     request_queue_size = 128
 
-    def __init__(self, address: tuple[str, int], simulator: SimulatorBase) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        simulator: SimulatorBase,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.simulator = simulator
+        self.ssl_context = ssl_context
         # Open connections, so stop() can end keep-alive connections that would otherwise keep
         # being served by their handler threads after the listening socket is closed.
         self.connections: set[socket.socket] = set()
@@ -207,6 +215,16 @@ class _Server(ThreadingHTTPServer):
         socketserver.TCPServer.server_bind(self)
         host, port = self.server_address[:2]
         self.server_name, self.server_port = str(host), int(port)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        connection, address = super().get_request()
+        if self.ssl_context is not None:
+            # The handshake happens in the handler thread (Handler.setup): a client that never
+            # completes it must not block the accept loop.
+            connection = self.ssl_context.wrap_socket(
+                connection, server_side=True, do_handshake_on_connect=False
+            )
+        return connection, address
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client that goes away mid-response is normal here (drop tests, stop()); anything else
@@ -225,6 +243,11 @@ class _Handler(BaseHTTPRequestHandler):
     server: _Server
 
     def setup(self) -> None:
+        if isinstance(self.request, ssl.SSLSocket):
+            # A client that refuses our certificate ends here, with an SSLError (an OSError that
+            # handle_error ignores); no request of its is ever served.
+            self.request.settimeout(self.timeout)
+            self.request.do_handshake()
         super().setup()
         with self.server.connections_lock:
             self.server.connections.add(self.connection)
@@ -357,12 +380,17 @@ class SimulatorBase(abc.ABC):
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        """Start serving in a background daemon thread; return the base URL (no trailing /)."""
+    def start(
+        self, host: str = "127.0.0.1", port: int = 0, *, ssl_context: ssl.SSLContext | None = None
+    ) -> str:
+        """Start serving in a background daemon thread; return the base URL (no trailing /).
+
+        With ``ssl_context`` (a server-side context holding the certificate) it serves HTTPS.
+        """
         if self._server is not None:
             raise RuntimeError("simulator already started")
         self._stopping.clear()
-        server = _Server((host, port), self)
+        server = _Server((host, port), self, ssl_context)
         bound_host, bound_port = server.server_address[:2]
         self._server = server
         self._thread = threading.Thread(
@@ -372,7 +400,8 @@ class SimulatorBase(abc.ABC):
             daemon=True,
         )
         self._thread.start()
-        self._url = f"http://{bound_host!s}:{bound_port}"
+        scheme = "https" if ssl_context is not None else "http"
+        self._url = f"{scheme}://{bound_host!s}:{bound_port}"
         return self._url
 
     def stop(self) -> None:
@@ -399,9 +428,11 @@ class SimulatorBase(abc.ABC):
         self._url = None
 
     @contextmanager
-    def serve(self, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    def serve(
+        self, host: str = "127.0.0.1", port: int = 0, *, ssl_context: ssl.SSLContext | None = None
+    ) -> Iterator[str]:
         """Serve for the duration of a ``with`` block, yielding the base URL."""
-        url = self.start(host, port)
+        url = self.start(host, port, ssl_context=ssl_context)
         try:
             yield url
         finally:

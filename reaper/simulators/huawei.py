@@ -179,3 +179,14 @@ class HuaweiSimulatorBase(SimulatorBase):
     def service_code(self, status: int) -> str:
         """The service's generic error code for a status (overridden per service)."""
         return f"SIM.{status}"
+
+    def malformed_response(self, request: Request) -> Response:
+        """A broken 200; never an empty one to a DELETE, whose documented success is empty.
+
+        An empty 200 *is* the answer of a deletion that happened: sending it for a deletion that
+        did not happen would be a lying server, not a broken body.
+        """
+        response = super().malformed_response(request)
+        while request.method == "DELETE" and not response.body:
+            response = super().malformed_response(request)
+        return response

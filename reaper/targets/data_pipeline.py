@@ -37,7 +37,8 @@ __all__ = ["DataPipelineConfig", "DataPipelineOptions", "DataPipelineTarget"]
 log = structlog.get_logger("reaper.targets.data_pipeline")
 
 TASKS_PATH = "/api/v0/data_pipeline/tasks"
-ID_PATTERN = re.compile(r"(task|manual)_\d{8}_\d{6}")
+# [0-9], not \d: \d also matches other scripts' digits, which would pass the path guard.
+ID_PATTERN = re.compile(r"(task|manual)_[0-9]{8}_[0-9]{6}")
 SERVER_PAGE_CAP = 100
 
 
@@ -130,7 +131,7 @@ class DataPipelineTarget(Target):
     def invalid_id_reason(self, task_id: str) -> str | None:
         # fullmatch: '$' would accept a trailing newline.
         if not isinstance(task_id, str) or not ID_PATTERN.fullmatch(task_id):
-            return r"id does not match ^(task|manual)_\d{8}_\d{6}$ (path-traversal guard)"
+            return "id does not match ^(task|manual)_[0-9]{8}_[0-9]{6}$ (path-traversal guard)"
         return None
 
     async def list_tasks(self, request: ListRequest) -> AsyncIterator[Task]:
@@ -210,7 +211,8 @@ class DataPipelineTarget(Target):
             json_body={"page": 1, "page_size": 1},
         )
         body = _json_or_none(exchange.body)
-        pagination = body.get("data", {}).get("pagination") if isinstance(body, dict) else None
+        data = body.get("data") if isinstance(body, dict) else None
+        pagination = data.get("pagination") if isinstance(data, dict) else None
         total = pagination.get("total") if isinstance(pagination, dict) else None
         if exchange.status_code != 200 or not isinstance(total, int) or isinstance(total, bool):
             raise ListingError(
@@ -237,10 +239,11 @@ class DataPipelineTarget(Target):
                 timestamp = parse_timestamp(value, zone)
             except ValueError as exc:
                 problem = f"{request.age_field} does not parse: {exc}"
-        fields = {}
-        for name in request.match_fields:
-            field_value = raw.get(name)
-            fields[name] = "" if field_value is None else str(field_value)
+        fields: dict[str, str] = {}
+        if request.match_fields:
+            for name in request.match_fields:
+                field_value = raw.get(name)
+                fields[name] = "" if field_value is None else str(field_value)
         directory_exists = raw.get("directory_exists")
         return Task(
             id=task_id,

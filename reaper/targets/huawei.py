@@ -258,6 +258,15 @@ class HuaweiTarget(Target):
         )
         status = exchange.status_code
         if status in self.deleted_statuses:
+            if exchange.body.strip() and not _is_json(exchange.body):
+                # Success has an empty or JSON body; a proxy's HTML page or a cut-off answer
+                # says nothing true about the deletion: reconciliation will settle it.
+                return DeleteResult(
+                    task_id,
+                    Outcome.UNKNOWN,
+                    status,
+                    error_message=f"HTTP {status} with a body that is not JSON",
+                )
             return DeleteResult(task_id, Outcome.DELETED, status)
         code, message = error_fields(exchange.body)
         if status == 404 and not (code or "").startswith("APIGW."):
@@ -283,3 +292,11 @@ class HuaweiTarget(Target):
         return DeleteResult(
             task_id, Outcome.FAILED, status, code, message or f"HTTP {status} without error body"
         )
+
+
+def _is_json(body: bytes) -> bool:
+    try:
+        json.loads(body)
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,51 @@
+"""Fixtures of the reliability suite, and the fault matrix's table at the end of the session."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import yaml
+
+from reaper.audit import AuditStore
+from reaper.db import make_engine, upgrade
+from reaper.policy import LoadedPolicy, load_policy_text
+
+from .drivers import DRIVERS, Secrets, pointed_policies
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    from .test_fault_matrix import RESULTS, table
+
+    if RESULTS:
+        terminalreporter.section("reliability: fault matrix")
+        terminalreporter.write_line(table(RESULTS))
+
+
+@pytest.fixture(scope="module")
+def policies(tmp_path_factory: pytest.TempPathFactory) -> dict[str, LoadedPolicy]:
+    """The first example policy of every target, aimed at an unreachable host, keeping nothing
+    back (no keep.newest): whatever a broken answer could make deletable, it would."""
+    directory = tmp_path_factory.mktemp("secrets")
+    out = {}
+    for kind, driver in DRIVERS.items():
+        driver.write_secrets(Secrets(), directory)
+        [doc, *_] = pointed_policies(
+            driver,
+            "http://sim.invalid",
+            directory,
+            target={"retries": {"attempts": 1}},
+            delete={"rate": "1000/s", "burst": 10},
+        )
+        doc.pop("keep", None)
+        [out[kind]] = load_policy_text(yaml.safe_dump(doc))
+    return out
+
+
+@pytest.fixture(scope="module")
+def module_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuditStore]:
+    """One SQLite audit store for a module's many generated examples."""
+    engine = make_engine(f"sqlite:///{tmp_path_factory.mktemp('db') / 'audit.db'}")
+    upgrade(engine)
+    yield AuditStore(engine)
+    engine.dispose()
