@@ -429,7 +429,10 @@ class AuditStore:
                     for row in decided:
                         chain.append(row)
                     chain.store(connection)
-                connection.execute(insert(audit_table), rows)
+                if connection.dialect.name == "postgresql":
+                    connection.execute(_PG_RECORD, _insert_columns(rows))
+                else:
+                    connection.execute(insert(audit_table), rows)
         except SQLAlchemyError as exc:
             raise self._fail(f"recording {len(rows)} row(s)", exc) from None
 
@@ -495,7 +498,10 @@ class AuditStore:
                 chain = _Chain.load(connection, run_id)
                 for row in params:
                     chain.append(row)
-                connection.execute(statement, params)
+                if connection.dialect.name == "postgresql":
+                    connection.execute(_PG_RESOLVE, _columns(run_id, now, params))
+                else:
+                    connection.execute(statement, params)
                 chain.store(connection)
         except SQLAlchemyError as exc:
             raise self._fail(f"recording {len(params)} outcome(s)", exc) from None
@@ -758,6 +764,79 @@ class AuditStore:
                 return [dict(row._mapping) for row in connection.execute(query)]
         except SQLAlchemyError as exc:
             raise self._fail("reading runs", exc) from None
+
+
+# On PostgreSQL one UPDATE per batch joins the new values from arrays: an executemany of
+# per-row UPDATEs spends most of its time in per-row parameter handling.
+_PG_RESOLVE = text(
+    """
+    UPDATE reaper_audit AS a
+    SET outcome = v.outcome, http_status = v.http_status, error_code = v.error_code,
+        error_message = v.error_message, reclaimed_bytes = v.reclaimed_bytes,
+        files_count = v.files_count, note = v.note, decided_at = :decided_at,
+        chain_seq = v.chain_seq, row_hash = v.row_hash
+    FROM unnest(
+        CAST(:task_ids AS text[]), CAST(:outcomes AS text[]), CAST(:http_statuses AS int[]),
+        CAST(:error_codes AS text[]), CAST(:error_messages AS text[]),
+        CAST(:reclaimed AS bigint[]), CAST(:files AS int[]), CAST(:notes AS text[]),
+        CAST(:chain_seqs AS int[]), CAST(:row_hashes AS text[])
+    ) AS v(task_id, outcome, http_status, error_code, error_message, reclaimed_bytes,
+           files_count, note, chain_seq, row_hash)
+    WHERE a.run_id = :run_id AND a.task_id = v.task_id
+      AND a.outcome IN ('pending', 'unknown')
+    """
+)
+
+
+_RECORD_COLUMNS = (
+    ("run_id", "text"),
+    ("seq", "int"),
+    ("policy", "text"),
+    ("target", "text"),
+    ("task_id", "text"),
+    ("outcome", "text"),
+    ("reason", "text"),
+    ("task_status", "text"),
+    ("task_timestamp", "timestamptz"),
+    ("task_age_seconds", "bigint"),
+    ("error_message", "text"),
+    ("recorded_at", "timestamptz"),
+    ("decided_at", "timestamptz"),
+    ("chain_seq", "int"),
+    ("row_hash", "text"),
+)
+# Intents likewise: one INSERT ... SELECT FROM unnest(arrays) per batch on PostgreSQL.
+_PG_RECORD = text(  # built from the constant column list above, no input
+    "INSERT INTO reaper_audit ("  # noqa: S608
+    + ", ".join(name for name, _ in _RECORD_COLUMNS)
+    + ") SELECT * FROM unnest("
+    + ", ".join(f"CAST(:{name} AS {kind}[])" for name, kind in _RECORD_COLUMNS)
+    + ")"
+)
+
+
+def _insert_columns(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    return {name: [row.get(name) for row in rows] for name, _ in _RECORD_COLUMNS}
+
+
+def _columns(run_id: str, decided_at: datetime, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    def column(name: str) -> list[Any]:
+        return [row[name] for row in rows]
+
+    return {
+        "run_id": run_id,
+        "decided_at": decided_at,
+        "task_ids": column("task_id"),
+        "outcomes": column("outcome"),
+        "http_statuses": column("http_status"),
+        "error_codes": column("error_code"),
+        "error_messages": column("error_message"),
+        "reclaimed": column("reclaimed_bytes"),
+        "files": column("files_count"),
+        "notes": column("note"),
+        "chain_seqs": column("chain_seq"),
+        "row_hashes": column("row_hash"),
+    }
 
 
 RETENTION_POLICY = "<audit-retention>"
