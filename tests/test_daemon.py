@@ -241,6 +241,8 @@ class TestServe:
         metrics = httpx.get(f"{base}/metrics").text
         assert "reaper_policies_loaded 1.0" in metrics
         assert 'reaper_schedule_interval_seconds{policy="test-policy"} 86400.0' in metrics
+        # labels are names and codes only: no target URL (nor anything that could hold a secret)
+        assert "127.0.0.1:9" not in metrics
         assert "reaper_deletions_total" in metrics or "# HELP reaper_deletions" in metrics
         assert process.stop() == 0
 
