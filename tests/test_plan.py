@@ -19,7 +19,7 @@ from reaper.targets.base import BatchResult, DeleteOptions, ListRequest, Target,
 from reaper.targets.data_pipeline import DataPipelineTarget
 
 URL = "http://127.0.0.1:8084"
-GUARD = r"id does not match ^(task|manual)_\d{8}_\d{6}$ (path-traversal guard)"
+GUARD = "id does not match ^(task|manual)_[0-9]{8}_[0-9]{6}$ (path-traversal guard)"
 SHANGHAI = ZoneInfo("Asia/Shanghai")
 
 

@@ -10,7 +10,7 @@ plans or the audit. Adding a target kind means one new module here plus one line
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from reaper.errors import ListingError
 from reaper.fields import Duration
-from reaper.http import Exchange, RequestFailed, ResponseTooLarge, TargetHttp
+from reaper.http import Exchange, RequestFailed, ResponseTooLarge, TargetHttp, error_fields
 
 __all__ = [
     "BatchResult",
@@ -31,6 +31,7 @@ __all__ = [
     "Target",
     "TargetConfig",
     "Task",
+    "record_task",
 ]
 
 
@@ -192,6 +193,27 @@ class Target(ABC):
         except (RequestFailed, ResponseTooLarge) as exc:
             raise ListingError(f"{where}: {exc}", http_status=exc.http_status) from exc
 
+    async def fetch_json(self, where: str, method: str, url: str, **kwargs: Any) -> Any:
+        """One listing request that must answer 200 with JSON; anything else is a ListingError
+        naming the page, with the target's own error code and message when it sent them."""
+        exchange = await self.fetch_page(where, method, url, **kwargs)
+        if exchange.status_code != 200:
+            code, message = self.error_text(exchange.body)
+            raise ListingError(
+                f"{where}: HTTP {exchange.status_code}: {message or 'no error message'}",
+                http_status=exchange.status_code,
+                error_code=code,
+                error_message=message,
+            )
+        try:
+            return exchange.json()
+        except ValueError as exc:
+            raise ListingError(f"{where}: the body is not JSON") from exc
+
+    def error_text(self, body: bytes) -> tuple[str | None, str | None]:
+        """The target's own error code and message in an error body (APIs override this)."""
+        return error_fields(body)
+
     @abstractmethod
     def list_tasks(self, request: ListRequest) -> AsyncIterator[Task]:
         """Yield every task, page by page; raise ListingError if the listing is incomplete."""
@@ -199,3 +221,36 @@ class Target(ABC):
     @abstractmethod
     async def delete(self, task_ids: Sequence[str], options: DeleteOptions) -> BatchResult:
         """Send one delete request for ``task_ids`` (at most ``max_batch_size``)."""
+
+
+def record_task(
+    raw: Any,
+    request: ListRequest,
+    where: str,
+    *,
+    id_field: str,
+    parse_time: Callable[[Any], datetime],
+) -> Task:
+    """A :class:`Task` from one listed JSON record: id and status required (else the listing is
+    broken: ListingError), the requested age field parsed (a value that does not parse becomes
+    ``problem``, never a guess), and the requested match fields as strings."""
+    if not isinstance(raw, dict):
+        raise ListingError(f"{where}: a task entry is not an object")
+    task_id, status = raw.get(id_field), raw.get("status")
+    if not isinstance(task_id, str) or not task_id:
+        raise ListingError(f"{where}: a task has no {id_field}")
+    if not isinstance(status, str) or not status:
+        raise ListingError(f"{where}: task {task_id!r} has no status")
+    timestamp = problem = None
+    value = raw.get(request.age_field)
+    if value is not None:
+        try:
+            timestamp = parse_time(value)
+        except ValueError as exc:
+            problem = f"{request.age_field} does not parse: {exc}"
+    fields: dict[str, str] = {}
+    if request.match_fields:  # hot path: most policies match on nothing but the id
+        for name in request.match_fields:
+            field_value = raw.get(name)
+            fields[name] = "" if field_value is None else str(field_value)
+    return Task(task_id, status, timestamp, fields, problem=problem)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
@@ -30,6 +31,7 @@ from reaper.targets.base import (
     Target,
     TargetConfig,
     Task,
+    record_task,
 )
 
 __all__ = ["DataPipelineConfig", "DataPipelineOptions", "DataPipelineTarget"]
@@ -184,22 +186,11 @@ class DataPipelineTarget(Target):
                 )
 
     async def _page(self, url: str, limit: int, offset: int, where: str) -> list[Any]:
-        exchange = await self.fetch_page(
-            where, "GET", url, params={"limit": limit, "offset": offset}
-        )
-        if exchange.status_code != 200:
-            code, message = _error_text(_json_or_none(exchange.body))
-            raise ListingError(
-                f"{where}: HTTP {exchange.status_code}: {message or 'no error message'}",
-                http_status=exchange.status_code,
-                error_code=code,
-                error_message=message,
-            )
-        try:
-            body = exchange.json()
-        except ValueError as exc:
-            raise ListingError(f"{where}: the body is not JSON") from exc
+        body = await self.fetch_json(where, "GET", url, params={"limit": limit, "offset": offset})
         return _page_tasks(body, where)
+
+    def error_text(self, body: bytes) -> tuple[str | None, str | None]:
+        return _error_text(_json_or_none(body))
 
     async def _true_total(self) -> int:
         """The number of task records, from the query form (its total is a real count)."""
@@ -223,36 +214,15 @@ class DataPipelineTarget(Target):
         return total
 
     def _task(self, raw: Any, request: ListRequest, zone: ZoneInfo, where: str) -> Task:
-        if not isinstance(raw, dict):
-            raise ListingError(f"{where}: a task entry is not an object")
-        task_id = raw.get("task_id")
-        status = raw.get("status")
-        if not isinstance(task_id, str) or not task_id:
-            raise ListingError(f"{where}: a task has no task_id")
-        if not isinstance(status, str) or not status:
-            raise ListingError(f"{where}: task {task_id!r} has no status")
-        problem = None
-        timestamp = None
-        value = raw.get(request.age_field)
-        if value is not None:
-            try:
-                timestamp = parse_timestamp(value, zone)
-            except ValueError as exc:
-                problem = f"{request.age_field} does not parse: {exc}"
-        fields: dict[str, str] = {}
-        if request.match_fields:
-            for name in request.match_fields:
-                field_value = raw.get(name)
-                fields[name] = "" if field_value is None else str(field_value)
-        directory_exists = raw.get("directory_exists")
-        return Task(
-            id=task_id,
-            status=status,
-            timestamp=timestamp,
-            fields=fields,
-            gone=directory_exists is False,
-            problem=problem,
+        task = record_task(
+            raw,
+            request,
+            where,
+            id_field="task_id",
+            parse_time=lambda value: parse_timestamp(value, zone),
         )
+        # A listed task whose directory is gone was already deleted (directory_exists: false).
+        return replace(task, gone=True) if raw.get("directory_exists") is False else task
 
     async def delete(self, task_ids: Sequence[str], options: DeleteOptions) -> BatchResult:
         assert isinstance(options, DataPipelineOptions)

@@ -20,12 +20,11 @@ import structlog
 from pydantic import AnyHttpUrl, Field, field_validator, model_validator
 
 from reaper.errors import ListingError
-from reaper.targets.base import DeleteOptions, ListRequest, Task
+from reaper.targets.base import DeleteOptions, ListRequest, Task, record_task
 from reaper.targets.huawei import (
     HuaweiConfig,
     HuaweiTarget,
     check_endpoint,
-    error_fields,
     parse_iso_millis_time,
 )
 
@@ -132,19 +131,7 @@ class HuaweiDcsTarget(HuaweiTarget):
         while True:
             page_no += 1
             where = f"listing page {page_no} (offset {offset})"
-            exchange = await self.fetch_page(where, "GET", url, params={**params, "offset": offset})
-            if exchange.status_code != 200:
-                code, message = error_fields(exchange.body)
-                raise ListingError(
-                    f"{where}: HTTP {exchange.status_code}: {message or 'no error message'}",
-                    http_status=exchange.status_code,
-                    error_code=code,
-                    error_message=message,
-                )
-            try:
-                body = exchange.json()
-            except ValueError as exc:
-                raise ListingError(f"{where}: the body is not JSON") from exc
+            body = await self.fetch_json(where, "GET", url, params={**params, "offset": offset})
             if not isinstance(body, dict) or not isinstance(body.get("tasks"), list):
                 raise ListingError(f"{where}: the body has no tasks list")
             tasks: list[Any] = body["tasks"]
@@ -173,25 +160,7 @@ class HuaweiDcsTarget(HuaweiTarget):
                 return
 
     def _task(self, raw: Any, request: ListRequest, where: str) -> Task:
-        if not isinstance(raw, dict):
-            raise ListingError(f"{where}: a task entry is not an object")
-        task_id, status = raw.get("id"), raw.get("status")
-        if not isinstance(task_id, str) or not task_id:
-            raise ListingError(f"{where}: a task has no id")
-        if not isinstance(status, str) or not status:
-            raise ListingError(f"{where}: task {task_id!r} has no status")
-        timestamp = problem = None
-        value = raw.get(request.age_field)
-        if value is not None:
-            try:
-                timestamp = parse_iso_millis_time(value)
-            except ValueError as exc:
-                problem = f"{request.age_field} does not parse: {exc}"
-        fields = {}
-        for name in request.match_fields:
-            field_value = raw.get(name)
-            fields[name] = "" if field_value is None else str(field_value)
-        return Task(task_id, status, timestamp, fields, problem=problem)
+        return record_task(raw, request, where, id_field="id", parse_time=parse_iso_millis_time)
 
 
 def _count(value: Any) -> int | None:

@@ -19,12 +19,19 @@ from typing import Any, Literal
 from pydantic import AnyHttpUrl, Field, field_validator
 
 from reaper.errors import ListingError
-from reaper.targets.base import BatchResult, DeleteOptions, DeleteResult, ListRequest, Outcome, Task
+from reaper.targets.base import (
+    BatchResult,
+    DeleteOptions,
+    DeleteResult,
+    ListRequest,
+    Outcome,
+    Task,
+    record_task,
+)
 from reaper.targets.huawei import (
     HuaweiConfig,
     HuaweiTarget,
     check_endpoint,
-    error_fields,
     parse_compact_time,
 )
 
@@ -175,25 +182,13 @@ class HuaweiIotdaTarget(HuaweiTarget):
         while True:
             page_no += 1
             where = f"listing {task_type} page {page_no} (marker {marker})"
-            exchange = await self.fetch_page(
+            body = await self.fetch_json(
                 where,
                 "GET",
                 url,
                 params={"task_type": task_type, "limit": limit, "marker": marker},
                 headers=self.request_headers(),
             )
-            if exchange.status_code != 200:
-                code, message = error_fields(exchange.body)
-                raise ListingError(
-                    f"{where}: HTTP {exchange.status_code}: {message or 'no error message'}",
-                    http_status=exchange.status_code,
-                    error_code=code,
-                    error_message=message,
-                )
-            try:
-                body = exchange.json()
-            except ValueError as exc:
-                raise ListingError(f"{where}: the body is not JSON") from exc
             if not isinstance(body, dict) or not isinstance(body.get("batchtasks"), list):
                 raise ListingError(f"{where}: the body has no batchtasks list")
             tasks: list[Any] = body["batchtasks"]
@@ -217,22 +212,4 @@ class HuaweiIotdaTarget(HuaweiTarget):
             marker = next_marker
 
     def _task(self, raw: Any, request: ListRequest, where: str) -> Task:
-        if not isinstance(raw, dict):
-            raise ListingError(f"{where}: a task entry is not an object")
-        task_id, status = raw.get("task_id"), raw.get("status")
-        if not isinstance(task_id, str) or not task_id:
-            raise ListingError(f"{where}: a task has no task_id")
-        if not isinstance(status, str) or not status:
-            raise ListingError(f"{where}: task {task_id!r} has no status")
-        timestamp = problem = None
-        value = raw.get(request.age_field)
-        if value is not None:
-            try:
-                timestamp = parse_compact_time(value)
-            except ValueError as exc:
-                problem = f"{request.age_field} does not parse: {exc}"
-        fields = {}
-        for name in request.match_fields:
-            field_value = raw.get(name)
-            fields[name] = "" if field_value is None else str(field_value)
-        return Task(task_id, status, timestamp, fields, problem=problem)
+        return record_task(raw, request, where, id_field="task_id", parse_time=parse_compact_time)
