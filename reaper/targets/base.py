@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any, ClassVar
+from types import MappingProxyType
+from typing import Any, ClassVar, NamedTuple
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
@@ -48,16 +49,19 @@ class Outcome(StrEnum):
     NOT_DELETED = "not_deleted"  # a pending/unknown row that reconciliation found still present
 
 
-@dataclass(frozen=True, slots=True)
-class Task:
-    """One listed task, as much of it as planning needs."""
+class Task(NamedTuple):
+    """One listed task, as much of it as planning needs.
+
+    An immutable named tuple rather than a frozen dataclass: a million of them are built per
+    listing of a large target, and a tuple is built in less than half the time.
+    """
 
     id: str
     status: str
     #: The policy's age field, aware UTC; None when the task has no value for it.
     timestamp: datetime | None
     #: The raw values of the fields the policy matches on.
-    fields: Mapping[str, str] = field(default_factory=dict)
+    fields: Mapping[str, str] = MappingProxyType({})
     #: The target reports the task as already deleted (it is listed but its data is gone).
     gone: bool = False
     #: Why the record cannot be trusted (e.g. its timestamp does not parse); never deleted.

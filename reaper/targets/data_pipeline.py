@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import replace
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
@@ -222,7 +221,7 @@ class DataPipelineTarget(Target):
             parse_time=lambda value: parse_timestamp(value, zone),
         )
         # A listed task whose directory is gone was already deleted (directory_exists: false).
-        return replace(task, gone=True) if raw.get("directory_exists") is False else task
+        return task._replace(gone=True) if raw.get("directory_exists") is False else task
 
     async def delete(self, task_ids: Sequence[str], options: DeleteOptions) -> BatchResult:
         assert isinstance(options, DataPipelineOptions)
