@@ -783,6 +783,9 @@ _PG_RESOLVE = text(
     ) AS v(task_id, outcome, http_status, error_code, error_message, reclaimed_bytes,
            files_count, note, chain_seq, row_hash)
     WHERE a.run_id = :run_id AND a.task_id = v.task_id
+      -- Also as an index condition: the batch's ids are looked up in (run_id, task_id) even
+      -- when statistics do not know this run yet (else its every row is joined per batch).
+      AND a.task_id = ANY(CAST(:task_ids AS text[]))
       AND a.outcome IN ('pending', 'unknown')
     """
 )
