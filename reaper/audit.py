@@ -13,7 +13,7 @@ import json
 import os
 import socket
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -31,11 +31,8 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
-    and_,
-    bindparam,
     func,
     insert,
-    or_,
     select,
     text,
     update,
@@ -252,6 +249,8 @@ class _RunState:
 
 
 GENESIS = "0" * 64
+# The chain's serialisation of a row (one encoder: json.dumps would build one per call).
+_CANONICAL_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
 def row_hash(previous: str, policy_hash: str, row: Mapping[str, Any]) -> str:
@@ -275,7 +274,7 @@ def row_hash(previous: str, policy_hash: str, row: Mapping[str, Any]) -> str:
         row["note"],
         decided.astimezone(UTC).isoformat() if decided is not None else None,
     ]
-    payload = previous + json.dumps(content, separators=(",", ":"), ensure_ascii=False)
+    payload = previous + _CANONICAL_JSON.encode(content)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -318,6 +317,7 @@ class AuditStore:
         self.engine = engine
         self._clock = clock or (lambda: datetime.now(UTC))
         self._runs: dict[str, _RunState] = {}
+        self._datetime_bind: Callable[[datetime | None], Any] | None = None
 
     def _now(self) -> datetime:
         now: datetime = self._clock()
@@ -388,29 +388,88 @@ class AuditStore:
 
     def record(self, run_id: str, entries: Sequence[AuditEntry]) -> None:
         """Insert rows in one transaction: ``pending`` intents, or final rows (dry run, skipped)."""
-        if not entries:
-            return
-        state = self._runs[run_id]
+        self.write(run_id, entries, ())
+
+    def resolve(
+        self, run_id: str, results: Iterable[DeleteResult], *, note: str | None = None
+    ) -> None:
+        """Turn ``pending``/``unknown`` rows of ``run_id`` into their outcomes, in one transaction.
+
+        Each resolved row joins the run's hash chain. ``note`` is appended to every row's note
+        (reconciliation says so there).
+        """
+        self.write(run_id, (), results, note=note)
+
+    def write(
+        self,
+        run_id: str,
+        entries: Sequence[AuditEntry],
+        results: Iterable[DeleteResult],
+        *,
+        note: str | None = None,
+    ) -> None:
+        """Insert ``entries`` and resolve ``results`` of ``run_id`` in one transaction.
+
+        This is the group commit of a run's deletions: the intents of the batches about to be
+        sent and the outcomes of the batches answered since the last commit, durable together
+        with one commit. If it fails, none of it is written.
+        """
         now = self._now()
+        rows = self._entry_rows(run_id, entries, now)
+        params = _outcome_rows(run_id, results, now, note)
+        if not rows and not params:
+            return
+        try:
+            with self.engine.begin() as connection:
+                decided = [row for row in rows if row["outcome"] != Outcome.PENDING.value]
+                chain = _Chain.load(connection, run_id) if decided or params else None
+                if chain is not None:
+                    for row in decided:
+                        chain.append(row)
+                    for row in params:
+                        chain.append(row)
+                if rows:
+                    self._insert(connection, rows)
+                if params:
+                    self._update(connection, run_id, now, params)
+                if chain is not None:
+                    chain.store(connection)
+        except SQLAlchemyError as exc:
+            what = " and ".join(
+                part
+                for part in (
+                    f"{len(rows)} row(s)" if rows else "",
+                    f"{len(params)} outcome(s)" if params else "",
+                )
+                if part
+            )
+            raise self._fail(f"recording {what}", exc) from None
+
+    def _entry_rows(
+        self, run_id: str, entries: Sequence[AuditEntry], now: datetime
+    ) -> list[dict[str, Any]]:
+        if not entries:
+            return []
+        state = self._runs[run_id]
+        policy, target = state.record.policy, state.record.target
         rows: list[dict[str, Any]] = []
         for entry in entries:
             state.seq += 1
             final = entry.outcome is not Outcome.PENDING
+            stamp = entry.task_timestamp
             rows.append(
                 {
                     "run_id": run_id,
                     "seq": state.seq,
-                    "policy": state.record.policy,
-                    "target": state.record.target,
+                    "policy": policy,
+                    "target": target,
                     "task_id": entry.task_id,
                     "outcome": entry.outcome.value,
                     "reason": entry.reason,
                     "task_status": entry.task_status,
-                    "task_timestamp": entry.task_timestamp,
+                    "task_timestamp": stamp,
                     "task_age_seconds": (
-                        int((now - entry.task_timestamp).total_seconds())
-                        if entry.task_timestamp is not None
-                        else None
+                        int((now - stamp).total_seconds()) if stamp is not None else None
                     ),
                     "error_message": entry.error_message,
                     "recorded_at": now,
@@ -421,90 +480,78 @@ class AuditStore:
                     "note": None,
                 }
             )
-        try:
-            with self.engine.begin() as connection:
-                decided = [row for row in rows if row["outcome"] != Outcome.PENDING.value]
-                if decided:
-                    chain = _Chain.load(connection, run_id)
-                    for row in decided:
-                        chain.append(row)
-                    chain.store(connection)
-                if connection.dialect.name == "postgresql":
-                    connection.execute(_PG_RECORD, _insert_columns(rows))
-                else:
-                    connection.execute(insert(audit_table), rows)
-        except SQLAlchemyError as exc:
-            raise self._fail(f"recording {len(rows)} row(s)", exc) from None
+        return rows
 
-    def resolve(
-        self, run_id: str, results: Iterable[DeleteResult], *, note: str | None = None
-    ) -> None:
-        """Turn ``pending``/``unknown`` rows of ``run_id`` into their outcomes, in one transaction.
-
-        Each resolved row joins the run's hash chain. ``note`` is appended to every row's note
-        (reconciliation says so there).
-        """
-        now = self._now()
-        params = []
-        for result in results:
-            result_note = result.note
-            if note is not None:
-                result_note = f"{result_note}; {note}" if result_note else note
-            params.append(
-                {
-                    "b_run_id": run_id,
-                    "b_task_id": result.task_id,
-                    "task_id": result.task_id,
-                    "outcome": result.outcome.value,
-                    "http_status": result.http_status,
-                    "error_code": _clip(result.error_code, 128),
-                    "error_message": _clip(result.error_message, 4000),
-                    "reclaimed_bytes": result.reclaimed_bytes,
-                    "files_count": result.files_count,
-                    "note": _clip(result_note, 4000),
-                    "decided_at": now,
-                }
-            )
-        if not params:
+    def _insert(self, connection: Connection, rows: list[dict[str, Any]]) -> None:
+        if connection.dialect.name == "postgresql":
+            # One INSERT ... SELECT FROM unnest(arrays): per-row parameter handling is the cost.
+            connection.execute(_PG_RECORD, _insert_columns(rows))
             return
-        statement = (
-            update(audit_table)
-            .where(
-                and_(
-                    audit_table.c.run_id == bindparam("b_run_id"),
-                    audit_table.c.task_id == bindparam("b_task_id"),
-                    # (not IN: expanding parameters do not work with executemany)
-                    or_(
-                        audit_table.c.outcome == Outcome.PENDING.value,
-                        audit_table.c.outcome == Outcome.UNKNOWN.value,
-                    ),
+        # SQLite: the driver's executemany with positional rows, datetimes converted by the
+        # column types' own bind processors (so stored text is what SQLAlchemy would write).
+        convert = self._sqlite_datetime()
+        recorded_at = convert(rows[0]["recorded_at"])  # one per write
+        connection.exec_driver_sql(
+            _SQLITE_RECORD,
+            [
+                (
+                    row["run_id"],
+                    row["seq"],
+                    row["policy"],
+                    row["target"],
+                    row["task_id"],
+                    row["outcome"],
+                    row["reason"],
+                    row["task_status"],
+                    convert(row["task_timestamp"]),
+                    row["task_age_seconds"],
+                    row["error_message"],
+                    recorded_at,
+                    convert(row["decided_at"]),
+                    row.get("chain_seq"),
+                    row.get("row_hash"),
                 )
-            )
-            .values(
-                outcome=bindparam("outcome"),
-                http_status=bindparam("http_status"),
-                error_code=bindparam("error_code"),
-                error_message=bindparam("error_message"),
-                reclaimed_bytes=bindparam("reclaimed_bytes"),
-                files_count=bindparam("files_count"),
-                note=bindparam("note"),
-                decided_at=bindparam("decided_at"),
-                chain_seq=bindparam("chain_seq"),
-                row_hash=bindparam("row_hash"),
-            )
+                for row in rows
+            ],
         )
-        try:
-            with self.engine.begin() as connection:
-                chain = _Chain.load(connection, run_id)
-                for row in params:
-                    chain.append(row)
-                if connection.dialect.name == "postgresql":
-                    connection.execute(_PG_RESOLVE, _columns(run_id, now, params))
-                else:
-                    connection.execute(statement, params)
-                chain.store(connection)
-        except SQLAlchemyError as exc:
-            raise self._fail(f"recording {len(params)} outcome(s)", exc) from None
+
+    def _update(
+        self, connection: Connection, run_id: str, now: datetime, params: list[dict[str, Any]]
+    ) -> None:
+        if connection.dialect.name == "postgresql":
+            connection.execute(_PG_RESOLVE, _columns(run_id, now, params))
+            return
+        decided_at = self._sqlite_datetime()(now)
+        connection.exec_driver_sql(
+            _SQLITE_RESOLVE,
+            [
+                (
+                    row["outcome"],
+                    row["http_status"],
+                    row["error_code"],
+                    row["error_message"],
+                    row["reclaimed_bytes"],
+                    row["files_count"],
+                    row["note"],
+                    decided_at,
+                    row["chain_seq"],
+                    row["row_hash"],
+                    run_id,
+                    row["task_id"],
+                )
+                for row in params
+            ],
+        )
+
+    def _sqlite_datetime(self) -> Callable[[datetime | None], Any]:
+        if self._datetime_bind is None:
+            column_type = audit_table.c.recorded_at.type
+            process = column_type.dialect_impl(self.engine.dialect).bind_processor(
+                self.engine.dialect
+            )
+            assert process is not None
+            self._datetime_bind = process
+        return self._datetime_bind
 
     # -- queries ------------------------------------------------------------------------------
 
@@ -816,6 +863,46 @@ _PG_RECORD = text(  # built from the constant column list above, no input
     + ", ".join(f"CAST(:{name} AS {kind}[])" for name, kind in _RECORD_COLUMNS)
     + ")"
 )
+
+
+# SQLite: the same statements as plain DB-API executemany (``?`` placeholders, one tuple per row).
+_SQLITE_RECORD = (
+    "INSERT INTO reaper_audit ("  # noqa: S608 - built from the constant column list above
+    + ", ".join(name for name, _ in _RECORD_COLUMNS)
+    + ") VALUES ("
+    + ", ".join("?" for _ in _RECORD_COLUMNS)
+    + ")"
+)
+_SQLITE_RESOLVE = (
+    "UPDATE reaper_audit SET outcome = ?, http_status = ?, error_code = ?, error_message = ?, "
+    "reclaimed_bytes = ?, files_count = ?, note = ?, decided_at = ?, chain_seq = ?, row_hash = ? "
+    "WHERE run_id = ? AND task_id = ? AND outcome IN ('pending', 'unknown')"
+)
+
+
+def _outcome_rows(
+    run_id: str, results: Iterable[DeleteResult], now: datetime, note: str | None
+) -> list[dict[str, Any]]:
+    params = []
+    for result in results:
+        result_note = result.note
+        if note is not None:
+            result_note = f"{result_note}; {note}" if result_note else note
+        params.append(
+            {
+                "b_run_id": run_id,
+                "task_id": result.task_id,
+                "outcome": result.outcome.value,
+                "http_status": result.http_status,
+                "error_code": _clip(result.error_code, 128),
+                "error_message": _clip(result.error_message, 4000),
+                "reclaimed_bytes": result.reclaimed_bytes,
+                "files_count": result.files_count,
+                "note": _clip(result_note, 4000),
+                "decided_at": now,
+            }
+        )
+    return params
 
 
 def _insert_columns(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
