@@ -1,13 +1,23 @@
-"""Audit throughput (issue #9, item 4): intent + outcome writes per second, SQLite and PostgreSQL.
+"""Audit throughput (issue #9, item 4; issue #6): intent + outcome writes per second, and overhead.
 
-Part 1 calls ``AuditStore.record()`` (``pending`` intents) then ``AuditStore.resolve()``
-(outcomes) batch by batch, as the executor does, for ``ROWS`` task ids; "ids/s" counts a task once
-(its intent insert and its outcome update), "writes/s" counts both writes. Target >= 20,000/s on
-PostgreSQL (judged on writes/s; ids/s is shown beside it).
+Part 1 writes ``ROWS`` task ids straight through ``AuditStore``, batch by batch, two ways:
 
-Part 2 runs a whole policy against a fast data_pipeline simulator (no latency, no limit) and
-times every AuditStore call on the audit thread (wrapping ``AsyncAudit.call``): the share of the
-run's wall time spent in the audit. Target < 5%.
+* ``separate``: ``record()`` (``pending`` intents) then ``resolve()`` (outcomes) per batch, two
+  commits per batch;
+* ``grouped``: what the executor's group commit does with one worker: one ``write()`` per batch
+  carrying this batch's intents and the previous batch's outcomes, one commit per batch (with N
+  workers a commit carries up to N batches).
+
+"ids/s" counts a task once (its intent insert and its outcome update), "writes/s" counts both
+writes. Target >= 20,000 writes/s on PostgreSQL.
+
+Part 2 is the audit's overhead on a whole run against a fast data_pipeline simulator (no server
+limit, a client rate of 100000/s, concurrency sized automatically): the same policy runs
+``REPEATS`` times with the audit written and ``REPEATS`` times with its deletion rows not written
+(``bench.common.WithoutDeletionRows``: runs, locks and counts still go to the database), and
+overhead = (median wall with audit - median wall without) / median wall with audit. Target < 5%.
+"audit busy" is the share of the run the audit thread spent in AuditStore calls; with group commit
+that work overlaps the HTTP requests, so it is not the overhead.
 
 SQLite: a file on disk with reaper's pragmas (WAL, synchronous=FULL). PostgreSQL: a throwaway
 cluster from tests/pgserver.py with fsync and synchronous_commit on (its data dir is on /dev/shm
@@ -26,7 +36,16 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from bench.common import load, machine, policy_text, quiet_logs, run_in_process, sim_args
+from bench.common import (
+    Measured,
+    WithoutDeletionRows,
+    load,
+    machine,
+    policy_text,
+    quiet_logs,
+    run_in_process,
+    sim_args,
+)
 from bench.simproc import simulator
 from reaper.audit import AuditEntry, AuditStore, RunRecord
 from reaper.db import make_engine, upgrade
@@ -38,6 +57,8 @@ TARGET_ROWS = 20_000
 TARGET_SHARE = 0.05
 RUN_TASKS = 20_000
 RUN_BATCH = 50  # the default delete.batch_size
+RUN_LATENCIES_MS = (0, 5)
+REPEATS = 3
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
@@ -65,74 +86,109 @@ def _run_record(name: str) -> RunRecord:
     return RunRecord(name, "0" * 64, "{}", "data_pipeline", "http://bench", "run")
 
 
-def direct(url: str, rows: int, batch: int) -> tuple[float, float]:
-    """Seconds for intents and for outcomes of ``rows`` ids in batches of ``batch``."""
+def direct(url: str, rows: int, batch: int, *, grouped: bool) -> tuple[float, float]:
+    """Seconds spent writing intents and outcomes of ``rows`` ids in batches of ``batch``.
+
+    ``grouped``: one write() per batch (its intents, the previous batch's outcomes); the time is
+    split between intents and outcomes by their row counts. Else record() then resolve().
+    """
     engine = make_engine(url)
     upgrade(engine)
     store = AuditStore(engine)
-    run_id = store.start_run(_run_record(f"bench-{batch}"))
+    run_id = store.start_run(_run_record(f"bench-{batch}-{grouped}"))
     stamp = datetime.now(UTC) - timedelta(days=40)
     reason = "older than 30d and status completed"
     ids = [f"task_20250101_{i:06d}" for i in range(rows)]
     record_seconds = resolve_seconds = 0.0
-    for start in range(0, rows, batch):
+    previous: list[DeleteResult] = []
+    for start in range(0, rows + batch, batch):
         chunk = ids[start : start + batch]
         intents = [AuditEntry(i, reason, "completed", stamp, Outcome.PENDING) for i in chunk]
         results = [
             DeleteResult(i, Outcome.DELETED, 200, reclaimed_bytes=1024, files_count=3)
             for i in chunk
         ]
-        began = time.perf_counter()
-        store.record(run_id, intents)
-        recorded = time.perf_counter()
-        store.resolve(run_id, results)
-        record_seconds += recorded - began
-        resolve_seconds += time.perf_counter() - recorded
+        if grouped:
+            began = time.perf_counter()
+            store.write(run_id, intents, previous)
+            spent = time.perf_counter() - began
+            share = len(intents) / max(1, len(intents) + len(previous))
+            record_seconds += spent * share
+            resolve_seconds += spent * (1 - share)
+            previous = results
+        elif chunk:
+            began = time.perf_counter()
+            store.record(run_id, intents)
+            recorded = time.perf_counter()
+            store.resolve(run_id, results)
+            record_seconds += recorded - began
+            resolve_seconds += time.perf_counter() - recorded
     engine.dispose()
     return record_seconds, resolve_seconds
+
+
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+def overhead(url: str, latency_ms: float) -> tuple[list[Measured], list[Measured]]:
+    """REPEATS runs with the audit and REPEATS without its deletion rows, interleaved."""
+    with_audit: list[Measured] = []
+    without: list[Measured] = []
+    args = sim_args("data_pipeline", RUN_TASKS, latency_ms=latency_ms, rate=0)
+    for _ in range(REPEATS):
+        for store_class, into in ((AuditStore, with_audit), (WithoutDeletionRows, without)):
+            with simulator("data_pipeline", *args) as sim:
+                loaded = load(policy_text("data_pipeline", sim, 100_000, batch=RUN_BATCH))
+                measured = run_in_process(loaded, url, store_class)
+            assert measured.error is None, measured.error
+            into.append(measured)
+    return with_audit, without
 
 
 def main(rows: int) -> None:
     quiet_logs()
     print(machine())
     with databases() as found:
-        print(f"\ndirect AuditStore.record() + resolve(), {rows} ids per case")
+        print(f"\ndirect AuditStore writes, {rows} ids per case")
         print(
-            f"{'database':>10} {'batch':>5} {'intents/s':>9} {'outcomes/s':>10} {'ids/s':>7} "
-            f"{'writes/s':>8} {'met':>3}"
+            f"{'database':>10} {'mode':>8} {'batch':>5} {'intents/s':>9} {'outcomes/s':>10} "
+            f"{'ids/s':>7} {'writes/s':>8} {'met':>3}"
         )
         for name, url in found:
-            for batch in BATCHES:
-                record_s, resolve_s = direct(url, rows, batch)
-                writes = 2 * rows / (record_s + resolve_s)
-                met = "-" if name == "sqlite" else ("yes" if writes >= TARGET_ROWS else "NO")
+            for grouped in (False, True):
+                for batch in BATCHES:
+                    record_s, resolve_s = direct(url, rows, batch, grouped=grouped)
+                    writes = 2 * rows / (record_s + resolve_s)
+                    met = "-" if name == "sqlite" else ("yes" if writes >= TARGET_ROWS else "NO")
+                    mode = "grouped" if grouped else "separate"
+                    print(
+                        f"{name:>10} {mode:>8} {batch:>5} {rows / record_s:>9.0f} "
+                        f"{rows / resolve_s:>10.0f} {rows / (record_s + resolve_s):>7.0f} "
+                        f"{writes:>8.0f} {met:>3}",
+                        flush=True,
+                    )
+        print(
+            f"\naudit overhead on a run: data_pipeline simulator, {RUN_TASKS} tasks, no limit, "
+            f"client rate 100000/s, batch {RUN_BATCH}, median of {REPEATS} runs each"
+        )
+        print(
+            f"{'database':>10} {'latency':>7} {'deleted':>7} {'workers':>7} {'run s':>6} "
+            f"{'no-rows s':>9} {'overhead':>8} {'audit busy':>10} {'met':>3}"
+        )
+        for name, url in found:
+            for latency in RUN_LATENCIES_MS:
+                with_audit, without = overhead(url, latency)
+                wall = _median([m.total_seconds for m in with_audit])
+                base = _median([m.total_seconds for m in without])
+                share = (wall - base) / wall
+                busy = _median([m.total_audit_seconds / m.total_seconds for m in with_audit])
                 print(
-                    f"{name:>10} {batch:>5} {rows / record_s:>9.0f} {rows / resolve_s:>10.0f} "
-                    f"{rows / (record_s + resolve_s):>7.0f} {writes:>8.0f} {met:>3}",
+                    f"{name:>10} {latency:>5}ms {with_audit[0].deleted:>7} "
+                    f"{with_audit[0].workers:>7} {wall:>6.2f} {base:>9.2f} {share:>8.1%} "
+                    f"{busy:>10.1%} {'yes' if share < TARGET_SHARE else 'NO':>3}",
                     flush=True,
                 )
-        print(
-            f"\nshare of a run's wall time in audit calls: data_pipeline simulator, {RUN_TASKS} "
-            f"tasks, 0 ms latency, no limit, client rate 100000/s, batch {RUN_BATCH}"
-        )
-        print(
-            f"{'database':>10} {'deleted':>7} {'run s':>6} {'audit s':>7} {'of run':>6} "
-            f"{'delete s':>8} {'audit s':>7} {'of delete':>9} {'met':>3}"
-        )
-        for name, url in found:
-            args = sim_args("data_pipeline", RUN_TASKS, latency_ms=0, rate=0)
-            with simulator("data_pipeline", *args) as sim:
-                loaded = load(policy_text("data_pipeline", sim, 100_000, batch=RUN_BATCH))
-                m = run_in_process(loaded, url)
-            assert m.error is None, m.error
-            share = m.total_audit_seconds / m.total_seconds
-            print(
-                f"{name:>10} {m.deleted:>7} {m.total_seconds:>6.2f} "
-                f"{m.total_audit_seconds:>7.2f} {share:>6.1%} {m.delete_seconds:>8.2f} "
-                f"{m.audit_seconds:>7.2f} {m.audit_seconds / m.delete_seconds:>9.1%} "
-                f"{'yes' if share < TARGET_SHARE else 'NO':>3}",
-                flush=True,
-            )
 
 
 if __name__ == "__main__":

@@ -161,7 +161,20 @@ class AuditTimer:
         AsyncAudit.call = self._original  # type: ignore[method-assign]
 
 
-def run_in_process(loaded: LoadedPolicy, database_url: str) -> Measured:
+class WithoutDeletionRows(AuditStore):
+    """The baseline of the audit-overhead benchmark: the same run, its deletion rows not written.
+
+    Runs, locks, reconciliation and the run's counts still use the database; only the write-ahead
+    intents and outcomes (``AuditStore.write``) are skipped. Never used outside ``bench/``.
+    """
+
+    def write(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+def run_in_process(
+    loaded: LoadedPolicy, database_url: str, store_class: type[AuditStore] = AuditStore
+) -> Measured:
     """Run a policy with ``run_policy``; time from the finished plan to the last outcome."""
     engine = make_engine(database_url)
     upgrade(engine)
@@ -184,7 +197,7 @@ def run_in_process(loaded: LoadedPolicy, database_url: str) -> Measured:
     began = time.perf_counter()
     try:
         with timer:
-            result = asyncio.run(runner.run_policy(loaded, AuditStore(engine), on_plan=on_plan))
+            result = asyncio.run(runner.run_policy(loaded, store_class(engine), on_plan=on_plan))
     finally:
         runner.Executor = original  # type: ignore[misc]
         engine.dispose()

@@ -485,7 +485,7 @@ class AuditStore:
     def _insert(self, connection: Connection, rows: list[dict[str, Any]]) -> None:
         if connection.dialect.name == "postgresql":
             # One INSERT ... SELECT FROM unnest(arrays): per-row parameter handling is the cost.
-            connection.execute(_PG_RECORD, _insert_columns(rows))
+            connection.exec_driver_sql(_PG_RECORD, _insert_columns(rows))
             return
         # SQLite: the driver's executemany with positional rows, datetimes converted by the
         # column types' own bind processors (so stored text is what SQLAlchemy would write).
@@ -519,7 +519,7 @@ class AuditStore:
         self, connection: Connection, run_id: str, now: datetime, params: list[dict[str, Any]]
     ) -> None:
         if connection.dialect.name == "postgresql":
-            connection.execute(_PG_RESOLVE, _columns(run_id, now, params))
+            connection.exec_driver_sql(_PG_RESOLVE, _columns(run_id, now, params))
             return
         decided_at = self._sqlite_datetime()(now)
         connection.exec_driver_sql(
@@ -813,29 +813,29 @@ class AuditStore:
             raise self._fail("reading runs", exc) from None
 
 
-# On PostgreSQL one UPDATE per batch joins the new values from arrays: an executemany of
-# per-row UPDATEs spends most of its time in per-row parameter handling.
-_PG_RESOLVE = text(
-    """
+# On PostgreSQL one UPDATE per write joins the new values from arrays: an executemany of
+# per-row UPDATEs spends most of its time in per-row parameter handling. The arrays go in
+# psycopg's binary format (%(name)b): the text format quotes every element with a regex.
+_PG_RESOLVE = """
     UPDATE reaper_audit AS a
     SET outcome = v.outcome, http_status = v.http_status, error_code = v.error_code,
         error_message = v.error_message, reclaimed_bytes = v.reclaimed_bytes,
-        files_count = v.files_count, note = v.note, decided_at = :decided_at,
+        files_count = v.files_count, note = v.note, decided_at = %(decided_at)b,
         chain_seq = v.chain_seq, row_hash = v.row_hash
     FROM unnest(
-        CAST(:task_ids AS text[]), CAST(:outcomes AS text[]), CAST(:http_statuses AS int[]),
-        CAST(:error_codes AS text[]), CAST(:error_messages AS text[]),
-        CAST(:reclaimed AS bigint[]), CAST(:files AS int[]), CAST(:notes AS text[]),
-        CAST(:chain_seqs AS int[]), CAST(:row_hashes AS text[])
+        CAST(%(task_ids)b AS text[]), CAST(%(outcomes)b AS text[]),
+        CAST(%(http_statuses)b AS int[]), CAST(%(error_codes)b AS text[]),
+        CAST(%(error_messages)b AS text[]),
+        CAST(%(reclaimed)b AS bigint[]), CAST(%(files)b AS int[]), CAST(%(notes)b AS text[]),
+        CAST(%(chain_seqs)b AS int[]), CAST(%(row_hashes)b AS text[])
     ) AS v(task_id, outcome, http_status, error_code, error_message, reclaimed_bytes,
            files_count, note, chain_seq, row_hash)
-    WHERE a.run_id = :run_id AND a.task_id = v.task_id
+    WHERE a.run_id = %(run_id)b AND a.task_id = v.task_id
       -- Also as an index condition: the batch's ids are looked up in (run_id, task_id) even
       -- when statistics do not know this run yet (else its every row is joined per batch).
-      AND a.task_id = ANY(CAST(:task_ids AS text[]))
+      AND a.task_id = ANY(CAST(%(task_ids)b AS text[]))
       AND a.outcome IN ('pending', 'unknown')
     """
-)
 
 
 _RECORD_COLUMNS = (
@@ -856,11 +856,11 @@ _RECORD_COLUMNS = (
     ("row_hash", "text"),
 )
 # Intents likewise: one INSERT ... SELECT FROM unnest(arrays) per batch on PostgreSQL.
-_PG_RECORD = text(  # built from the constant column list above, no input
+_PG_RECORD = (  # built from the constant column list above, no input
     "INSERT INTO reaper_audit ("  # noqa: S608
     + ", ".join(name for name, _ in _RECORD_COLUMNS)
     + ") SELECT * FROM unnest("
-    + ", ".join(f"CAST(:{name} AS {kind}[])" for name, kind in _RECORD_COLUMNS)
+    + ", ".join(f"CAST(%({name})b AS {kind}[])" for name, kind in _RECORD_COLUMNS)
     + ")"
 )
 

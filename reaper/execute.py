@@ -2,12 +2,14 @@
 
 Workers take the plan's batches in order (oldest tasks first). For each batch a worker
 
-1. records every id as ``pending`` in the audit (one transaction); if that fails, nothing is sent
-   and the run stops: *no audit, no delete*;
+1. hands every id to the group commit as ``pending`` and waits until it is durable; if that
+   fails, nothing is sent and the run stops: *no audit, no delete*;
 2. sends one delete request through the target, which waits for the shared rate limiter and
    retries 429/5xx/timeouts/connection errors as configured;
-3. records each id's outcome from the answer (``deleted``, ``already_gone``, ``failed``, or
-   ``unknown`` when the request may have reached the server but its answer was lost).
+3. hands each id's outcome from the answer (``deleted``, ``already_gone``, ``failed``, or
+   ``unknown`` when the request may have reached the server but its answer was lost) to the
+   group commit, which writes it with the next group (:mod:`reaper.groupcommit`). The run ends
+   only after the last outcome is durable.
 
 Only ids taken from the plan are ever sent. With ``continue_on_error: false`` no new batch starts
 after the first failure; batches already in flight finish and are recorded.
@@ -16,6 +18,7 @@ after the first failure; batches already in flight finish and are recorded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
 import signal
@@ -28,6 +31,7 @@ import structlog
 
 from reaper.audit import AuditEntry, AuditStore, RunSummary
 from reaper.errors import AuditError, TargetAuthError, TargetError
+from reaper.groupcommit import GroupCommit
 from reaper.http import RequestFailed, ResponseTooLarge
 from reaper.plan import Candidate, Plan
 from reaper.targets.base import BatchResult, DeleteOptions, DeleteResult, Outcome, Target
@@ -120,14 +124,29 @@ class Executor:
         self.stopped: str | None = None
         self.fatal: BaseException | None = None
         self._batch_no = 0
+        self.journal = GroupCommit(self._write, on_failure=self._audit_failed)
+
+    async def _write(self, entries: list[AuditEntry], results: list[DeleteResult]) -> None:
+        await self.audit.call(self.audit.store.write, self.run_id, entries, results)
+
+    def _audit_failed(self, exc: AuditError) -> None:
+        # No audit, no delete: no other batch starts.
+        self.fatal = self.fatal or exc
+        self._halt(f"audit write failed: {exc}")
 
     async def run(self, plan: Plan) -> RunSummary:
         """Delete everything in ``plan``; raise AuditError/TargetAuthError if the run must stop."""
         batches = plan.batches(self.batch_size)
         workers = min(self.concurrency, max(1, math.ceil(len(plan) / self.batch_size)))
-        async with asyncio.TaskGroup() as group:
-            for _ in range(workers):
-                group.create_task(self._worker(batches, len(plan)))
+        try:
+            async with asyncio.TaskGroup() as group:
+                for _ in range(workers):
+                    group.create_task(self._worker(batches, len(plan)))
+        finally:
+            # The outcomes of every answered request, even if a worker failed.
+            with contextlib.suppress(AuditError):  # _audit_failed has recorded it
+                await self.journal.flush()
+            log.debug("group_commit", **_stats(self.journal))
         if self.fatal is not None:
             raise self.fatal
         return self.summary
@@ -151,12 +170,9 @@ class Executor:
             AuditEntry(c.task_id, c.reason, c.status, c.timestamp, Outcome.PENDING) for c in batch
         ]
         try:
-            await self.audit.call(self.audit.store.record, self.run_id, intents)
-        except AuditError as exc:
-            # No audit, no delete: this batch is not sent and no other batch starts.
-            self.fatal = self.fatal or exc
-            self._halt(f"audit write failed: {exc}")
-            return
+            await self.journal.intend(intents)
+        except AuditError:
+            return  # this batch is not sent; _audit_failed has stopped the others
 
         failpoint("after_intent")
         results = await self._send(ids)
@@ -164,12 +180,7 @@ class Executor:
         # Counted before the outcome write: the deletions happened whether or not it succeeds.
         for result in results:
             self.summary.count(result)
-        try:
-            await self.audit.call(self.audit.store.resolve, self.run_id, results)
-        except AuditError as exc:
-            self.fatal = self.fatal or exc
-            self._halt(f"audit write failed: {exc}")
-            return
+        self.journal.settle(results)
         failed = [r for r in results if r.outcome in (Outcome.FAILED, Outcome.UNKNOWN)]
         event = BatchEvent(batch_no, len(batch), results, self.summary, total)
         if self.on_batch is not None:
@@ -197,6 +208,18 @@ class Executor:
             acted = exc.http_status is None or 200 <= exc.http_status < 300
             return _all(ids, Outcome.UNKNOWN if acted else Outcome.FAILED, exc)
         return _settle(ids, answer)
+
+
+def _stats(journal: GroupCommit) -> dict[str, object]:
+    stats = journal.stats
+    return {
+        "commits": stats.commits,
+        "intents": stats.intents,
+        "outcomes": stats.outcomes,
+        "batches_per_commit": round(sum(stats.sizes) / max(1, len(stats.sizes)), 1),
+        "intent_wait_s": round(stats.intent_wait, 3),
+        "flush_wait_s": round(stats.flush_wait, 3),
+    }
 
 
 def _all(ids: Sequence[str], outcome: Outcome, exc: TargetError) -> list[DeleteResult]:

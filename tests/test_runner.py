@@ -10,6 +10,7 @@ from typing import Any
 
 from conftest import NOW, fast_retries, make_policy, sim_task
 from sqlalchemy import select
+from structlog.testing import capture_logs
 
 from reaper.audit import AuditStore, audit_table, runs_table
 from reaper.policy import LoadedPolicy
@@ -70,6 +71,25 @@ class TestEndToEnd:
         assert outcomes(store) == {"deleted": 230}
         # three pages, plus the true total counted before and after
         assert sim.stats["list_requests"] == 5
+
+    def test_concurrent_batches_share_audit_commits(
+        self, data_pipeline: Start, store: AuditStore
+    ) -> None:
+        """Workers' intents and outcomes are grouped: fewer commits than two per batch, and the
+        audit still equals the server's record, each row in the run's hash chain."""
+        sim, url = data_pipeline(old_tasks(300), faults=Faults(latency_ms=20))
+        loaded = make_policy(url, delete={"batch_size": 5, "rate": "1000/s", "concurrency": 8})
+        with capture_logs() as logs:
+            result = run(loaded, store)
+        assert result.status is RunStatus.SUCCEEDED, result.error
+        assert deleted_in_audit(store) == set(sim.deleted_ids)
+        assert len(sim.deleted_ids) == 300
+        (stats,) = [entry for entry in logs if entry["event"] == "group_commit"]
+        assert stats["intents"] == stats["outcomes"] == 300
+        # 60 batches: one commit per batch and its outcomes would be 120; grouped, fewer than 60.
+        assert stats["commits"] < 60
+        assert sorted(row["chain_seq"] for row in audit_rows(store)) == list(range(1, 301))
+        assert store.verify() == []
 
     def test_audit_rows_carry_the_facts(self, data_pipeline: Start, store: AuditStore) -> None:
         """A row names policy, target, reason, listed status and age, HTTP status and space."""
