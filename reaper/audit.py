@@ -8,12 +8,13 @@ request is not sent. Writes are batched per request, not one transaction per row
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import socket
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -133,8 +134,6 @@ audit_table = Table(
     Index(None, "task_id"),
     Index(None, "recorded_at"),
     Index(None, "policy", "recorded_at"),
-    Index(None, "run_id", "seq"),
-    Index(None, "run_id", "chain_seq"),
 )
 
 ledger_table = Table(
@@ -249,8 +248,31 @@ class _RunState:
 
 
 GENESIS = "0" * 64
+#: An audit row about to be inserted: its values in ``_RECORD_COLUMNS`` order.
+_Row = list[Any]
 # The chain's serialisation of a row (one encoder: json.dumps would build one per call).
 _CANONICAL_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
+@functools.lru_cache(maxsize=64)
+def _isoformat(decided: datetime) -> str:
+    # The rows of one write share their decision time: format it once.
+    return decided.astimezone(UTC).isoformat()
+
+
+def sqlite_datetime(value: datetime | None) -> str | None:
+    """What UTCDateTime stores on SQLite for ``value``: the UTC wall time, microseconds always.
+
+    The same text as SQLAlchemy's SQLite DATETIME bind processor (a test holds them equal), for
+    the audit's executemany fast path.
+    """
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        raise ValueError("naive datetime refused by the audit database")
+    if value.tzinfo is not UTC:
+        value = value.astimezone(UTC)
+    return value.replace(tzinfo=None).isoformat(" ", "microseconds")
 
 
 def row_hash(previous: str, policy_hash: str, row: Mapping[str, Any]) -> str:
@@ -272,7 +294,7 @@ def row_hash(previous: str, policy_hash: str, row: Mapping[str, Any]) -> str:
         row["error_message"],
         row["reclaimed_bytes"],
         row["note"],
-        decided.astimezone(UTC).isoformat() if decided is not None else None,
+        _isoformat(decided) if decided is not None else None,
     ]
     payload = previous + _CANONICAL_JSON.encode(content)
     return hashlib.sha256(payload.encode()).hexdigest()
@@ -302,6 +324,13 @@ class _Chain:
         row["chain_seq"] = self.length
         row["row_hash"] = self.head = row_hash(self.head, self.policy_hash, row)
 
+    def append_inserted(self, row: _Row) -> None:
+        """A row inserted already final (dry run, skipped), as a ``_RECORD_COLUMNS`` list."""
+        values = dict(zip((name for name, _ in _RECORD_COLUMNS), row, strict=True))
+        values.update(http_status=None, error_code=None, reclaimed_bytes=None, note=None)
+        self.append(values)
+        row[_CHAIN_SEQ], row[_ROW_HASH] = values["chain_seq"], values["row_hash"]
+
     def store(self, connection: Connection) -> None:
         connection.execute(
             update(runs_table)
@@ -317,7 +346,6 @@ class AuditStore:
         self.engine = engine
         self._clock = clock or (lambda: datetime.now(UTC))
         self._runs: dict[str, _RunState] = {}
-        self._datetime_bind: Callable[[datetime | None], Any] | None = None
 
     def _now(self) -> datetime:
         now: datetime = self._clock()
@@ -421,13 +449,13 @@ class AuditStore:
             return
         try:
             with self.engine.begin() as connection:
-                decided = [row for row in rows if row["outcome"] != Outcome.PENDING.value]
+                decided = [row for row in rows if row[_OUTCOME] != Outcome.PENDING.value]
                 chain = _Chain.load(connection, run_id) if decided or params else None
                 if chain is not None:
                     for row in decided:
-                        chain.append(row)
-                    for row in params:
-                        chain.append(row)
+                        chain.append_inserted(row)
+                    for param in params:
+                        chain.append(param)
                 if rows:
                     self._insert(connection, rows)
                 if params:
@@ -445,75 +473,57 @@ class AuditStore:
             )
             raise self._fail(f"recording {what}", exc) from None
 
-    def _entry_rows(
-        self, run_id: str, entries: Sequence[AuditEntry], now: datetime
-    ) -> list[dict[str, Any]]:
+    def _entry_rows(self, run_id: str, entries: Sequence[AuditEntry], now: datetime) -> list[_Row]:
+        """One list per entry, in ``_RECORD_COLUMNS`` order."""
         if not entries:
             return []
         state = self._runs[run_id]
         policy, target = state.record.policy, state.record.target
-        rows: list[dict[str, Any]] = []
+        pending = Outcome.PENDING
+        rows: list[_Row] = []
+        seq = state.seq
         for entry in entries:
-            state.seq += 1
-            final = entry.outcome is not Outcome.PENDING
+            seq += 1
             stamp = entry.task_timestamp
             rows.append(
-                {
-                    "run_id": run_id,
-                    "seq": state.seq,
-                    "policy": policy,
-                    "target": target,
-                    "task_id": entry.task_id,
-                    "outcome": entry.outcome.value,
-                    "reason": entry.reason,
-                    "task_status": entry.task_status,
-                    "task_timestamp": stamp,
-                    "task_age_seconds": (
-                        int((now - stamp).total_seconds()) if stamp is not None else None
-                    ),
-                    "error_message": entry.error_message,
-                    "recorded_at": now,
-                    "decided_at": now if final else None,
-                    "http_status": None,
-                    "error_code": None,
-                    "reclaimed_bytes": None,
-                    "note": None,
-                }
+                [
+                    run_id,
+                    seq,
+                    policy,
+                    target,
+                    entry.task_id,
+                    entry.outcome.value,
+                    entry.reason,
+                    entry.task_status,
+                    stamp,
+                    int((now - stamp).total_seconds()) if stamp is not None else None,
+                    entry.error_message,
+                    now,
+                    None if entry.outcome is pending else now,
+                    None,  # chain_seq and row_hash: set when the row joins the chain
+                    None,
+                ]
             )
+        state.seq = seq
         return rows
 
-    def _insert(self, connection: Connection, rows: list[dict[str, Any]]) -> None:
+    def _insert(self, connection: Connection, rows: list[_Row]) -> None:
         if connection.dialect.name == "postgresql":
             # One INSERT ... SELECT FROM unnest(arrays): per-row parameter handling is the cost.
-            connection.exec_driver_sql(_PG_RECORD, _insert_columns(rows))
+            columns = zip(*rows, strict=True)
+            connection.exec_driver_sql(
+                _PG_RECORD,
+                {name: list(values) for name, values in zip(_NAMES, columns, strict=True)},
+            )
             return
-        # SQLite: the driver's executemany with positional rows, datetimes converted by the
-        # column types' own bind processors (so stored text is what SQLAlchemy would write).
-        convert = self._sqlite_datetime()
-        recorded_at = convert(rows[0]["recorded_at"])  # one per write
-        connection.exec_driver_sql(
-            _SQLITE_RECORD,
-            [
-                (
-                    row["run_id"],
-                    row["seq"],
-                    row["policy"],
-                    row["target"],
-                    row["task_id"],
-                    row["outcome"],
-                    row["reason"],
-                    row["task_status"],
-                    convert(row["task_timestamp"]),
-                    row["task_age_seconds"],
-                    row["error_message"],
-                    recorded_at,
-                    convert(row["decided_at"]),
-                    row.get("chain_seq"),
-                    row.get("row_hash"),
-                )
-                for row in rows
-            ],
-        )
+        # SQLite: the driver's executemany with positional rows; datetimes become the text
+        # UTCDateTime stores (see sqlite_datetime).
+        recorded_at = sqlite_datetime(rows[0][_RECORDED_AT])  # one per write
+        for row in rows:
+            row[_TASK_TIMESTAMP] = sqlite_datetime(row[_TASK_TIMESTAMP])
+            row[_RECORDED_AT] = recorded_at
+            row[_DECIDED_AT] = sqlite_datetime(row[_DECIDED_AT])
+        connection.exec_driver_sql(_SQLITE_RECORD, [tuple(row) for row in rows])
 
     def _update(
         self, connection: Connection, run_id: str, now: datetime, params: list[dict[str, Any]]
@@ -521,7 +531,7 @@ class AuditStore:
         if connection.dialect.name == "postgresql":
             connection.exec_driver_sql(_PG_RESOLVE, _columns(run_id, now, params))
             return
-        decided_at = self._sqlite_datetime()(now)
+        decided_at = sqlite_datetime(now)
         connection.exec_driver_sql(
             _SQLITE_RESOLVE,
             [
@@ -542,16 +552,6 @@ class AuditStore:
                 for row in params
             ],
         )
-
-    def _sqlite_datetime(self) -> Callable[[datetime | None], Any]:
-        if self._datetime_bind is None:
-            column_type = audit_table.c.recorded_at.type
-            process = column_type.dialect_impl(self.engine.dialect).bind_processor(
-                self.engine.dialect
-            )
-            assert process is not None
-            self._datetime_bind = process
-        return self._datetime_bind
 
     # -- queries ------------------------------------------------------------------------------
 
@@ -855,6 +855,11 @@ _RECORD_COLUMNS = (
     ("chain_seq", "int"),
     ("row_hash", "text"),
 )
+_NAMES = [name for name, _ in _RECORD_COLUMNS]
+_OUTCOME, _TASK_TIMESTAMP, _RECORDED_AT, _DECIDED_AT, _CHAIN_SEQ, _ROW_HASH = (
+    _NAMES.index(name)
+    for name in ("outcome", "task_timestamp", "recorded_at", "decided_at", "chain_seq", "row_hash")
+)
 # Intents likewise: one INSERT ... SELECT FROM unnest(arrays) per batch on PostgreSQL.
 _PG_RECORD = (  # built from the constant column list above, no input
     "INSERT INTO reaper_audit ("  # noqa: S608
@@ -903,10 +908,6 @@ def _outcome_rows(
             }
         )
     return params
-
-
-def _insert_columns(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
-    return {name: [row.get(name) for row in rows] for name, _ in _RECORD_COLUMNS}
 
 
 def _columns(run_id: str, decided_at: datetime, rows: list[dict[str, Any]]) -> dict[str, Any]:

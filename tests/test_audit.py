@@ -3,14 +3,33 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from hypothesis import given
+from hypothesis import strategies as st
 from sqlalchemy import select
+from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 
-from reaper.audit import AuditEntry, AuditStore, RunRecord, RunSummary, metadata, runs_table
-from reaper.db import current_revision, head_revision, make_engine, require_current_schema, upgrade
+from reaper.audit import (
+    AuditEntry,
+    AuditStore,
+    RunRecord,
+    RunSummary,
+    metadata,
+    runs_table,
+    sqlite_datetime,
+)
+from reaper.db import (
+    UTCDateTime,
+    current_revision,
+    head_revision,
+    make_engine,
+    require_current_schema,
+    upgrade,
+)
 from reaper.errors import AuditError
 from reaper.targets.base import DeleteResult, Outcome
 
@@ -133,3 +152,26 @@ class TestQueries:
         assert len(store.rows(outcome="dry_run", limit=2)) == 2
         future = datetime.now(UTC) + timedelta(hours=1)
         assert store.rows(since=future) == []
+
+
+class TestSqliteFastPath:
+    """The executemany fast path writes exactly what SQLAlchemy's column type would."""
+
+    @given(
+        st.datetimes(
+            min_value=datetime(1, 1, 2),  # noqa: DTZ001 - hypothesis bounds are naive
+            max_value=datetime(9999, 12, 30),  # noqa: DTZ001
+            timezones=st.sampled_from([UTC, ZoneInfo("Europe/Berlin"), ZoneInfo("Asia/Tokyo")]),
+        )
+    )
+    def test_datetimes_are_stored_as_sqlalchemy_stores_them(self, value: datetime) -> None:
+        dialect = sqlite_dialect()
+        column_type = UTCDateTime()
+        process = column_type.dialect_impl(dialect).bind_processor(dialect)
+        assert process is not None
+        assert sqlite_datetime(value) == process(value)
+
+    def test_naive_datetimes_are_refused(self) -> None:
+        with pytest.raises(ValueError, match="naive"):
+            sqlite_datetime(datetime(2026, 1, 1))  # noqa: DTZ001 - the point
+        assert sqlite_datetime(None) is None
