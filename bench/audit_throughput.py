@@ -57,7 +57,8 @@ TARGET_ROWS = 20_000
 TARGET_SHARE = 0.05
 RUN_TASKS = 20_000
 RUN_BATCH = 50  # the default delete.batch_size
-RUN_LATENCIES_MS = (0, 5)
+#: (latency ms, rate limit per second: server and client; 0 = none, the client at 100000/s).
+RUN_CASES = ((0, 0), (5, 0), (20, 0), (50, 100))
 REPEATS = 3
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -131,15 +132,16 @@ def _median(values: list[float]) -> float:
     return sorted(values)[len(values) // 2]
 
 
-def overhead(url: str, latency_ms: float) -> tuple[list[Measured], list[Measured]]:
+def overhead(url: str, latency_ms: float, limit: float) -> tuple[list[Measured], list[Measured]]:
     """REPEATS runs with the audit and REPEATS without its deletion rows, interleaved."""
     with_audit: list[Measured] = []
     without: list[Measured] = []
-    args = sim_args("data_pipeline", RUN_TASKS, latency_ms=latency_ms, rate=0)
+    args = sim_args("data_pipeline", RUN_TASKS, latency_ms=latency_ms, rate=limit)
     for _ in range(REPEATS):
         for store_class, into in ((AuditStore, with_audit), (WithoutDeletionRows, without)):
             with simulator("data_pipeline", *args) as sim:
-                loaded = load(policy_text("data_pipeline", sim, 100_000, batch=RUN_BATCH))
+                rate = limit or 100_000
+                loaded = load(policy_text("data_pipeline", sim, rate, batch=RUN_BATCH))
                 measured = run_in_process(loaded, url, store_class)
             assert measured.error is None, measured.error
             into.append(measured)
@@ -169,22 +171,24 @@ def main(rows: int) -> None:
                         flush=True,
                     )
         print(
-            f"\naudit overhead on a run: data_pipeline simulator, {RUN_TASKS} tasks, no limit, "
-            f"client rate 100000/s, batch {RUN_BATCH}, median of {REPEATS} runs each"
+            f"\naudit overhead on a run: data_pipeline simulator, {RUN_TASKS} tasks, batch "
+            f"{RUN_BATCH}, concurrency sized automatically, median of {REPEATS} runs each; "
+            "limit '-': no server limit, client rate 100000/s"
         )
         print(
-            f"{'database':>10} {'latency':>7} {'deleted':>7} {'workers':>7} {'run s':>6} "
-            f"{'no-rows s':>9} {'overhead':>8} {'audit busy':>10} {'met':>3}"
+            f"{'database':>10} {'latency':>7} {'limit':>5} {'deleted':>7} {'workers':>7} "
+            f"{'run s':>6} {'no-rows s':>9} {'overhead':>8} {'audit busy':>10} {'met':>3}"
         )
         for name, url in found:
-            for latency in RUN_LATENCIES_MS:
-                with_audit, without = overhead(url, latency)
+            for latency, limit in RUN_CASES:
+                with_audit, without = overhead(url, latency, limit)
                 wall = _median([m.total_seconds for m in with_audit])
                 base = _median([m.total_seconds for m in without])
                 share = (wall - base) / wall
                 busy = _median([m.total_audit_seconds / m.total_seconds for m in with_audit])
                 print(
-                    f"{name:>10} {latency:>5}ms {with_audit[0].deleted:>7} "
+                    f"{name:>10} {latency:>5}ms {f'{limit:g}/s' if limit else '-':>5} "
+                    f"{with_audit[0].deleted:>7} "
                     f"{with_audit[0].workers:>7} {wall:>6.2f} {base:>9.2f} {share:>8.1%} "
                     f"{busy:>10.1%} {'yes' if share < TARGET_SHARE else 'NO':>3}",
                     flush=True,

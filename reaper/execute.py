@@ -3,7 +3,9 @@
 Workers take the plan's batches in order (oldest tasks first). For each batch a worker
 
 1. hands every id to the group commit as ``pending`` and waits until it is durable; if that
-   fails, nothing is sent and the run stops: *no audit, no delete*;
+   fails, nothing is sent and the run stops: *no audit, no delete*. A worker hands in its next
+   batch's intents while its current request is in flight, so the wait is usually over before it
+   starts; if the run stops in between, that batch is recorded ``not_deleted`` ("never sent");
 2. sends one delete request through the target, which waits for the shared rate limiter and
    retries 429/5xx/timeouts/connection errors as configured;
 3. hands each id's outcome from the answer (``deleted``, ``already_gone``, ``failed``, or
@@ -157,23 +159,47 @@ class Executor:
         self.stop.set()
 
     async def _worker(self, batches: Iterator[list[Candidate]], total: int) -> None:
-        while not self.stop.is_set():
-            batch = next(batches, None)
-            if batch is None:
+        """Send batches one after another, each batch's intents written while the one before
+        it is in flight: the write-ahead costs the worker no wait unless the audit falls behind.
+        """
+        current = self._prepare(batches)
+        while current is not None:
+            batch_no, batch, durable = current
+            try:
+                await durable
+            except AuditError:
+                return  # not sent; _audit_failed has stopped the others
+            if self.stop.is_set():
+                self._never_sent(batch)
                 return
-            self._batch_no += 1
-            await self._one_batch(self._batch_no, batch, total)
+            following = self._prepare(batches)
+            await self._one_batch(batch_no, batch, total)
+            current = following
 
-    async def _one_batch(self, batch_no: int, batch: list[Candidate], total: int) -> None:
-        ids = [candidate.task_id for candidate in batch]
+    def _prepare(
+        self, batches: Iterator[list[Candidate]]
+    ) -> tuple[int, list[Candidate], asyncio.Task[None]] | None:
+        """Take the next batch and hand its ``pending`` intents to the group commit."""
+        if self.stop.is_set():
+            return None
+        batch = next(batches, None)
+        if batch is None:
+            return None
+        self._batch_no += 1
         intents = [
             AuditEntry(c.task_id, c.reason, c.status, c.timestamp, Outcome.PENDING) for c in batch
         ]
-        try:
-            await self.journal.intend(intents)
-        except AuditError:
-            return  # this batch is not sent; _audit_failed has stopped the others
+        return self._batch_no, batch, asyncio.ensure_future(self.journal.intend(intents))
 
+    def _never_sent(self, batch: list[Candidate]) -> None:
+        """The run stopped after this batch's intents were written: it was never sent."""
+        note = f"never sent: the run stopped first ({self.stopped or 'stop requested'})"
+        self.journal.settle(
+            [DeleteResult(c.task_id, Outcome.NOT_DELETED, note=note) for c in batch]
+        )
+
+    async def _one_batch(self, batch_no: int, batch: list[Candidate], total: int) -> None:
+        ids = [candidate.task_id for candidate in batch]
         failpoint("after_intent")
         results = await self._send(ids)
         failpoint("after_response")

@@ -209,8 +209,13 @@ class TestSignals:
         assert run["status"] == "interrupted"
         assert 0 < run["deleted"] < 200
         rows = query(database, audit_table)
-        assert {r["outcome"] for r in rows} == {"deleted"}
-        assert {r["task_id"] for r in rows} == set(sim.deleted_ids)
+        # Each worker's next batch had its intents written while the last one was in flight:
+        # recorded as never sent. Nothing is left pending.
+        assert {r["outcome"] for r in rows} <= {"deleted", "not_deleted"}
+        assert {r["task_id"] for r in rows if r["outcome"] == "deleted"} == set(sim.deleted_ids)
+        never_sent = {r["task_id"] for r in rows if r["outcome"] == "not_deleted"}
+        assert len(never_sent) <= 2 * 2  # at most one batch of 2 per worker
+        assert not never_sent & set(sim.delete_requests_by_id)
         assert run["deleted"] == len(sim.deleted_ids)
 
 

@@ -171,7 +171,10 @@ class TestFailures:
         assert result.status is RunStatus.PARTIAL
 
     def test_stop_on_error(self, data_pipeline: Start, store: AuditStore) -> None:
-        """With continue_on_error false, no batch starts after the first failure."""
+        """With continue_on_error false, no batch is sent after the first failure.
+
+        The next batch's intents were already written (while the first was in flight): they are
+        recorded ``not_deleted``, never sent, not left ``pending``."""
         sim, url = data_pipeline(old_tasks(50), faults=Faults(partial_failure_rate=1.0))
         loaded = make_policy(
             url,
@@ -181,7 +184,13 @@ class TestFailures:
         assert result.status is RunStatus.ABORTED
         assert "stop-on-error" in (result.error or "")
         assert sim.stats["delete_requests"] == 1
-        assert outcomes(store) == {"failed": 5}
+        assert outcomes(store) == {"failed": 5, "not_deleted": 5}
+        never_sent = [row for row in audit_rows(store) if row["outcome"] == "not_deleted"]
+        assert all(
+            row["note"].startswith("never sent: the run stopped first") for row in never_sent
+        )
+        assert not {row["task_id"] for row in never_sent} & set(sim.delete_requests_by_id)
+        assert store.verify() == []
 
     def test_retries_429_with_retry_after(self, data_pipeline: Start, store: AuditStore) -> None:
         """A server-side rate limit below ours yields 429s; Retry-After is honoured, all deleted."""
