@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.abc
 import random
+import sys
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -174,3 +176,47 @@ class TestRetryAfter:
         """Unparseable values are ignored (None)."""
         assert retry_after_seconds("soon") is None
         assert retry_after_seconds(None) is None
+
+
+class TestTransportOverhead:
+    def test_a_request_searches_no_import_path(self) -> None:
+        """httpcore runs ``import sniffio`` several times per request. Without sniffio installed
+        every one searched sys.path (a failed import is not cached); with it, none does."""
+        searched: list[str] = []
+
+        class Spy(importlib.abc.MetaPathFinder):
+            def find_spec(self, fullname: str, path: object, target: object = None) -> None:
+                searched.append(fullname)
+
+        closed = asyncio.Event()
+
+        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                while await reader.readuntil(b"\r\n\r\n"):
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+                    await writer.drain()
+            except asyncio.IncompleteReadError:
+                pass  # the client closed the connection
+            writer.close()
+            await writer.wait_closed()
+            closed.set()
+
+        async def main() -> None:
+            server = await asyncio.start_server(answer, "127.0.0.1", 0)
+            port = server.sockets[0].getsockname()[1]
+            async with httpx.AsyncClient() as client:
+                http = TargetHttp(client, RateLimiter(Rate(1000)), FAST)
+                await http.send("GET", f"http://127.0.0.1:{port}/")  # lazy imports happen here
+                spy = Spy()
+                sys.meta_path.insert(0, spy)
+                try:
+                    exchange = await http.send("GET", f"http://127.0.0.1:{port}/")
+                finally:
+                    sys.meta_path.remove(spy)
+            await closed.wait()  # one keep-alive connection, closed with the client
+            server.close()
+            await server.wait_closed()
+            assert exchange.json() == {}
+
+        asyncio.run(main())
+        assert searched == []
