@@ -10,7 +10,6 @@ normal answer. The server joins ids into a directory path unvalidated, so ids th
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Literal
@@ -21,6 +20,7 @@ from pydantic import AnyHttpUrl, ConfigDict, Field, field_validator
 
 from reaper.converters import parse_size, parse_timestamp, parse_timezone
 from reaper.errors import ListingError, TargetResponseError
+from reaper.http import loads_json
 from reaper.targets.base import (
     BatchResult,
     DeleteOptions,
@@ -256,7 +256,7 @@ class DataPipelineTarget(Target):
 
 def _json_or_none(body: bytes) -> Any:
     try:
-        return json.loads(body)
+        return loads_json(body)
     except ValueError:
         return None
 
