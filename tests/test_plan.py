@@ -64,7 +64,7 @@ def listed(raw: dict[str, Any], age_field: str = "created_at", zone: ZoneInfo = 
     """A raw data_pipeline listing entry read the way the target reads it."""
     loaded = make_policy(URL)
     request = ListRequest(age_field=age_field, match_fields=frozenset({"task_id", "task_name"}))
-    return target_for(loaded)._task(raw, request, zone, "listing page 1 (offset 0)")
+    return target_for(loaded)._reader(request, zone)(raw, "listing page 1 (offset 0)")
 
 
 class TestStatusSelection:

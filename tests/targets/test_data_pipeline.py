@@ -115,9 +115,21 @@ class TestListing:
         """A record whose age field does not parse is returned with `problem` set."""
         target = DataPipelineTarget.__new__(DataPipelineTarget)
         raw = {"task_id": "task_20261001_120000", "status": "completed", "created_at": "soon"}
-        task = target._task(raw, ListRequest("created_at"), ZoneUTC, "page 1")
+        task = target._reader(ListRequest("created_at"), ZoneUTC)(raw, "page 1")
         assert task.problem is not None
         assert task.timestamp is None
+
+    @pytest.mark.parametrize(("exists", "gone"), [(True, False), (None, False), (False, True)])
+    def test_only_directory_exists_false_is_gone(self, exists: bool | None, gone: bool) -> None:
+        """Only an explicit ``directory_exists: false`` marks a listed task as already gone."""
+        target = DataPipelineTarget.__new__(DataPipelineTarget)
+        raw: dict[str, Any] = {"task_id": "task_20261001_120000", "status": "completed"}
+        if exists is not None:
+            raw["directory_exists"] = exists
+        task = target._reader(ListRequest("created_at"), ZoneUTC)(raw, "page 1")
+        assert task.gone is gone
+        assert task.timestamp is None
+        assert dict(task.fields) == {}
 
     @pytest.mark.parametrize(
         "raw",
@@ -127,7 +139,7 @@ class TestListing:
         """An entry without task_id or status makes the listing incomplete: ListingError."""
         target = DataPipelineTarget.__new__(DataPipelineTarget)
         with pytest.raises(ListingError):
-            target._task(raw, ListRequest("created_at"), ZoneUTC, "page 1")
+            target._reader(ListRequest("created_at"), ZoneUTC)(raw, "page 1")
 
 
 ZoneUTC = __import__("zoneinfo").ZoneInfo("UTC")
