@@ -111,6 +111,42 @@ class TestListing:
         with pytest.raises(ListingError, match=r"not JSON|not a JSON"):
             list_all(url, verify_total=False)
 
+    def test_page_requests(self) -> None:
+        """Each page is a GET of the tasks path with limit and offset, until a short page."""
+        seen: list[tuple[str, str, dict[str, str]]] = []
+
+        def handler(request: httpx.Request) -> httpx.Response:
+            seen.append((request.method, request.url.path, dict(request.url.params)))
+            offset = int(request.url.params["offset"])
+            tasks = [
+                {"task_id": f"task_20261001_{n:06d}", "status": "completed"}
+                for n in range(offset, min(offset + 2, 5))
+            ]
+            return httpx.Response(200, json={"success": True, "data": {"tasks": tasks}})
+
+        loaded = make_policy(
+            "http://target.invalid/base/",
+            target={
+                "type": "data_pipeline",
+                "base_url": "http://target.invalid/base/",
+                "page_size": 2,
+                "verify_total": False,
+            },
+        )
+
+        async def main() -> list[Task]:
+            t, client = build_target(loaded, transport=httpx.MockTransport(handler))
+            try:
+                return [task async for task in t.list_tasks(ListRequest("created_at"))]
+            finally:
+                await client.aclose()
+
+        assert len(asyncio.run(main())) == 5
+        path = "/base/api/v0/data_pipeline/tasks"
+        assert seen == [
+            ("GET", path, {"limit": "2", "offset": str(offset)}) for offset in (0, 2, 4)
+        ]
+
     def test_unparseable_timestamp_is_a_problem_not_a_crash(self) -> None:
         """A record whose age field does not parse is returned with `problem` set."""
         target = DataPipelineTarget.__new__(DataPipelineTarget)
