@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, tzinfo
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -21,6 +22,7 @@ __all__ = [
     "parse_size",
     "parse_timestamp",
     "parse_timezone",
+    "timestamp_parser",
 ]
 
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -119,12 +121,29 @@ def parse_timezone(name: str) -> ZoneInfo:
         raise ValueError(f"unknown timezone {name!r}; use an IANA name such as 'UTC'") from exc
 
 
+# A naive value plus the UTC epoch minus the naive epoch is the same value, aware in UTC: two C
+# operations, six times cheaper than ``replace(tzinfo=UTC)`` (whose keyword parsing dominates).
+_NAIVE_EPOCH = datetime(1970, 1, 1)  # noqa: DTZ001 - naive on purpose, see above
+_UTC_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _is_utc(zone: tzinfo) -> bool:
+    return zone is UTC or getattr(zone, "key", None) == "UTC"
+
+
 def as_aware_utc(value: datetime, naive_tz: tzinfo = UTC) -> datetime:
     """Return ``value`` in UTC; a naive value is read as wall time in ``naive_tz``."""
-    if value.tzinfo is None:
-        if naive_tz is UTC or getattr(naive_tz, "key", None) == "UTC":
-            return value.replace(tzinfo=UTC)  # the common case, on the hot path of listings
+    return _to_utc(value, naive_tz, _is_utc(naive_tz))
+
+
+def _to_utc(value: datetime, naive_tz: tzinfo, naive_is_utc: bool) -> datetime:
+    zone = value.tzinfo
+    if zone is None:
+        if naive_is_utc:
+            return _UTC_EPOCH + (value - _NAIVE_EPOCH)  # the common case, on the hot path
         value = value.replace(tzinfo=naive_tz)
+    elif zone is UTC:
+        return value
     return value.astimezone(UTC)
 
 
@@ -132,8 +151,23 @@ def parse_timestamp(text: str, naive_tz: tzinfo = UTC) -> datetime:
     """Parse an ISO-8601 timestamp into aware UTC; naive values are wall time in ``naive_tz``.
 
     Raises ValueError for anything that is not a complete date and time. This is on the hot path
-    of every listing (a million calls for a million tasks), hence the cheap checks first.
+    of every listing (a million calls for a million tasks), hence the cheap checks first; a
+    listing parses with :func:`timestamp_parser`, which fixes the zone once.
     """
+    return _parse_timestamp(text, naive_tz, _is_utc(naive_tz))
+
+
+def timestamp_parser(naive_tz: tzinfo = UTC) -> Callable[[str], datetime]:
+    """:func:`parse_timestamp` with the zone fixed, for parsing a whole listing."""
+    utc = _is_utc(naive_tz)
+
+    def parse(text: str) -> datetime:
+        return _parse_timestamp(text, naive_tz, utc)
+
+    return parse
+
+
+def _parse_timestamp(text: str, naive_tz: tzinfo, naive_is_utc: bool) -> datetime:
     if not isinstance(text, str):
         raise ValueError(f"expected an ISO-8601 timestamp string, got {type(text).__name__}")
     # A bare date would silently mean midnight: a retention tool wants the full timestamp.
@@ -150,7 +184,7 @@ def parse_timestamp(text: str, naive_tz: tzinfo = UTC) -> datetime:
             parsed = datetime.fromisoformat(text[:-1] + "+00:00")
         except ValueError:
             raise ValueError(f"not an ISO-8601 timestamp: {text!r}") from None
-    return as_aware_utc(parsed, naive_tz)
+    return _to_utc(parsed, naive_tz, naive_is_utc)
 
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?i?B|bytes?)?\s*$", re.IGNORECASE)

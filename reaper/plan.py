@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
+import operator
 import re
 from array import array
 from collections import Counter
@@ -53,12 +55,26 @@ class Verdict(StrEnum):
 Decision = tuple[Verdict, str]
 Rule = Callable[[Task], Decision | None]
 
+# A rule may say what it reads of a task, as a ``reads`` attribute (task field names), and an
+# aging rule up to when it lets every task through, as ``passes_before`` (an instant: it passes
+# every task with an earlier timestamp). The planner uses these to decide a million tasks without
+# asking every rule about every task (see Planner.add); a rule without them is always asked.
+_STATUS_ONLY = frozenset({"status", "gone"})
+_UNDECIDED = (Verdict.KEEP, "undecided")  # a sentinel: no rule returns this very tuple
+
 
 # --- rules ------------------------------------------------------------------------------------
 
 
+def _reads_only_status(rule: Rule) -> bool:
+    reads = getattr(rule, "reads", None)
+    return isinstance(reads, frozenset) and reads <= _STATUS_ONLY
+
+
 class AlreadyGone:
     """Tasks the target lists as already deleted are not selected again."""
+
+    reads = frozenset({"gone"})
 
     def __call__(self, task: Task) -> Decision | None:
         return (Verdict.GONE, "already deleted on the target") if task.gone else None
@@ -66,6 +82,8 @@ class AlreadyGone:
 
 class ProtectIds:
     """Ids named in ``protect.ids``."""
+
+    reads = frozenset({"id"})
 
     def __init__(self, ids: Sequence[str]) -> None:
         self.ids = frozenset(ids)
@@ -76,6 +94,8 @@ class ProtectIds:
 
 class ProtectStatus:
     """Protected statuses: the policy's, plus the target's live ones unless opted in."""
+
+    reads = frozenset({"status"})
 
     def __init__(self, statuses: frozenset[str]) -> None:
         self.statuses = statuses
@@ -88,6 +108,8 @@ class ProtectStatus:
 
 class NotDeletable:
     """Statuses the target's API refuses to delete: a hard rail no policy can lift."""
+
+    reads = frozenset({"status"})
 
     def __init__(self, kind: str, deletable: frozenset[str]) -> None:
         self.kind = kind
@@ -115,6 +137,8 @@ class ProtectMatch:
 class StatusFilter:
     """Only the statuses in ``select.status`` are considered."""
 
+    reads = frozenset({"status"})
+
     def __init__(self, statuses: Sequence[str]) -> None:
         self.statuses = frozenset(statuses)
 
@@ -140,6 +164,9 @@ class MatchFilter:
 class NeedsTimestamp:
     """A matching task without a value for the age field cannot be aged: it is kept."""
 
+    #: Any timestamp passes.
+    passes_before = datetime.max.replace(tzinfo=UTC)
+
     def __init__(self, age_field: str) -> None:
         self.age_field = age_field
 
@@ -154,6 +181,7 @@ class MinimumAge:
 
     def __init__(self, now: datetime, min_age: timedelta) -> None:
         self.limit = now - min_age
+        self.passes_before = self.limit
         self.reason = f"kept: younger than the minimum age {format_duration(min_age)}"
 
     def __call__(self, task: Task) -> Decision | None:
@@ -166,6 +194,7 @@ class OlderThan:
 
     def __init__(self, cutoff: datetime, older_than: str, age_field: str) -> None:
         self.cutoff = cutoff
+        self.passes_before = cutoff
         self.older_than = older_than
         self.age_field = age_field
 
@@ -191,11 +220,10 @@ def build_rules(
     protected = set(policy.protect.status)
     if not policy.select.allow_live:
         protected |= target.live_statuses
-    selection: list[Rule] = [
-        AlreadyGone(),
-        ProtectIds(policy.protect.ids),
-        ProtectStatus(frozenset(protected)),
-    ]
+    selection: list[Rule] = [AlreadyGone()]
+    if policy.protect.ids:
+        selection.append(ProtectIds(policy.protect.ids))
+    selection.append(ProtectStatus(frozenset(protected)))
     if target.deletable_statuses is not None:
         selection.append(NotDeletable(target.kind, target.deletable_statuses))
     if policy.protect.match:
@@ -373,17 +401,35 @@ class Planner:
         self._status_col: list[str] = []
         # The newest `keep_newest` matching tasks: a min-heap of (timestamp, id).
         self._newest: list[tuple[float, str]] = []
+        # When every selection rule reads nothing but a task's status and gone flag (the usual
+        # policy), the chain is asked once per (status, gone) pair and its answer remembered.
+        self._selected: dict[tuple[str, bool], Decision | None] | None = None
+        if all(_reads_only_status(rule) for rule in self.selection):
+            self._selected = {}
+        # Every aging rule passes a task this much older than the earliest of their limits (a
+        # POSIX timestamp; the second of margin keeps float rounding out of the question).
+        self._old_enough = -math.inf
+        limits = [getattr(rule, "passes_before", None) for rule in self.aging]
+        instants = [limit for limit in limits if isinstance(limit, datetime)]
+        if instants and len(instants) == len(limits):
+            self._old_enough = min(instant.timestamp() for instant in instants) - 1.0
 
     def add(self, task: Task) -> None:
         """Decide one listed task."""
         # 8 bytes a task; duplicates are found once the listing is complete (finish()).
         self._seen.append(hash(task.id))
         self.listed += 1
-        for rule in self.selection:
-            decision = rule(task)
-            if decision is not None:
-                self._note(task, decision)
-                return
+        selected = self._selected
+        if selected is None:
+            decision = self._select(task)
+        else:
+            key = (task.status, task.gone)
+            decision = selected.get(key, _UNDECIDED)
+            if decision is _UNDECIDED:
+                decision = selected[key] = self._select(task)
+        if decision is not None:
+            self._note(task, decision)
+            return
         if task.problem is not None:
             # The policy is about this task but cannot age it; keep-newest-N and the cutoff
             # would be computed on a guess. The whole policy stops, nothing is deleted.
@@ -397,16 +443,24 @@ class Planner:
                 heapq.heappush(self._newest, entry)
             elif entry > self._newest[0]:
                 heapq.heapreplace(self._newest, entry)
-        for rule in self.aging:
-            decision = rule(task)
-            if decision is not None:
-                self._note(task, decision)
-                return
+        if stamp is None or stamp >= self._old_enough:  # else every aging rule would pass it
+            for rule in self.aging:
+                decision = rule(task)
+                if decision is not None:
+                    self._note(task, decision)
+                    return
         assert stamp is not None
         status = self._statuses.setdefault(task.status, task.status)
         self._ids.append(task.id)
         self._stamps.append(stamp)
         self._status_col.append(status)
+
+    def _select(self, task: Task) -> Decision | None:
+        for rule in self.selection:
+            decision = rule(task)
+            if decision is not None:
+                return decision
+        return None
 
     def _note(self, task: Task, decision: Decision) -> None:
         _tally(self.counts, self.examples, decision, task.id, task.status, task.timestamp)
@@ -421,7 +475,8 @@ class Planner:
         """Apply keep-newest-N and the id guard; return the plan."""
         seen = sorted(self._seen)
         self._seen = array("q")
-        if any(a == b for a, b in itertools.pairwise(seen)):
+        # map() over two views: the comparisons run in C, not in a generator.
+        if any(map(operator.eq, seen, itertools.islice(seen, 1, None))):
             # (A hash collision would also land here: astronomically rare, and it fails safe.)
             raise ListingError("the listing returned a task twice: paging is inconsistent")
         del seen
@@ -429,7 +484,7 @@ class Planner:
         kept_newest = {task_id for _, task_id in self._newest}
         n = len(ids)
         order: Iterable[int]
-        if all(stamps[i] > stamps[i + 1] for i in range(n - 1)):
+        if all(map(operator.gt, stamps, itertools.islice(stamps, 1, None))):
             # A newest-first listing (data_pipeline, DCS) is already in order; strictly, so that
             # ties keep the listing order as the stable sort below would.
             order = range(n - 1, -1, -1)
@@ -442,12 +497,13 @@ class Planner:
         keep_reason = (Verdict.KEEP, f"kept: newest {self.keep_newest}")
         for index in order:
             task_id, status, stamp = ids[index], statuses[index], stamps[index]
-            when = datetime.fromtimestamp(stamp, UTC)
             if task_id in kept_newest:
+                when = datetime.fromtimestamp(stamp, UTC)
                 _tally(self.counts, self.examples, keep_reason, task_id, status, when)
                 continue
             why_invalid = self.target.invalid_id_reason(task_id)
             if why_invalid is not None:
+                when = datetime.fromtimestamp(stamp, UTC)
                 invalid.append(Candidate(task_id, status, when, f"refused: {why_invalid}"))
                 _tally(
                     self.counts,
@@ -464,16 +520,17 @@ class Planner:
         # The columns are rebuilt in deletion order; release the listing-order ones.
         self._ids, self._stamps, self._status_col = [], array("d"), []
         reasons = {status: self._reason(status) for status in self._statuses.values()}
-        for index, task_id in enumerate(final_ids):
-            status = final_statuses[index]
-            _tally(
-                self.counts,
-                self.examples,
-                (Verdict.DELETE, reasons[status]),
-                task_id,
-                status,
-                datetime.fromtimestamp(final_stamps[index], UTC),
-            )
+        # What _tally would do for each id, per status: Counter counts in C (its keys in order
+        # of first appearance), and list.index finds each status's first examples.
+        for status, number in Counter(final_statuses).items():
+            decision = (Verdict.DELETE, reasons[status])
+            self.counts[decision] += number
+            examples = self.examples.setdefault(decision, [])
+            index = -1
+            for _ in range(min(number, self.EXAMPLES_PER_REASON - len(examples))):
+                index = final_statuses.index(status, index + 1)
+                when = datetime.fromtimestamp(final_stamps[index], UTC)
+                examples.append(Example(final_ids[index], status, when))
         return Plan(
             policy=self.loaded,
             created_at=self.now,

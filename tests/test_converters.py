@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from reaper.converters import (
+    as_aware_utc,
     format_duration,
     parse_duration,
     parse_rate,
     parse_size,
     parse_timestamp,
     parse_timezone,
+    timestamp_parser,
 )
 
 
@@ -91,6 +95,52 @@ class TestTimestamps:
         """Dates without a time and non-timestamps raise ValueError."""
         with pytest.raises(ValueError, match="timestamp"):
             parse_timestamp(text)
+
+    @given(
+        value=st.datetimes(),
+        zone=st.sampled_from(["UTC", "Asia/Shanghai", "America/New_York", "Europe/Dublin"]),
+        sep=st.sampled_from(["T", " "]),
+    )
+    def test_naive_values_in_any_zone(self, value: datetime, zone: str, sep: str) -> None:
+        """A naive timestamp is the wall time in the zone: the same instant, in UTC, as the
+        zone-attached value, through parse_timestamp and timestamp_parser alike."""
+        text = value.isoformat(sep=sep)
+        expected = value.replace(tzinfo=ZoneInfo(zone)).astimezone(UTC)
+        for parsed in (
+            parse_timestamp(text, ZoneInfo(zone)),
+            timestamp_parser(ZoneInfo(zone))(text),
+        ):
+            assert parsed == expected
+            assert parsed.tzinfo is UTC
+            assert parsed.replace(tzinfo=None) == expected.replace(tzinfo=None)
+
+    @given(
+        value=st.datetimes(
+            timezones=st.integers(-1439, 1439).map(lambda m: timezone(timedelta(minutes=m)))
+        )
+    )
+    def test_aware_values_keep_their_instant(self, value: datetime) -> None:
+        """A timestamp with an offset is that instant, whatever the configured zone."""
+        text = value.isoformat()
+        for zone in (UTC, ZoneInfo("UTC"), ZoneInfo("Asia/Shanghai")):
+            parsed = timestamp_parser(zone)(text)
+            assert parsed == value
+            assert parsed.tzinfo is UTC
+
+    @given(value=st.datetimes())
+    def test_as_aware_utc_of_naive_values(self, value: datetime) -> None:
+        """as_aware_utc reads a naive value in UTC as the same wall time, aware."""
+        for zone in (UTC, ZoneInfo("UTC")):
+            converted = as_aware_utc(value, zone)
+            assert converted == value.replace(tzinfo=UTC)
+            assert converted.tzinfo is UTC
+
+    def test_parser_refuses_what_parse_timestamp_refuses(self) -> None:
+        """A fixed-zone parser raises the same ValueError for garbage and bare dates."""
+        parse = timestamp_parser(ZoneInfo("UTC"))
+        for text in ("", "yesterday", "2025-07-02", "2025-13-02T00:00:00", 17):
+            with pytest.raises(ValueError, match="timestamp"):
+                parse(text)  # type: ignore[arg-type]
 
     def test_unknown_zone(self) -> None:
         """Unknown zone names are refused."""

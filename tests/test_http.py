@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.abc
+import json
 import random
+import sys
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from reaper.converters import Rate
 from reaper.errors import TargetAuthError
@@ -18,6 +23,7 @@ from reaper.http import (
     ResponseTooLarge,
     RetryPolicy,
     TargetHttp,
+    loads_json,
     retry_after_seconds,
 )
 from reaper.ratelimit import RateLimiter
@@ -174,3 +180,111 @@ class TestRetryAfter:
         """Unparseable values are ignored (None)."""
         assert retry_after_seconds("soon") is None
         assert retry_after_seconds(None) is None
+
+
+class TestTransportOverhead:
+    def test_a_request_searches_no_import_path(self) -> None:
+        """httpcore runs ``import sniffio`` several times per request. Without sniffio installed
+        every one searched sys.path (a failed import is not cached); with it, none does."""
+        searched: list[str] = []
+
+        class Spy(importlib.abc.MetaPathFinder):
+            def find_spec(self, fullname: str, path: object, target: object = None) -> None:
+                searched.append(fullname)
+
+        closed = asyncio.Event()
+
+        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                while await reader.readuntil(b"\r\n\r\n"):
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+                    await writer.drain()
+            except asyncio.IncompleteReadError:
+                pass  # the client closed the connection
+            writer.close()
+            await writer.wait_closed()
+            closed.set()
+
+        async def main() -> None:
+            server = await asyncio.start_server(answer, "127.0.0.1", 0)
+            port = server.sockets[0].getsockname()[1]
+            async with httpx.AsyncClient() as client:
+                http = TargetHttp(client, RateLimiter(Rate(1000)), FAST)
+                await http.send("GET", f"http://127.0.0.1:{port}/")  # lazy imports happen here
+                spy = Spy()
+                sys.meta_path.insert(0, spy)
+                try:
+                    exchange = await http.send("GET", f"http://127.0.0.1:{port}/")
+                finally:
+                    sys.meta_path.remove(spy)
+            await closed.wait()  # one keep-alive connection, closed with the client
+            server.close()
+            await server.wait_closed()
+            assert exchange.json() == {}
+
+        asyncio.run(main())
+        assert searched == []
+
+
+def same_json(a: object, b: object) -> bool:
+    """Equal values of the same types all the way down (1 == 1.0 == True is not enough)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        assert isinstance(b, dict)
+        return list(a) == list(b) and all(same_json(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        assert isinstance(b, list)
+        return len(a) == len(b) and all(same_json(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float) and a != a:
+        return b != b  # NaN
+    return a == b
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(),
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=8), children, max_size=5)
+    ),
+    max_leaves=20,
+)
+
+
+class TestLoadsJson:
+    @settings(max_examples=300, deadline=None)
+    @given(value=json_values, ensure_ascii=st.booleans())
+    def test_decodes_as_the_json_module_does(self, value: object, ensure_ascii: bool) -> None:
+        """Whatever json.dumps writes, loads_json reads back exactly as json.loads does."""
+        body = json.dumps(value, ensure_ascii=ensure_ascii).encode("utf-8", "surrogatepass")
+        assert same_json(loads_json(body), json.loads(body))
+
+    @pytest.mark.parametrize(
+        "body",
+        [
+            b'{"total": 18446744073709551616}',  # 2**64: orjson alone reads a float
+            b"[-9223372036854775809]",  # below -2**63
+            b"[12345678901234567890123]",
+            b'{"a": 1, "a": 2}',
+            b"\xef\xbb\xbf{}",  # a UTF-8 BOM
+            '{"a": "\u00e9"}'.encode("utf-16"),
+            b"[NaN, Infinity, -Infinity]",
+            b"[1e400]",
+            b'"\\ud800"',  # a lone surrogate escape
+            b'{"task_id": "task_20260101_000000", "n": 9223372036854775807}',
+        ],
+    )
+    def test_edge_cases_match_the_json_module(self, body: bytes) -> None:
+        """Inputs orjson refuses or reads differently are decoded as json.loads decodes them."""
+        assert same_json(loads_json(body), json.loads(body))
+
+    @pytest.mark.parametrize("body", [b"", b"{", b"[1,]", b"{'a': 1}", b"\xff\xfe\xfd", b"nul"])
+    def test_not_json_is_a_value_error(self, body: bytes) -> None:
+        """What json.loads refuses, loads_json refuses with a ValueError."""
+        with pytest.raises(ValueError):
+            json.loads(body)
+        with pytest.raises(ValueError):
+            loads_json(body)

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import AsyncIterator, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
+from unittest import mock
 from zoneinfo import ZoneInfo
 
 import pytest
 from conftest import NOW, make_policy
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from reaper.errors import ListingError
 from reaper.http import TargetHttp
-from reaper.plan import Candidate, Plan, Planner, Verdict, make_plan
+from reaper.plan import Candidate, Plan, Planner, Rule, Verdict, build_rules, make_plan
 from reaper.policy import LoadedPolicy
 from reaper.targets.base import BatchResult, DeleteOptions, ListRequest, Target, Task
 from reaper.targets.data_pipeline import DataPipelineTarget
@@ -64,7 +68,7 @@ def listed(raw: dict[str, Any], age_field: str = "created_at", zone: ZoneInfo = 
     """A raw data_pipeline listing entry read the way the target reads it."""
     loaded = make_policy(URL)
     request = ListRequest(age_field=age_field, match_fields=frozenset({"task_id", "task_name"}))
-    return target_for(loaded)._task(raw, request, zone, "listing page 1 (offset 0)")
+    return target_for(loaded)._reader(request, zone)(raw, "listing page 1 (offset 0)")
 
 
 class TestStatusSelection:
@@ -523,6 +527,25 @@ class TestReasons:
         assert plan.counts[key] == 25
         assert len(plan.examples[key]) == Planner.EXAMPLES_PER_REASON == 10
 
+    def test_deletion_examples_are_the_first_per_reason_in_deletion_order(self) -> None:
+        """Each delete reason counts its tasks and shows the first ten to be deleted (oldest
+        first); the reasons appear in the order their first task is deleted."""
+        statuses = ["failed", "completed", "completed", "failed", "completed"] * 5
+        tasks = [task(n, status, timedelta(days=100 - n)) for n, status in enumerate(statuses)]
+        plan = plan_of(tasks)
+        order = [(c.task_id, c.status) for c in plan.candidates()]
+        assert [i for i, _ in order] == [tid(n) for n in range(25)]
+        failed = (Verdict.DELETE, "older than 30d and status failed")
+        completed = (Verdict.DELETE, "older than 30d and status completed")
+        assert [key for key in plan.counts if key[0] is Verdict.DELETE] == [failed, completed]
+        assert [key for key in plan.examples if key[0] is Verdict.DELETE] == [failed, completed]
+        assert (plan.counts[failed], plan.counts[completed]) == (10, 15)
+        assert example_ids(plan, *failed) == [i for i, s in order if s == "failed"]
+        assert example_ids(plan, *completed) == [i for i, s in order if s == "completed"][:10]
+        assert [e.timestamp for e in plan.examples[completed]] == [
+            c.timestamp for c in plan.candidates() if c.status == "completed"
+        ][:10]
+
 
 class _NullTarget(Target):
     """A target kind with the base class's defaults, for the generic guard."""
@@ -555,3 +578,101 @@ class TestBaseGuard:
         """Every target refuses empty ids, path separators, '..' and control characters."""
         target = _NullTarget(cast(Any, None), cast(TargetHttp, None))
         assert target.invalid_id_reason(task_id) == reason
+
+
+# --- the planner's shortcuts decide as its rules do ----------------------------------------------
+
+_AGES = [
+    *(timedelta(days=30) + timedelta(microseconds=d) for d in (-1_000_000, -1, 0, 1, 1_000_000)),
+    *(timedelta(hours=1) + timedelta(microseconds=d) for d in (-1_000_000, -1, 0, 1, 1_000_000)),
+    timedelta(0),
+    timedelta(days=400),
+]
+listed_tasks = st.lists(
+    st.tuples(
+        st.sampled_from(["completed", "failed", "partial_completed", "in_progress", "pending"]),
+        st.booleans(),
+        st.none() | st.sampled_from(_AGES) | st.timedeltas(timedelta(0), timedelta(days=60)),
+        st.sampled_from(["", "", "", "bad id"]),
+    ),
+    max_size=40,
+)
+
+
+def _without_shortcuts(
+    rules: tuple[list[Rule], list[Rule]],
+) -> tuple[list[Rule], list[Rule]]:
+    """The same rules as plain functions: no ``reads`` or ``passes_before`` to go by."""
+
+    def plain(rule: Rule) -> Rule:
+        return lambda task: rule(task)
+
+    return [plain(r) for r in rules[0]], [plain(r) for r in rules[1]]
+
+
+def _everything(plan: Plan) -> Any:
+    return (
+        plan.listed,
+        [(c.task_id, c.status, c.timestamp, c.reason) for c in plan.candidates()],
+        list(plan.counts.items()),
+        [
+            (key, [(e.task_id, e.status, e.timestamp) for e in v])
+            for key, v in plan.examples.items()
+        ],
+        plan.invalid,
+    )
+
+
+class TestShortcuts:
+    @settings(max_examples=200, deadline=None)
+    @given(
+        tasks=listed_tasks,
+        newest_first=st.booleans(),
+        keep=st.sampled_from([0, 1, 3]),
+        protect_ids=st.booleans(),
+        statuses=st.sampled_from([["completed"], ["completed", "failed"], ["partial_completed"]]),
+    )
+    def test_same_plan_as_asking_every_rule(
+        self,
+        tasks: list[tuple[str, bool, timedelta | None, str]],
+        newest_first: bool,
+        keep: int,
+        protect_ids: bool,
+        statuses: list[str],
+    ) -> None:
+        """Remembered status decisions and the old-enough shortcut change no verdict, count,
+        example, order or invalid id, compared with every rule asked about every task."""
+        listing = [
+            Task(
+                bad + tid(n) if bad else tid(n),
+                status,
+                None if age is None else NOW - age,
+                gone=gone,
+            )
+            for n, (status, gone, age, bad) in enumerate(tasks)
+        ]
+        if newest_first:
+            listing.sort(key=lambda t: (t.timestamp is None, -(t.timestamp or NOW).timestamp()))
+        sections: dict[str, Any] = {
+            "select": {"status": statuses, "older_than": "30d"},
+            "keep": {"newest": keep},
+        }
+        if protect_ids and listing:
+            sections["protect"] = {"ids": [listing[0].id]}
+        loaded = make_policy(URL, **sections)
+        fast = Planner(loaded, target_for(loaded), NOW)
+        rules = build_rules(loaded.policy, NOW)
+        with mock.patch("reaper.plan.build_rules", return_value=_without_shortcuts(rules)):
+            slow = Planner(loaded, target_for(loaded), NOW)
+        assert slow._selected is None
+        assert slow._old_enough == -math.inf
+        for item in listing:
+            fast.add(item)
+            slow.add(item)
+        try:
+            expected = _everything(slow.finish())
+        except ListingError as exc:
+            with pytest.raises(ListingError, match=str(exc)):
+                fast.finish()
+            return
+        assert _everything(fast.finish()) == expected

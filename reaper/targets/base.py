@@ -32,7 +32,7 @@ __all__ = [
     "Target",
     "TargetConfig",
     "Task",
-    "record_task",
+    "task_reader",
 ]
 
 
@@ -227,34 +227,56 @@ class Target(ABC):
         """Send one delete request for ``task_ids`` (at most ``max_batch_size``)."""
 
 
-def record_task(
-    raw: Any,
+#: The ``fields`` of every task when the policy matches on nothing but the id (read-only).
+_NO_FIELDS: Mapping[str, str] = MappingProxyType({})
+# Task(...) goes through the named tuple's generated Python __new__; tuple.__new__ builds the
+# same tuple in C. Every field is passed, in order.
+_new_task = tuple.__new__
+
+
+def task_reader(
     request: ListRequest,
-    where: str,
     *,
     id_field: str,
     parse_time: Callable[[Any], datetime],
-) -> Task:
-    """A :class:`Task` from one listed JSON record: id and status required (else the listing is
-    broken: ListingError), the requested age field parsed (a value that does not parse becomes
-    ``problem``, never a guess), and the requested match fields as strings."""
-    if not isinstance(raw, dict):
-        raise ListingError(f"{where}: a task entry is not an object")
-    task_id, status = raw.get(id_field), raw.get("status")
-    if not isinstance(task_id, str) or not task_id:
-        raise ListingError(f"{where}: a task has no {id_field}")
-    if not isinstance(status, str) or not status:
-        raise ListingError(f"{where}: task {task_id!r} has no status")
-    timestamp = problem = None
-    value = raw.get(request.age_field)
-    if value is not None:
-        try:
-            timestamp = parse_time(value)
-        except ValueError as exc:
-            problem = f"{request.age_field} does not parse: {exc}"
-    fields: dict[str, str] = {}
-    if request.match_fields:  # hot path: most policies match on nothing but the id
-        for name in request.match_fields:
-            field_value = raw.get(name)
-            fields[name] = "" if field_value is None else str(field_value)
-    return Task(task_id, status, timestamp, fields, problem=problem)
+    gone_unless: str | None = None,
+) -> Callable[[Any, str], Task]:
+    """``read(raw, where)``: a :class:`Task` from one listed JSON record.
+
+    The id and status are required (else the listing is broken: ListingError), the requested
+    age field is parsed (a value that does not parse becomes ``problem``, never a guess), and
+    the requested match fields are kept as strings. ``gone_unless`` names a field whose value
+    ``false`` means the target has already deleted the task (listed, but its data is gone).
+
+    Set up once per listing, called once per record: a million times for a large target.
+    """
+    age_field = request.age_field
+    match_fields = tuple(request.match_fields)
+
+    def read(raw: Any, where: str) -> Task:
+        if not isinstance(raw, dict):
+            raise ListingError(f"{where}: a task entry is not an object")
+        task_id, status = raw.get(id_field), raw.get("status")
+        if not isinstance(task_id, str) or not task_id:
+            raise ListingError(f"{where}: a task has no {id_field}")
+        if not isinstance(status, str) or not status:
+            raise ListingError(f"{where}: task {task_id!r} has no status")
+        timestamp = problem = None
+        value = raw.get(age_field)
+        if value is not None:
+            try:
+                timestamp = parse_time(value)
+            except ValueError as exc:
+                problem = f"{age_field} does not parse: {exc}"
+        fields = _NO_FIELDS
+        if match_fields:  # most policies match on nothing but the id
+            strings: dict[str, str] = {}
+            for name in match_fields:
+                field_value = raw.get(name)
+                strings[name] = "" if field_value is None else str(field_value)
+            fields = strings
+        gone = gone_unless is not None and raw.get(gone_unless) is False
+        task: Task = _new_task(Task, (task_id, status, timestamp, fields, gone, problem))
+        return task
+
+    return read

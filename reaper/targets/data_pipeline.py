@@ -10,17 +10,17 @@ normal answer. The server joins ids into a directory path unvalidated, so ids th
 
 from __future__ import annotations
 
-import json
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
 import structlog
 from pydantic import AnyHttpUrl, ConfigDict, Field, field_validator
 
-from reaper.converters import parse_size, parse_timestamp, parse_timezone
+from reaper.converters import parse_size, parse_timezone, timestamp_parser
 from reaper.errors import ListingError, TargetResponseError
+from reaper.http import loads_json
 from reaper.targets.base import (
     BatchResult,
     DeleteOptions,
@@ -30,7 +30,7 @@ from reaper.targets.base import (
     Target,
     TargetConfig,
     Task,
-    record_task,
+    task_reader,
 )
 
 __all__ = ["DataPipelineConfig", "DataPipelineOptions", "DataPipelineTarget"]
@@ -138,7 +138,7 @@ class DataPipelineTarget(Target):
     async def list_tasks(self, request: ListRequest) -> AsyncIterator[Task]:
         url = self.config.endpoint()
         limit = self.config.page_size
-        zone = self.config.zone
+        read = self._reader(request, self.config.zone)
         total_before = await self._true_total() if self.config.verify_total else None
         offset = 0
         page_no = 0
@@ -151,7 +151,7 @@ class DataPipelineTarget(Target):
             page_ids: set[str] = set()
             shifted = 0
             for position, raw in enumerate(tasks):
-                task = self._task(raw, request, zone, where)
+                task = read(raw, where)
                 page_ids.add(task.id)
                 if task.id in previous_ids:
                     # Tasks created meanwhile arrive at the head (newest first) and push the
@@ -185,7 +185,9 @@ class DataPipelineTarget(Target):
                 )
 
     async def _page(self, url: str, limit: int, offset: int, where: str) -> list[Any]:
-        body = await self.fetch_json(where, "GET", url, params={"limit": limit, "offset": offset})
+        # The query written out (two integers): httpx's params merging costs ~45 us of CPU a
+        # request, and a million tasks are 10,000 requests.
+        body = await self.fetch_json(where, "GET", f"{url}?limit={limit}&offset={offset}")
         return _page_tasks(body, where)
 
     def error_text(self, body: bytes) -> tuple[str | None, str | None]:
@@ -212,16 +214,15 @@ class DataPipelineTarget(Target):
             )
         return total
 
-    def _task(self, raw: Any, request: ListRequest, zone: ZoneInfo, where: str) -> Task:
-        task = record_task(
-            raw,
+    def _reader(self, request: ListRequest, zone: ZoneInfo) -> Callable[[Any, str], Task]:
+        """Listed records as Tasks: naive timestamps read in ``zone``; a listed task whose
+        directory is gone was already deleted (``directory_exists: false``)."""
+        return task_reader(
             request,
-            where,
             id_field="task_id",
-            parse_time=lambda value: parse_timestamp(value, zone),
+            parse_time=timestamp_parser(zone),
+            gone_unless="directory_exists",
         )
-        # A listed task whose directory is gone was already deleted (directory_exists: false).
-        return task._replace(gone=True) if raw.get("directory_exists") is False else task
 
     async def delete(self, task_ids: Sequence[str], options: DeleteOptions) -> BatchResult:
         assert isinstance(options, DataPipelineOptions)
@@ -256,7 +257,7 @@ class DataPipelineTarget(Target):
 
 def _json_or_none(body: bytes) -> Any:
     try:
-        return json.loads(body)
+        return loads_json(body)
     except ValueError:
         return None
 

@@ -20,7 +20,7 @@ import structlog
 from pydantic import AnyHttpUrl, Field, field_validator, model_validator
 
 from reaper.errors import ListingError
-from reaper.targets.base import DeleteOptions, ListRequest, Task, record_task
+from reaper.targets.base import DeleteOptions, ListRequest, Task, task_reader
 from reaper.targets.huawei import (
     HuaweiConfig,
     HuaweiTarget,
@@ -122,6 +122,7 @@ class HuaweiDcsTarget(HuaweiTarget):
     async def list_tasks(self, request: ListRequest) -> AsyncIterator[Task]:
         url = self.config.tasks_url()
         limit = self.config.page_size
+        read = task_reader(request, id_field="id", parse_time=parse_iso_millis_time)
         params: dict[str, Any] = {"limit": limit}
         if request.created_before is not None:
             params["end_time"] = end_time_param(request.created_before)
@@ -139,7 +140,7 @@ class HuaweiDcsTarget(HuaweiTarget):
             page_ids: set[str] = set()
             shifted = 0
             for position, raw in enumerate(tasks):
-                task = self._task(raw, request, where)
+                task = read(raw, where)
                 page_ids.add(task.id)
                 if task.id in previous_ids:
                     # Tasks created meanwhile (newest first) pushed the last ones of the previous
@@ -158,9 +159,6 @@ class HuaweiDcsTarget(HuaweiTarget):
             offset += len(tasks)
             if len(tasks) < limit or (total is not None and offset >= total):
                 return
-
-    def _task(self, raw: Any, request: ListRequest, where: str) -> Task:
-        return record_task(raw, request, where, id_field="id", parse_time=parse_iso_millis_time)
 
 
 def _count(value: Any) -> int | None:

@@ -26,7 +26,7 @@ from reaper.targets.base import (
     ListRequest,
     Outcome,
     Task,
-    record_task,
+    task_reader,
 )
 from reaper.targets.huawei import (
     HuaweiConfig,
@@ -177,6 +177,7 @@ class HuaweiIotdaTarget(HuaweiTarget):
     async def _list_type(self, task_type: str, request: ListRequest) -> AsyncIterator[Task]:
         url = self.config.tasks_url()
         limit = self.config.page_size
+        read = task_reader(request, id_field="task_id", parse_time=parse_compact_time)
         marker = FIRST_MARKER
         page_no = 0
         while True:
@@ -194,7 +195,7 @@ class HuaweiIotdaTarget(HuaweiTarget):
             tasks: list[Any] = body["batchtasks"]
             last = None
             for raw in tasks:
-                task = self._task(raw, request, where)
+                task = read(raw, where)
                 if task.id >= marker:
                     raise ListingError(
                         f"{where}: task {task.id} is not below the marker: paging is inconsistent"
@@ -210,6 +211,3 @@ class HuaweiIotdaTarget(HuaweiTarget):
             if next_marker >= marker:
                 raise ListingError(f"{where}: the marker did not advance")
             marker = next_marker
-
-    def _task(self, raw: Any, request: ListRequest, where: str) -> Task:
-        return record_task(raw, request, where, id_field="task_id", parse_time=parse_compact_time)

@@ -111,13 +111,61 @@ class TestListing:
         with pytest.raises(ListingError, match=r"not JSON|not a JSON"):
             list_all(url, verify_total=False)
 
+    def test_page_requests(self) -> None:
+        """Each page is a GET of the tasks path with limit and offset, until a short page."""
+        seen: list[tuple[str, str, dict[str, str]]] = []
+
+        def handler(request: httpx.Request) -> httpx.Response:
+            seen.append((request.method, request.url.path, dict(request.url.params)))
+            offset = int(request.url.params["offset"])
+            tasks = [
+                {"task_id": f"task_20261001_{n:06d}", "status": "completed"}
+                for n in range(offset, min(offset + 2, 5))
+            ]
+            return httpx.Response(200, json={"success": True, "data": {"tasks": tasks}})
+
+        loaded = make_policy(
+            "http://target.invalid/base/",
+            target={
+                "type": "data_pipeline",
+                "base_url": "http://target.invalid/base/",
+                "page_size": 2,
+                "verify_total": False,
+            },
+        )
+
+        async def main() -> list[Task]:
+            t, client = build_target(loaded, transport=httpx.MockTransport(handler))
+            try:
+                return [task async for task in t.list_tasks(ListRequest("created_at"))]
+            finally:
+                await client.aclose()
+
+        assert len(asyncio.run(main())) == 5
+        path = "/base/api/v0/data_pipeline/tasks"
+        assert seen == [
+            ("GET", path, {"limit": "2", "offset": str(offset)}) for offset in (0, 2, 4)
+        ]
+
     def test_unparseable_timestamp_is_a_problem_not_a_crash(self) -> None:
         """A record whose age field does not parse is returned with `problem` set."""
         target = DataPipelineTarget.__new__(DataPipelineTarget)
         raw = {"task_id": "task_20261001_120000", "status": "completed", "created_at": "soon"}
-        task = target._task(raw, ListRequest("created_at"), ZoneUTC, "page 1")
+        task = target._reader(ListRequest("created_at"), ZoneUTC)(raw, "page 1")
         assert task.problem is not None
         assert task.timestamp is None
+
+    @pytest.mark.parametrize(("exists", "gone"), [(True, False), (None, False), (False, True)])
+    def test_only_directory_exists_false_is_gone(self, exists: bool | None, gone: bool) -> None:
+        """Only an explicit ``directory_exists: false`` marks a listed task as already gone."""
+        target = DataPipelineTarget.__new__(DataPipelineTarget)
+        raw: dict[str, Any] = {"task_id": "task_20261001_120000", "status": "completed"}
+        if exists is not None:
+            raw["directory_exists"] = exists
+        task = target._reader(ListRequest("created_at"), ZoneUTC)(raw, "page 1")
+        assert task.gone is gone
+        assert task.timestamp is None
+        assert dict(task.fields) == {}
 
     @pytest.mark.parametrize(
         "raw",
@@ -127,7 +175,7 @@ class TestListing:
         """An entry without task_id or status makes the listing incomplete: ListingError."""
         target = DataPipelineTarget.__new__(DataPipelineTarget)
         with pytest.raises(ListingError):
-            target._task(raw, ListRequest("created_at"), ZoneUTC, "page 1")
+            target._reader(ListRequest("created_at"), ZoneUTC)(raw, "page 1")
 
 
 ZoneUTC = __import__("zoneinfo").ZoneInfo("UTC")
