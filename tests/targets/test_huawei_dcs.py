@@ -380,7 +380,8 @@ class TestEndToEnd:
     def test_credentials_revoked_mid_run(
         self, dcs_sim: Sim, dcs_policy: Policy, make_dcs_task: Any, store: AuditStore
     ) -> None:
-        """A 401 on a deletion stops the run: no further deletion is attempted."""
+        """A 401 on a deletion stops the run: no further deletion is attempted (the next batch,
+        its intent already written, is recorded as never sent)."""
         sim, url = dcs_sim(old_tasks(make_dcs_task, 10))
         delete = {"rate": "200/s", "max_fraction": 1.0, "concurrency": 1}
         result = run(
@@ -388,7 +389,7 @@ class TestEndToEnd:
         )
         assert result.status is RunStatus.ABORTED
         assert sim.stats["delete_requests"] == 1
-        assert Counter(r["outcome"] for r in audit_rows(store)) == {"failed": 1}
+        assert Counter(r["outcome"] for r in audit_rows(store)) == {"failed": 1, "not_deleted": 1}
 
     def test_rate_limit_and_retries(
         self, dcs_sim: Sim, dcs_policy: Policy, make_dcs_task: Any, store: AuditStore
