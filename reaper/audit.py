@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -296,8 +297,20 @@ def row_hash(previous: str, policy_hash: str, row: Mapping[str, Any]) -> str:
         row["note"],
         _isoformat(decided) if decided is not None else None,
     ]
-    payload = previous + _CANONICAL_JSON.encode(content)
-    return hashlib.sha256(payload.encode()).hexdigest()
+    return hashlib.sha256(previous.encode() + canonical_json(content)).hexdigest()
+
+
+def canonical_json(content: list[Any]) -> bytes:
+    """``json.dumps(content, separators=(",", ":"), ensure_ascii=False)`` as UTF-8, fast.
+
+    orjson writes the same bytes for strings, 64-bit integers and null (a hypothesis test holds
+    them equal) at a fraction of the cost; what it refuses (lone surrogates, larger integers) goes
+    through the standard library, as every row did before.
+    """
+    try:
+        return orjson.dumps(content)
+    except TypeError:
+        return _CANONICAL_JSON.encode(content).encode()
 
 
 @dataclass
@@ -508,50 +521,30 @@ class AuditStore:
         return rows
 
     def _insert(self, connection: Connection, rows: list[_Row]) -> None:
+        # One statement per write, its rows in one JSON array parameter: the database parses
+        # and inserts them (off the GIL, often on another core), where per-row parameters
+        # would cost Python time per value.
         if connection.dialect.name == "postgresql":
-            # One INSERT ... SELECT FROM unnest(arrays): per-row parameter handling is the cost.
-            columns = zip(*rows, strict=True)
-            connection.exec_driver_sql(
-                _PG_RECORD,
-                {name: list(values) for name, values in zip(_NAMES, columns, strict=True)},
-            )
+            connection.exec_driver_sql(_PG_RECORD, {"rows": _json_rows(rows)})
             return
-        # SQLite: the driver's executemany with positional rows; datetimes become the text
-        # UTCDateTime stores (see sqlite_datetime).
         recorded_at = sqlite_datetime(rows[0][_RECORDED_AT])  # one per write
         for row in rows:
             row[_TASK_TIMESTAMP] = sqlite_datetime(row[_TASK_TIMESTAMP])
             row[_RECORDED_AT] = recorded_at
             row[_DECIDED_AT] = sqlite_datetime(row[_DECIDED_AT])
-        connection.exec_driver_sql(_SQLITE_RECORD, [tuple(row) for row in rows])
+        connection.exec_driver_sql(_SQLITE_RECORD, (_json_rows(rows),))
 
     def _update(
         self, connection: Connection, run_id: str, now: datetime, params: list[dict[str, Any]]
     ) -> None:
+        values = _json_rows([[row[name] for name in _RESOLVE_FIELDS_NAMES] for row in params])
         if connection.dialect.name == "postgresql":
-            connection.exec_driver_sql(_PG_RESOLVE, _columns(run_id, now, params))
+            connection.exec_driver_sql(
+                _PG_RESOLVE,
+                {"run_id": run_id, "decided_at": now, "rows": values},
+            )
             return
-        decided_at = sqlite_datetime(now)
-        connection.exec_driver_sql(
-            _SQLITE_RESOLVE,
-            [
-                (
-                    row["outcome"],
-                    row["http_status"],
-                    row["error_code"],
-                    row["error_message"],
-                    row["reclaimed_bytes"],
-                    row["files_count"],
-                    row["note"],
-                    decided_at,
-                    row["chain_seq"],
-                    row["row_hash"],
-                    run_id,
-                    row["task_id"],
-                )
-                for row in params
-            ],
-        )
+        connection.exec_driver_sql(_SQLITE_RESOLVE, (sqlite_datetime(now), values, run_id))
 
     # -- queries ------------------------------------------------------------------------------
 
@@ -813,31 +806,6 @@ class AuditStore:
             raise self._fail("reading runs", exc) from None
 
 
-# On PostgreSQL one UPDATE per write joins the new values from arrays: an executemany of
-# per-row UPDATEs spends most of its time in per-row parameter handling. The arrays go in
-# psycopg's binary format (%(name)b): the text format quotes every element with a regex.
-_PG_RESOLVE = """
-    UPDATE reaper_audit AS a
-    SET outcome = v.outcome, http_status = v.http_status, error_code = v.error_code,
-        error_message = v.error_message, reclaimed_bytes = v.reclaimed_bytes,
-        files_count = v.files_count, note = v.note, decided_at = %(decided_at)b,
-        chain_seq = v.chain_seq, row_hash = v.row_hash
-    FROM unnest(
-        CAST(%(task_ids)b AS text[]), CAST(%(outcomes)b AS text[]),
-        CAST(%(http_statuses)b AS int[]), CAST(%(error_codes)b AS text[]),
-        CAST(%(error_messages)b AS text[]),
-        CAST(%(reclaimed)b AS bigint[]), CAST(%(files)b AS int[]), CAST(%(notes)b AS text[]),
-        CAST(%(chain_seqs)b AS int[]), CAST(%(row_hashes)b AS text[])
-    ) AS v(task_id, outcome, http_status, error_code, error_message, reclaimed_bytes,
-           files_count, note, chain_seq, row_hash)
-    WHERE a.run_id = %(run_id)b AND a.task_id = v.task_id
-      -- Also as an index condition: the batch's ids are looked up in (run_id, task_id) even
-      -- when statistics do not know this run yet (else its every row is joined per batch).
-      AND a.task_id = ANY(CAST(%(task_ids)b AS text[]))
-      AND a.outcome IN ('pending', 'unknown')
-    """
-
-
 _RECORD_COLUMNS = (
     ("run_id", "text"),
     ("seq", "int"),
@@ -860,29 +828,76 @@ _OUTCOME, _TASK_TIMESTAMP, _RECORDED_AT, _DECIDED_AT, _CHAIN_SEQ, _ROW_HASH = (
     _NAMES.index(name)
     for name in ("outcome", "task_timestamp", "recorded_at", "decided_at", "chain_seq", "row_hash")
 )
-# Intents likewise: one INSERT ... SELECT FROM unnest(arrays) per batch on PostgreSQL.
-_PG_RECORD = (  # built from the constant column list above, no input
-    "INSERT INTO reaper_audit ("  # noqa: S608
-    + ", ".join(name for name, _ in _RECORD_COLUMNS)
-    + ") SELECT * FROM unnest("
-    + ", ".join(f"CAST(%({name})b AS {kind}[])" for name, kind in _RECORD_COLUMNS)
-    + ")"
+#: An outcome's values, in this order in its JSON array; task_id first, as the join key.
+_RESOLVE_FIELDS = (
+    ("task_id", "text"),
+    ("outcome", "text"),
+    ("http_status", "int"),
+    ("error_code", "text"),
+    ("error_message", "text"),
+    ("reclaimed_bytes", "bigint"),
+    ("files_count", "int"),
+    ("note", "text"),
+    ("chain_seq", "int"),
+    ("row_hash", "text"),
 )
+_RESOLVE_FIELDS_NAMES = [name for name, _ in _RESOLVE_FIELDS]
 
-
-# SQLite: the same statements as plain DB-API executemany (``?`` placeholders, one tuple per row).
+# The statements below are built from the constant column lists above, never from input.
+# Each takes a write's rows as one JSON array of arrays, in the lists' order.
+_PG_RECORD = (
+    "INSERT INTO reaper_audit ("  # noqa: S608
+    + ", ".join(_NAMES)
+    + ") SELECT "
+    + ", ".join(f"CAST(e ->> {i} AS {kind})" for i, (_, kind) in enumerate(_RECORD_COLUMNS))
+    + " FROM json_array_elements(CAST(%(rows)s AS json)) WITH ORDINALITY AS r(e, n) ORDER BY n"
+)
+_PG_RESOLVE = (
+    # Each of the write's rows is looked up in (run_id, task_id) (the LATERAL join), then
+    # updated by primary key: a plain join would walk all of the run's rows per write while
+    # statistics do not know the run yet.
+    "UPDATE reaper_audit AS a SET "  # noqa: S608
+    + ", ".join(
+        f"{name} = CAST(t.e ->> {i} AS {kind})"
+        for i, (name, kind) in enumerate(_RESOLVE_FIELDS)
+        if name != "task_id"
+    )
+    + ", decided_at = %(decided_at)s"
+    + " FROM (SELECT found.id, v.e FROM json_array_elements(CAST(%(rows)s AS json)) AS v(e)"
+    + " CROSS JOIN LATERAL (SELECT id FROM reaper_audit"
+    + " WHERE run_id = %(run_id)s AND task_id = v.e ->> 0"
+    + " AND outcome IN ('pending', 'unknown') LIMIT 1) AS found) AS t"
+    + " WHERE a.id = t.id"
+)
 _SQLITE_RECORD = (
-    "INSERT INTO reaper_audit ("  # noqa: S608 - built from the constant column list above
-    + ", ".join(name for name, _ in _RECORD_COLUMNS)
-    + ") VALUES ("
-    + ", ".join("?" for _ in _RECORD_COLUMNS)
-    + ")"
+    "INSERT INTO reaper_audit ("  # noqa: S608
+    + ", ".join(_NAMES)
+    + ") SELECT "
+    + ", ".join(f"value ->> {i}" for i in range(len(_NAMES)))
+    + " FROM json_each(?) ORDER BY key"
 )
 _SQLITE_RESOLVE = (
-    "UPDATE reaper_audit SET outcome = ?, http_status = ?, error_code = ?, error_message = ?, "
-    "reclaimed_bytes = ?, files_count = ?, note = ?, decided_at = ?, chain_seq = ?, row_hash = ? "
-    "WHERE run_id = ? AND task_id = ? AND outcome IN ('pending', 'unknown')"
+    # Materialised first, so the planner walks the write's rows and looks each up in
+    # (run_id, task_id), rather than walking the run's rows and scanning the JSON for each.
+    "WITH v AS MATERIALIZED (SELECT value FROM json_each(?2)) "  # noqa: S608
+    "UPDATE reaper_audit SET "
+    + ", ".join(
+        f"{name} = v.value ->> {i}"
+        for i, (name, _) in enumerate(_RESOLVE_FIELDS)
+        if name != "task_id"
+    )
+    + ", decided_at = ?1 FROM v"
+    + " WHERE reaper_audit.run_id = ?3 AND reaper_audit.task_id = v.value ->> 0"
+    + " AND reaper_audit.outcome IN ('pending', 'unknown')"
 )
+
+
+def _json_rows(rows: Sequence[Sequence[Any]]) -> str:
+    """Rows as one JSON array of arrays (datetimes as ISO 8601 with their offset)."""
+    try:
+        return orjson.dumps(rows).decode()
+    except TypeError:  # an integer beyond 64 bits, a lone surrogate: the standard library
+        return json.dumps(rows, default=_isoformat, ensure_ascii=False)
 
 
 def _outcome_rows(
@@ -908,26 +923,6 @@ def _outcome_rows(
             }
         )
     return params
-
-
-def _columns(run_id: str, decided_at: datetime, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    def column(name: str) -> list[Any]:
-        return [row[name] for row in rows]
-
-    return {
-        "run_id": run_id,
-        "decided_at": decided_at,
-        "task_ids": column("task_id"),
-        "outcomes": column("outcome"),
-        "http_statuses": column("http_status"),
-        "error_codes": column("error_code"),
-        "error_messages": column("error_message"),
-        "reclaimed": column("reclaimed_bytes"),
-        "files": column("files_count"),
-        "notes": column("note"),
-        "chain_seqs": column("chain_seq"),
-        "row_hashes": column("row_hash"),
-    }
 
 
 RETENTION_POLICY = "<audit-retention>"

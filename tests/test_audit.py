@@ -175,3 +175,37 @@ class TestSqliteFastPath:
         with pytest.raises(ValueError, match="naive"):
             sqlite_datetime(datetime(2026, 1, 1))  # noqa: DTZ001 - the point
         assert sqlite_datetime(None) is None
+
+
+def test_outcomes_are_looked_up_by_run_and_task_not_by_walking_the_run(store: AuditStore) -> None:
+    """Resolving a write's outcomes looks each id up in (run_id, task_id): its cost does not grow
+    with the rows the run already has (the plan is read from the database, not timed)."""
+    from reaper.audit import _PG_RESOLVE, _SQLITE_RESOLVE, _json_rows
+
+    run_id = store.start_run(RECORD)
+    stamp = datetime(2026, 1, 1, tzinfo=UTC)
+    for start in range(0, 3000, 500):
+        store.record(
+            run_id, [AuditEntry(f"t{i}", "old", "done", stamp) for i in range(start, start + 500)]
+        )
+    values = _json_rows([["t1", "deleted", 200, None, None, None, None, None, 1, "h"]])
+    with store.engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            params = {"run_id": run_id, "decided_at": stamp, "rows": values}
+            plan = "\n".join(
+                row[0] for row in connection.exec_driver_sql("EXPLAIN " + _PG_RESOLVE, params)
+            )
+            # Each id through an index on its task id (with or without the run), never a walk
+            # over the run's rows.
+            conditions = [line for line in plan.splitlines() if "Index Cond" in line]
+            assert any("(task_id)::text = (v.e ->> 0)" in line for line in conditions), plan
+            assert "Bitmap Heap Scan" not in plan and "Seq Scan on reaper_audit" not in plan
+        else:
+            plan = "\n".join(
+                row[3]
+                for row in connection.exec_driver_sql(
+                    "EXPLAIN QUERY PLAN " + _SQLITE_RESOLVE, ("x", values, run_id)
+                )
+            )
+            assert "(run_id=? AND task_id=?)" in plan
+            assert "SCAN reaper_audit" not in plan
