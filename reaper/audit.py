@@ -844,13 +844,14 @@ _RESOLVE_FIELDS = (
 _RESOLVE_FIELDS_NAMES = [name for name, _ in _RESOLVE_FIELDS]
 
 # The statements below are built from the constant column lists above, never from input.
-# Each takes a write's rows as one JSON array of arrays, in the lists' order.
+# Each takes a write's rows as one JSON array of arrays, in the lists' order (jsonb on
+# PostgreSQL: each row is parsed once, where json would re-parse it for every field taken).
 _PG_RECORD = (
     "INSERT INTO reaper_audit ("  # noqa: S608
     + ", ".join(_NAMES)
     + ") SELECT "
     + ", ".join(f"CAST(e ->> {i} AS {kind})" for i, (_, kind) in enumerate(_RECORD_COLUMNS))
-    + " FROM json_array_elements(CAST(%(rows)s AS json)) WITH ORDINALITY AS r(e, n) ORDER BY n"
+    + " FROM jsonb_array_elements(CAST(%(rows)s AS jsonb)) WITH ORDINALITY AS r(e, n) ORDER BY n"
 )
 _PG_RESOLVE = (
     # Each of the write's rows is looked up in (run_id, task_id) (the LATERAL join), then
@@ -863,7 +864,7 @@ _PG_RESOLVE = (
         if name != "task_id"
     )
     + ", decided_at = %(decided_at)s"
-    + " FROM (SELECT found.id, v.e FROM json_array_elements(CAST(%(rows)s AS json)) AS v(e)"
+    + " FROM (SELECT found.id, v.e FROM jsonb_array_elements(CAST(%(rows)s AS jsonb)) AS v(e)"
     + " CROSS JOIN LATERAL (SELECT id FROM reaper_audit"
     + " WHERE run_id = %(run_id)s AND task_id = v.e ->> 0"
     + " AND outcome IN ('pending', 'unknown') LIMIT 1) AS found) AS t"
