@@ -7,6 +7,7 @@ same code serves both. The schema is created and changed only by the migrations 
 
 from __future__ import annotations
 
+import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ __all__ = [
     "head_revision",
     "make_engine",
     "require_current_schema",
+    "require_sqlite",
     "short_error",
     "upgrade",
 ]
@@ -67,6 +69,7 @@ def make_engine(url: URL | str, **kwargs: Any) -> Engine:
     if url.drivername == "postgresql":
         url = url.set(drivername="postgresql+psycopg")
     if url.get_backend_name() == "sqlite":
+        require_sqlite(sqlite3.sqlite_version_info)
         if url.database and url.database != ":memory:":
             Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
         kwargs.setdefault("connect_args", {"check_same_thread": False, "timeout": 30})
@@ -82,6 +85,20 @@ def make_engine(url: URL | str, **kwargs: Any) -> Engine:
         {"connect_timeout": 10, "options": "-c plan_cache_mode=force_custom_plan"},
     )
     return create_engine(url, **kwargs)
+
+
+#: The audit writes each group in one statement over a JSON array (json_each, ``->>``: 3.38).
+MIN_SQLITE = (3, 38, 0)
+
+
+def require_sqlite(version: tuple[int, int, int]) -> None:
+    """Raise AuditError, before anything is written, if the SQLite library is too old."""
+    if version < MIN_SQLITE:
+        have, need = ".".join(map(str, version)), ".".join(map(str, MIN_SQLITE))
+        raise AuditError(
+            f"the SQLite library Python uses is {have}; reaper's audit needs {need} or newer "
+            "(use a newer Python build, or PostgreSQL via REAPER_DATABASE_URL)"
+        )
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

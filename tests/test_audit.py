@@ -209,3 +209,13 @@ def test_outcomes_are_looked_up_by_run_and_task_not_by_walking_the_run(store: Au
             )
             assert "(run_id=? AND task_id=?)" in plan
             assert "SCAN reaper_audit" not in plan
+
+
+class TestSqliteVersion:
+    def test_an_older_sqlite_is_refused_before_anything_is_written(self) -> None:
+        from reaper.db import require_sqlite
+
+        with pytest.raises(AuditError, match=r"3\.31\.1; reaper's audit needs 3\.38\.0 or newer"):
+            require_sqlite((3, 31, 1))
+        require_sqlite((3, 38, 0))
+        require_sqlite((3, 45, 2))
