@@ -285,7 +285,7 @@ def row_hash(previous: str, policy_hash: str, row: Mapping[str, Any]) -> str:
     """
     decided = row["decided_at"]
     content = [
-        row["run_id"] if "run_id" in row else row["b_run_id"],
+        row["run_id"],
         row["chain_seq"],
         row["task_id"],
         row["outcome"],
@@ -911,7 +911,7 @@ def _outcome_rows(
             result_note = f"{result_note}; {note}" if result_note else note
         params.append(
             {
-                "b_run_id": run_id,
+                "run_id": run_id,
                 "task_id": result.task_id,
                 "outcome": result.outcome.value,
                 "http_status": result.http_status,

@@ -242,7 +242,7 @@ def _stats(journal: GroupCommit) -> dict[str, object]:
         "commits": stats.commits,
         "intents": stats.intents,
         "outcomes": stats.outcomes,
-        "batches_per_commit": round(sum(stats.sizes) / max(1, len(stats.sizes)), 1),
+        "batches_per_commit": round(stats.batches / max(1, stats.commits), 1),
         "intent_wait_s": round(stats.intent_wait, 3),
         "flush_wait_s": round(stats.flush_wait, 3),
     }

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from reaper.audit import AuditEntry
 from reaper.errors import AuditError
@@ -44,7 +44,8 @@ class GroupStats:
     intent_wait: float = 0.0
     #: Seconds the run waited at the end for the last outcomes.
     flush_wait: float = 0.0
-    sizes: list[int] = field(default_factory=list)
+    #: Batches whose intents the commits carried.
+    batches: int = 0
 
 
 class GroupCommit:
@@ -122,7 +123,7 @@ class GroupCommit:
             self.stats.commits += 1
             self.stats.intents += len(entries)
             self.stats.outcomes += len(outcomes)
-            self.stats.sizes.append(len(group))
+            self.stats.batches += len(group)
             for _, durable in group:
                 if not durable.done():
                     durable.set_result(None)

@@ -182,4 +182,5 @@ def test_stats_count_commits_and_waits() -> None:
     journal = asyncio.run(main())
     assert journal.stats.intent_wait > 0
     assert journal.stats.commits == 2
-    assert journal.stats.sizes == [1, 0]
+    assert journal.stats.batches == 1  # the intent in the first, the outcome alone in the second
+    assert journal.stats.intents == journal.stats.outcomes == 1
