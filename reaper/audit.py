@@ -249,7 +249,7 @@ class _RunState:
 
 
 GENESIS = "0" * 64
-#: An audit row about to be inserted: its values in ``_RECORD_COLUMNS`` order.
+#: An audit row about to be written: its own values, in _ENTRY_FIELDS or _RESOLVE_FIELDS order.
 _Row = list[Any]
 # The chain's serialisation of a row (one encoder: json.dumps would build one per call).
 _CANONICAL_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
@@ -297,6 +297,11 @@ def row_hash(previous: str, policy_hash: str, row: Mapping[str, Any]) -> str:
         row["note"],
         _isoformat(decided) if decided is not None else None,
     ]
+    return _link_hash(previous, content)
+
+
+def _link_hash(previous: str, content: list[Any]) -> str:
+    # ``content`` in row_hash's order; AuditStore's write path builds it inline, per row.
     return hashlib.sha256(previous.encode() + canonical_json(content)).hexdigest()
 
 
@@ -332,17 +337,14 @@ class _Chain:
         row = connection.execute(query).one()
         return cls(run_id, row.policy_hash, row.chain_head or GENESIS, row.chain_length)
 
-    def append(self, row: dict[str, Any]) -> None:
+    def link(self, row: _Row, error_message: str | None, decided: str) -> None:
+        """Chain an entry row inserted already final (dry run, skipped): set its chain fields."""
         self.length += 1
-        row["chain_seq"] = self.length
-        row["row_hash"] = self.head = row_hash(self.head, self.policy_hash, row)
-
-    def append_inserted(self, row: _Row) -> None:
-        """A row inserted already final (dry run, skipped), as a ``_RECORD_COLUMNS`` list."""
-        values = dict(zip((name for name, _ in _RECORD_COLUMNS), row, strict=True))
-        values.update(http_status=None, error_code=None, reclaimed_bytes=None, note=None)
-        self.append(values)
-        row[_CHAIN_SEQ], row[_ROW_HASH] = values["chain_seq"], values["row_hash"]
+        task_id, outcome = row[_TASK_ID], row[_OUTCOME]
+        content = [self.run_id, self.length, task_id, outcome, self.policy_hash]
+        content += [None, None, error_message, None, None, decided]
+        self.head = _link_hash(self.head, content)
+        row[_CHAIN_SEQ], row[_ROW_HASH] = self.length, self.head
 
     def store(self, connection: Connection) -> None:
         connection.execute(
@@ -454,25 +456,27 @@ class AuditStore:
         This is the group commit of a run's deletions: the intents of the batches about to be
         sent and the outcomes of the batches answered since the last commit, durable together
         with one commit. If it fails, none of it is written.
+
+        It runs once per group with thousands of rows, so rows are built with as little Python
+        as it takes: each row holds only its own values (what a write's rows share is bound
+        once), datetimes are left to the JSON encoder and the database, and an outcome's chain
+        hash is taken in the loop that builds its row.
         """
         now = self._now()
-        rows = self._entry_rows(run_id, entries, now)
-        params = _outcome_rows(run_id, results, now, note)
-        if not rows and not params:
+        results = results if isinstance(results, list) else list(results)
+        rows, decided = self._entry_rows(run_id, entries, now)
+        if not rows and not results:
             return
         try:
             with self.engine.begin() as connection:
-                decided = [row for row in rows if row[_OUTCOME] != Outcome.PENDING.value]
-                chain = _Chain.load(connection, run_id) if decided or params else None
-                if chain is not None:
-                    for row in decided:
-                        chain.append_inserted(row)
-                    for param in params:
-                        chain.append(param)
+                chain = _Chain.load(connection, run_id) if decided or results else None
                 if rows:
-                    self._insert(connection, rows)
-                if params:
-                    self._update(connection, run_id, now, params)
+                    if chain is not None:
+                        for row, error_message in decided:
+                            chain.link(row, error_message, _isoformat(now))
+                    self._insert(connection, run_id, rows, now)
+                if chain is not None and results:
+                    self._update(connection, chain, results, now, note)
                 if chain is not None:
                     chain.store(connection)
         except SQLAlchemyError as exc:
@@ -480,68 +484,112 @@ class AuditStore:
                 part
                 for part in (
                     f"{len(rows)} row(s)" if rows else "",
-                    f"{len(params)} outcome(s)" if params else "",
+                    f"{len(results)} outcome(s)" if results else "",
                 )
                 if part
             )
             raise self._fail(f"recording {what}", exc) from None
 
-    def _entry_rows(self, run_id: str, entries: Sequence[AuditEntry], now: datetime) -> list[_Row]:
-        """One list per entry, in ``_RECORD_COLUMNS`` order."""
+    def _entry_rows(
+        self, run_id: str, entries: Sequence[AuditEntry], now: datetime
+    ) -> tuple[list[_Row], list[tuple[_Row, str | None]]]:
+        """One list per entry in ``_ENTRY_FIELDS`` order, and the rows already final (with
+        their error message, which the chain covers)."""
         if not entries:
-            return []
-        state = self._runs[run_id]
-        policy, target = state.record.policy, state.record.target
-        pending = Outcome.PENDING
+            return [], []
         rows: list[_Row] = []
-        seq = state.seq
+        decided: list[tuple[_Row, str | None]] = []
+        pending = Outcome.PENDING
         for entry in entries:
-            seq += 1
             stamp = entry.task_timestamp
-            rows.append(
-                [
-                    run_id,
-                    seq,
-                    policy,
-                    target,
-                    entry.task_id,
-                    entry.outcome.value,
-                    entry.reason,
-                    entry.task_status,
-                    stamp,
-                    int((now - stamp).total_seconds()) if stamp is not None else None,
-                    entry.error_message,
-                    now,
-                    None if entry.outcome is pending else now,
-                    None,  # chain_seq and row_hash: set when the row joins the chain
-                    None,
-                ]
-            )
-        state.seq = seq
-        return rows
+            age = None
+            if stamp is not None:
+                if stamp.tzinfo is not UTC:
+                    stamp = stamp.astimezone(UTC)
+                age = int((now - stamp).total_seconds())
+            outcome = entry.outcome
+            row = [entry.task_id, outcome, entry.reason, entry.task_status, stamp, age]
+            row += [entry.error_message, None, None]  # chain_seq, row_hash: set when final
+            rows.append(row)
+            if outcome is not pending:
+                decided.append((row, entry.error_message))
+        return rows, decided
 
-    def _insert(self, connection: Connection, rows: list[_Row]) -> None:
+    def _insert(self, connection: Connection, run_id: str, rows: list[_Row], now: datetime) -> None:
         # One statement per write, its rows in one JSON array parameter: the database parses
         # and inserts them (off the GIL, often on another core), where per-row parameters
         # would cost Python time per value.
+        state = self._runs[run_id]
+        seq, state.seq = state.seq, state.seq + len(rows)
+        policy, target = state.record.policy, state.record.target
         if connection.dialect.name == "postgresql":
-            connection.exec_driver_sql(_PG_RECORD, {"rows": _json_rows(rows)})
+            params = {"run_id": run_id, "seq": seq, "policy": policy, "target": target}
+            params.update(now=now, rows=_json_rows(rows))
+            connection.exec_driver_sql(_PG_RECORD, params)
             return
-        recorded_at = sqlite_datetime(rows[0][_RECORDED_AT])  # one per write
-        for row in rows:
-            row[_TASK_TIMESTAMP] = sqlite_datetime(row[_TASK_TIMESTAMP])
-            row[_RECORDED_AT] = recorded_at
-            row[_DECIDED_AT] = sqlite_datetime(row[_DECIDED_AT])
-        connection.exec_driver_sql(_SQLITE_RECORD, (_json_rows(rows),))
+        stamp = sqlite_datetime(now)
+        connection.exec_driver_sql(
+            _SQLITE_RECORD, (run_id, seq, policy, target, stamp, _json_rows(rows))
+        )
 
     def _update(
-        self, connection: Connection, run_id: str, now: datetime, params: list[dict[str, Any]]
+        self,
+        connection: Connection,
+        chain: _Chain,
+        results: list[DeleteResult],
+        now: datetime,
+        note: str | None,
     ) -> None:
-        values = _json_rows([[row[name] for name in _RESOLVE_FIELDS_NAMES] for row in params])
+        """Resolve ``results``: each row in ``_RESOLVE_FIELDS`` order, chained as it is built."""
+        run_id, policy_hash, decided = chain.run_id, chain.policy_hash, _isoformat(now)
+        head, length = chain.head, chain.length
+        rows: list[_Row] = []
+        for result in results:
+            result_note = result.note
+            if note is not None:
+                result_note = f"{result_note}; {note}" if result_note else note
+            code = _clip(result.error_code, 128)
+            message = _clip(result.error_message, 4000)
+            result_note = _clip(result_note, 4000)
+            task_id, outcome = result.task_id, result.outcome
+            http_status, reclaimed = result.http_status, result.reclaimed_bytes
+            length += 1
+            # row_hash's content, in its order: the outcome (a StrEnum) serialises as its text.
+            head = _link_hash(
+                head,
+                [
+                    run_id,
+                    length,
+                    task_id,
+                    outcome,
+                    policy_hash,
+                    http_status,
+                    code,
+                    message,
+                    reclaimed,
+                    result_note,
+                    decided,
+                ],
+            )
+            rows.append(
+                [
+                    task_id,
+                    outcome,
+                    http_status,
+                    code,
+                    message,
+                    reclaimed,
+                    result.files_count,
+                    result_note,
+                    length,
+                    head,
+                ]
+            )
+        chain.head, chain.length = head, length
+        values = _json_rows(rows)
         if connection.dialect.name == "postgresql":
             connection.exec_driver_sql(
-                _PG_RESOLVE,
-                {"run_id": run_id, "decided_at": now, "rows": values},
+                _PG_RESOLVE, {"run_id": run_id, "decided_at": now, "rows": values}
             )
             return
         connection.exec_driver_sql(_SQLITE_RESOLVE, (sqlite_datetime(now), values, run_id))
@@ -806,11 +854,9 @@ class AuditStore:
             raise self._fail("reading runs", exc) from None
 
 
-_RECORD_COLUMNS = (
-    ("run_id", "text"),
-    ("seq", "int"),
-    ("policy", "text"),
-    ("target", "text"),
+#: An entry row's own values, in this order in its JSON array (what all rows of a write share,
+#: run, policy, target and times, is bound once per statement).
+_ENTRY_FIELDS = (
     ("task_id", "text"),
     ("outcome", "text"),
     ("reason", "text"),
@@ -818,16 +864,15 @@ _RECORD_COLUMNS = (
     ("task_timestamp", "timestamptz"),
     ("task_age_seconds", "bigint"),
     ("error_message", "text"),
-    ("recorded_at", "timestamptz"),
-    ("decided_at", "timestamptz"),
     ("chain_seq", "int"),
     ("row_hash", "text"),
 )
-_NAMES = [name for name, _ in _RECORD_COLUMNS]
-_OUTCOME, _TASK_TIMESTAMP, _RECORDED_AT, _DECIDED_AT, _CHAIN_SEQ, _ROW_HASH = (
-    _NAMES.index(name)
-    for name in ("outcome", "task_timestamp", "recorded_at", "decided_at", "chain_seq", "row_hash")
+_ENTRY_NAMES = [name for name, _ in _ENTRY_FIELDS]
+_TASK_ID, _OUTCOME, _CHAIN_SEQ, _ROW_HASH = (
+    _ENTRY_NAMES.index(name) for name in ("task_id", "outcome", "chain_seq", "row_hash")
 )
+#: Columns bound once per write, then the entry fields.
+_RECORD_NAMES = ["run_id", "seq", "policy", "target", "recorded_at", "decided_at", *_ENTRY_NAMES]
 #: An outcome's values, in this order in its JSON array; task_id first, as the join key.
 _RESOLVE_FIELDS = (
     ("task_id", "text"),
@@ -841,16 +886,16 @@ _RESOLVE_FIELDS = (
     ("chain_seq", "int"),
     ("row_hash", "text"),
 )
-_RESOLVE_FIELDS_NAMES = [name for name, _ in _RESOLVE_FIELDS]
 
 # The statements below are built from the constant column lists above, never from input.
 # Each takes a write's rows as one JSON array of arrays, in the lists' order (jsonb on
 # PostgreSQL: each row is parsed once, where json would re-parse it for every field taken).
 _PG_RECORD = (
     "INSERT INTO reaper_audit ("  # noqa: S608
-    + ", ".join(_NAMES)
-    + ") SELECT "
-    + ", ".join(f"CAST(e ->> {i} AS {kind})" for i, (_, kind) in enumerate(_RECORD_COLUMNS))
+    + ", ".join(_RECORD_NAMES)
+    + ") SELECT %(run_id)s, %(seq)s + n, %(policy)s, %(target)s, %(now)s,"
+    + " CASE WHEN e ->> 1 = 'pending' THEN NULL ELSE CAST(%(now)s AS timestamptz) END, "
+    + ", ".join(f"CAST(e ->> {i} AS {kind})" for i, (_, kind) in enumerate(_ENTRY_FIELDS))
     + " FROM jsonb_array_elements(CAST(%(rows)s AS jsonb)) WITH ORDINALITY AS r(e, n) ORDER BY n"
 )
 _PG_RESOLVE = (
@@ -870,12 +915,28 @@ _PG_RESOLVE = (
     + " AND outcome IN ('pending', 'unknown') LIMIT 1) AS found) AS t"
     + " WHERE a.id = t.id"
 )
+
+
+def _sqlite_time(value: str) -> str:
+    """SQL turning an ISO 8601 UTC time from the JSON encoder (``2026-01-02T03:04:05[.ffffff]``
+    then its offset) into what UTCDateTime stores on SQLite (``2026-01-02 03:04:05.ffffff``);
+    NULL stays NULL. A hypothesis test holds it equal to :func:`sqlite_datetime`."""
+    return (
+        f"substr({value}, 1, 10) || ' ' || substr({value}, 12, 8) || "
+        f"iif(substr({value}, 20, 1) = '.', substr({value}, 20, 7), '.000000')"
+    )
+
+
 _SQLITE_RECORD = (
     "INSERT INTO reaper_audit ("  # noqa: S608
-    + ", ".join(_NAMES)
-    + ") SELECT "
-    + ", ".join(f"value ->> {i}" for i in range(len(_NAMES)))
-    + " FROM json_each(?) ORDER BY key"
+    + ", ".join(_RECORD_NAMES)
+    + ") SELECT ?1, ?2 + key + 1, ?3, ?4, ?5, iif(value ->> 1 = 'pending', NULL, ?5), "
+    + ", ".join(
+        _sqlite_time("stamp") if kind == "timestamptz" else f"value ->> {i}"
+        for i, (_, kind) in enumerate(_ENTRY_FIELDS)
+    )
+    + f" FROM (SELECT key, value, value ->> {_ENTRY_NAMES.index('task_timestamp')} AS stamp"
+    + " FROM json_each(?6)) ORDER BY key"
 )
 _SQLITE_RESOLVE = (
     # Materialised first, so the planner walks the write's rows and looks each up in
@@ -899,31 +960,6 @@ def _json_rows(rows: Sequence[Sequence[Any]]) -> str:
         return orjson.dumps(rows).decode()
     except TypeError:  # an integer beyond 64 bits, a lone surrogate: the standard library
         return json.dumps(rows, default=_isoformat, ensure_ascii=False)
-
-
-def _outcome_rows(
-    run_id: str, results: Iterable[DeleteResult], now: datetime, note: str | None
-) -> list[dict[str, Any]]:
-    params = []
-    for result in results:
-        result_note = result.note
-        if note is not None:
-            result_note = f"{result_note}; {note}" if result_note else note
-        params.append(
-            {
-                "run_id": run_id,
-                "task_id": result.task_id,
-                "outcome": result.outcome.value,
-                "http_status": result.http_status,
-                "error_code": _clip(result.error_code, 128),
-                "error_message": _clip(result.error_message, 4000),
-                "reclaimed_bytes": result.reclaimed_bytes,
-                "files_count": result.files_count,
-                "note": _clip(result_note, 4000),
-                "decided_at": now,
-            }
-        )
-    return params
 
 
 RETENTION_POLICY = "<audit-retention>"

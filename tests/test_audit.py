@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -154,16 +155,26 @@ class TestQueries:
         assert store.rows(since=future) == []
 
 
-class TestSqliteFastPath:
-    """The executemany fast path writes exactly what SQLAlchemy's column type would."""
+_AWARE_DATETIMES = st.datetimes(
+    min_value=datetime(1, 1, 2),  # noqa: DTZ001 - hypothesis bounds are naive
+    max_value=datetime(9999, 12, 30),  # noqa: DTZ001
+    timezones=st.sampled_from([UTC, ZoneInfo("Europe/Berlin"), ZoneInfo("Asia/Tokyo")]),
+)
 
-    @given(
-        st.datetimes(
-            min_value=datetime(1, 1, 2),  # noqa: DTZ001 - hypothesis bounds are naive
-            max_value=datetime(9999, 12, 30),  # noqa: DTZ001
-            timezones=st.sampled_from([UTC, ZoneInfo("Europe/Berlin"), ZoneInfo("Asia/Tokyo")]),
-        )
-    )
+
+@pytest.fixture(scope="module")
+def sqlite_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuditStore]:
+    """One SQLite store for the hypothesis tests below (examples share it)."""
+    engine = make_engine(f"sqlite:///{tmp_path_factory.mktemp('fast') / 'audit.db'}")
+    upgrade(engine)
+    yield AuditStore(engine)
+    engine.dispose()
+
+
+class TestSqliteFastPath:
+    """The JSON fast path writes exactly what SQLAlchemy's column type would."""
+
+    @given(_AWARE_DATETIMES)
     def test_datetimes_are_stored_as_sqlalchemy_stores_them(self, value: datetime) -> None:
         dialect = sqlite_dialect()
         column_type = UTCDateTime()
@@ -175,6 +186,52 @@ class TestSqliteFastPath:
         with pytest.raises(ValueError, match="naive"):
             sqlite_datetime(datetime(2026, 1, 1))  # noqa: DTZ001 - the point
         assert sqlite_datetime(None) is None
+
+    @given(_AWARE_DATETIMES)
+    def test_task_times_are_converted_in_sql_as_sqlalchemy_stores_them(
+        self, sqlite_store: AuditStore, value: datetime
+    ) -> None:
+        """The JSON encoder's ISO text becomes SQLite's stored form in the INSERT itself."""
+        run_id = sqlite_store.start_run(RECORD)
+        sqlite_store.record(run_id, [AuditEntry("t", "old", "done", value)])
+        with sqlite_store.engine.connect() as connection:
+            stored = connection.exec_driver_sql(
+                "SELECT task_timestamp FROM reaper_audit WHERE run_id = ?", (run_id,)
+            ).scalar_one()
+        assert stored == sqlite_datetime(value)
+
+
+@pytest.mark.parametrize(
+    "stamp",
+    [
+        datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC),  # no microseconds: the encoder omits them
+        datetime(2026, 3, 1, 12, 0, 0, 1, tzinfo=UTC),
+        datetime(2026, 3, 1, 13, 30, 5, 250000, tzinfo=ZoneInfo("Europe/Berlin")),
+        datetime(5, 1, 2, tzinfo=UTC),
+    ],
+)
+def test_entry_rows_keep_their_times_and_order(store: AuditStore, stamp: datetime) -> None:
+    """What a write binds once (run, policy, times) and what each row carries land as written."""
+    clock = [datetime(2026, 4, 1, tzinfo=UTC)]
+    store = AuditStore(store.engine, clock=lambda: clock[0])
+    run_id = store.start_run(RECORD)
+    store.record(run_id, [AuditEntry("a", "old", "done", stamp), AuditEntry("b", "r", None, None)])
+    store.record(run_id, [AuditEntry("c", "r", "s", stamp, Outcome.DRY_RUN, "why")])
+    rows = {row.task_id: row for row in store.rows(run_id=run_id)}
+    assert [rows[t].seq for t in "abc"] == [1, 2, 3]
+    assert rows["a"].task_timestamp == stamp
+    assert rows["a"].task_age_seconds == int((clock[0] - stamp).total_seconds())
+    assert (rows["b"].task_timestamp, rows["b"].task_age_seconds) == (None, None)
+    assert {row.recorded_at for row in rows.values()} == {clock[0]}
+    assert (rows["a"].decided_at, rows["c"].decided_at) == (None, clock[0])
+    assert (rows["a"].outcome, rows["c"].outcome, rows["c"].error_message) == (
+        "pending",
+        "dry_run",
+        "why",
+    )
+    assert (rows["a"].policy, rows["a"].target) == (RECORD.policy, RECORD.target)
+    assert rows["c"].chain_seq == 1 and rows["a"].chain_seq is None
+    assert store.verify() == []
 
 
 def test_outcomes_are_looked_up_by_run_and_task_not_by_walking_the_run(store: AuditStore) -> None:
