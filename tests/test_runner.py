@@ -13,6 +13,7 @@ from sqlalchemy import select
 from structlog.testing import capture_logs
 
 from reaper.audit import AuditStore, audit_table, runs_table
+from reaper.execute import auto_concurrency
 from reaper.policy import LoadedPolicy
 from reaper.runner import Mode, PolicyRun, RunStatus, run_policy
 from reaper.simulators import DataPipelineSimulator, Faults
@@ -49,6 +50,23 @@ def old_tasks(count: int, status: str = "completed", start_day: int = 1) -> list
         )
         for i in range(count)
     ]
+
+
+class TestAutoConcurrency:
+    """Without ``delete.concurrency``, workers are sized from the rate and the observed latency."""
+
+    def test_littles_law_with_headroom(self) -> None:
+        assert auto_concurrency(20, 0.5) == 16  # 20/s x 0.5 s x 1.5, plus one
+        assert auto_concurrency(100, 0.3) == 46
+
+    def test_a_fast_target_still_covers_the_audit_commit_in_each_cycle(self) -> None:
+        """At 1 ms a worker's cycle is its wait for the next batch's intents, not the request."""
+        assert auto_concurrency(200, 0.001) == 31  # sized for a 100 ms cycle
+        assert auto_concurrency(1, 0.001) == 2
+
+    def test_unknown_latency_is_assumed_slow_and_the_count_is_capped(self) -> None:
+        assert auto_concurrency(20, None) == 9
+        assert auto_concurrency(10_000, 2.0) == 64
 
 
 class TestEndToEnd:
