@@ -11,13 +11,15 @@ Part 1 writes ``ROWS`` task ids straight through ``AuditStore``, batch by batch,
 "ids/s" counts a task once (its intent insert and its outcome update), "writes/s" counts both
 writes. Target >= 20,000 writes/s on PostgreSQL.
 
-Part 2 is the audit's overhead on a whole run against a fast data_pipeline simulator (no server
-limit, a client rate of 100000/s, concurrency sized automatically): the same policy runs
-``REPEATS`` times with the audit written and ``REPEATS`` times with its deletion rows not written
-(``bench.common.WithoutDeletionRows``: runs, locks and counts still go to the database), and
-overhead = (median wall with audit - median wall without) / median wall with audit. Target < 5%.
-"audit busy" is the share of the run the audit thread spent in AuditStore calls; with group commit
-that work overlaps the HTTP requests, so it is not the overhead.
+Part 2 is the audit's overhead on a whole run against a fast data_pipeline simulator (concurrency
+sized automatically; "limit -" means no server limit and a client rate of 100000/s): the same
+policy runs with the audit written and with its deletion rows not written
+(``bench.common.WithoutDeletionRows``: runs, locks and counts still go to the database). After one
+warm-up run, ``PAIRS`` pairs run back to back, the order inside a pair alternating; each pair gives
+(wall with audit - wall without) / wall with audit, and the median pair is the overhead (the
+quartiles beside it show how noisy the machine was). Target < 5%. "audit busy" is the share of the
+run the audit thread spent in AuditStore calls (it overlaps the HTTP requests, so it is not the
+overhead); "audit CPU" is that thread's CPU time per deleted task.
 
 SQLite: a file on disk with reaper's pragmas (WAL, synchronous=FULL). PostgreSQL: a throwaway
 cluster from tests/pgserver.py with fsync and synchronous_commit on (its data dir is on /dev/shm
@@ -33,6 +35,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -58,8 +61,8 @@ TARGET_SHARE = 0.05
 RUN_TASKS = 20_000
 RUN_BATCH = 50  # the default delete.batch_size
 #: (latency ms, rate limit per second: server and client; 0 = none, the client at 100000/s).
-RUN_CASES = ((0, 0), (5, 0), (20, 0), (50, 100))
-REPEATS = 3
+RUN_CASES = ((0, 0), (0, 200), (5, 0), (20, 0), (50, 100))
+PAIRS = 7
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
@@ -132,20 +135,42 @@ def _median(values: list[float]) -> float:
     return sorted(values)[len(values) // 2]
 
 
-def overhead(url: str, latency_ms: float, limit: float) -> tuple[list[Measured], list[Measured]]:
-    """REPEATS runs with the audit and REPEATS without its deletion rows, interleaved."""
-    with_audit: list[Measured] = []
-    without: list[Measured] = []
+@dataclass
+class Overhead:
+    """The paired runs of one case."""
+
+    with_audit: list[Measured]
+    without: list[Measured]
+
+    @property
+    def shares(self) -> list[float]:
+        return sorted(
+            (audited.total_seconds - bare.total_seconds) / audited.total_seconds
+            for audited, bare in zip(self.with_audit, self.without, strict=True)
+        )
+
+
+def overhead(url: str, latency_ms: float, limit: float) -> Overhead:
+    """One warm-up run, then PAIRS pairs (with the audit, without its deletion rows)."""
     args = sim_args("data_pipeline", RUN_TASKS, latency_ms=latency_ms, rate=limit)
-    for _ in range(REPEATS):
-        for store_class, into in ((AuditStore, with_audit), (WithoutDeletionRows, without)):
-            with simulator("data_pipeline", *args) as sim:
-                rate = limit or 100_000
-                loaded = load(policy_text("data_pipeline", sim, rate, batch=RUN_BATCH))
-                measured = run_in_process(loaded, url, store_class)
-            assert measured.error is None, measured.error
-            into.append(measured)
-    return with_audit, without
+
+    def run(store_class: type[AuditStore]) -> Measured:
+        with simulator("data_pipeline", *args) as sim:
+            rate = limit or 100_000
+            loaded = load(policy_text("data_pipeline", sim, rate, batch=RUN_BATCH))
+            measured = run_in_process(loaded, url, store_class)
+        assert measured.error is None, measured.error
+        return measured
+
+    run(AuditStore)
+    found = Overhead([], [])
+    for pair in range(PAIRS):
+        first_audited = pair % 2 == 0
+        first = run(AuditStore if first_audited else WithoutDeletionRows)
+        second = run(WithoutDeletionRows if first_audited else AuditStore)
+        found.with_audit.append(first if first_audited else second)
+        found.without.append(second if first_audited else first)
+    return found
 
 
 def main(rows: int) -> None:
@@ -172,25 +197,30 @@ def main(rows: int) -> None:
                     )
         print(
             f"\naudit overhead on a run: data_pipeline simulator, {RUN_TASKS} tasks, batch "
-            f"{RUN_BATCH}, concurrency sized automatically, median of {REPEATS} runs each; "
+            f"{RUN_BATCH}, concurrency sized automatically, {PAIRS} pairs after a warm-up; "
             "limit '-': no server limit, client rate 100000/s"
         )
         print(
             f"{'database':>10} {'latency':>7} {'limit':>5} {'deleted':>7} {'workers':>7} "
-            f"{'run s':>6} {'no-rows s':>9} {'overhead':>8} {'audit busy':>10} {'met':>3}"
+            f"{'run s':>6} {'no-rows s':>9} {'overhead':>8} {'quartiles':>13} "
+            f"{'audit busy':>10} {'audit CPU':>11} {'met':>3}"
         )
         for name, url in found:
             for latency, limit in RUN_CASES:
-                with_audit, without = overhead(url, latency, limit)
-                wall = _median([m.total_seconds for m in with_audit])
-                base = _median([m.total_seconds for m in without])
-                share = (wall - base) / wall
-                busy = _median([m.total_audit_seconds / m.total_seconds for m in with_audit])
+                case = overhead(url, latency, limit)
+                shares = case.shares
+                share = _median(shares)
+                quartiles = f"{shares[len(shares) // 4]:.1%}..{shares[3 * len(shares) // 4]:.1%}"
+                audited = case.with_audit
+                busy = _median([m.total_audit_seconds / m.total_seconds for m in audited])
+                cpu = _median([m.total_audit_cpu_seconds / max(1, m.deleted) for m in audited])
                 print(
                     f"{name:>10} {latency:>5}ms {f'{limit:g}/s' if limit else '-':>5} "
-                    f"{with_audit[0].deleted:>7} "
-                    f"{with_audit[0].workers:>7} {wall:>6.2f} {base:>9.2f} {share:>8.1%} "
-                    f"{busy:>10.1%} {'yes' if share < TARGET_SHARE else 'NO':>3}",
+                    f"{audited[0].deleted:>7} {audited[0].workers:>7} "
+                    f"{_median([m.total_seconds for m in audited]):>6.2f} "
+                    f"{_median([m.total_seconds for m in case.without]):>9.2f} {share:>8.1%} "
+                    f"{quartiles:>13} {busy:>10.1%} {cpu * 1e6:>6.1f} us/t "
+                    f"{'yes' if share < TARGET_SHARE else 'NO':>3}",
                     flush=True,
                 )
 

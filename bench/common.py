@@ -130,6 +130,8 @@ class Measured:
     #: The whole run (lock, listing, plan, deletion, finish) and its audit seconds.
     total_seconds: float = 0.0
     total_audit_seconds: float = 0.0
+    #: CPU time of the audit thread in AuditStore calls over the whole run.
+    total_audit_cpu_seconds: float = 0.0
 
 
 class AuditTimer:
@@ -137,6 +139,7 @@ class AuditTimer:
 
     def __init__(self) -> None:
         self.busy = 0.0
+        self.cpu = 0.0
         self.calls = 0
         self._original = AsyncAudit.call
 
@@ -145,11 +148,12 @@ class AuditTimer:
 
         async def call(audit: AsyncAudit, fn: Any, *args: Any, **kwargs: Any) -> Any:
             def timed() -> Any:
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), time.thread_time()
                 try:
                     return fn(*args, **kwargs)
                 finally:
                     timer.busy += time.perf_counter() - start
+                    timer.cpu += time.thread_time() - cpu
                     timer.calls += 1
 
             return await original(audit, timed)
@@ -214,4 +218,5 @@ def run_in_process(
         audit_seconds=timer.busy - marks.get("audit", 0.0),
         total_seconds=finished - began,
         total_audit_seconds=timer.busy,
+        total_audit_cpu_seconds=timer.cpu,
     )
