@@ -464,7 +464,7 @@ class AuditStore:
         """
         now = self._now()
         results = results if isinstance(results, list) else list(results)
-        rows, decided = self._entry_rows(run_id, entries, now)
+        rows, decided = self._entry_rows(entries, now)
         if not rows and not results:
             return
         try:
@@ -472,8 +472,9 @@ class AuditStore:
                 chain = _Chain.load(connection, run_id) if decided or results else None
                 if rows:
                     if chain is not None:
+                        decided_at = _isoformat(now)
                         for row, error_message in decided:
-                            chain.link(row, error_message, _isoformat(now))
+                            chain.link(row, error_message, decided_at)
                     self._insert(connection, run_id, rows, now)
                 if chain is not None and results:
                     self._update(connection, chain, results, now, note)
@@ -491,7 +492,7 @@ class AuditStore:
             raise self._fail(f"recording {what}", exc) from None
 
     def _entry_rows(
-        self, run_id: str, entries: Sequence[AuditEntry], now: datetime
+        self, entries: Sequence[AuditEntry], now: datetime
     ) -> tuple[list[_Row], list[tuple[_Row, str | None]]]:
         """One list per entry in ``_ENTRY_FIELDS`` order, and the rows already final (with
         their error message, which the chain covers)."""

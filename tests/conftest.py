@@ -76,6 +76,15 @@ def private_pg_server() -> Iterator[PostgresServer]:
         yield server
 
 
+@pytest.fixture(scope="module")
+def module_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuditStore]:
+    """One SQLite audit store for a module's many generated examples."""
+    engine = make_engine(f"sqlite:///{tmp_path_factory.mktemp('db') / 'audit.db'}")
+    upgrade(engine)
+    yield AuditStore(engine)
+    engine.dispose()
+
+
 @pytest.fixture
 def store(database_url: str) -> Iterator[AuditStore]:
     """A migrated audit store on each database."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -162,15 +161,6 @@ _AWARE_DATETIMES = st.datetimes(
 )
 
 
-@pytest.fixture(scope="module")
-def sqlite_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuditStore]:
-    """One SQLite store for the hypothesis tests below (examples share it)."""
-    engine = make_engine(f"sqlite:///{tmp_path_factory.mktemp('fast') / 'audit.db'}")
-    upgrade(engine)
-    yield AuditStore(engine)
-    engine.dispose()
-
-
 class TestSqliteFastPath:
     """The JSON fast path writes exactly what SQLAlchemy's column type would."""
 
@@ -189,12 +179,12 @@ class TestSqliteFastPath:
 
     @given(_AWARE_DATETIMES)
     def test_task_times_are_converted_in_sql_as_sqlalchemy_stores_them(
-        self, sqlite_store: AuditStore, value: datetime
+        self, module_store: AuditStore, value: datetime
     ) -> None:
         """The JSON encoder's ISO text becomes SQLite's stored form in the INSERT itself."""
-        run_id = sqlite_store.start_run(RECORD)
-        sqlite_store.record(run_id, [AuditEntry("t", "old", "done", value)])
-        with sqlite_store.engine.connect() as connection:
+        run_id = module_store.start_run(RECORD)
+        module_store.record(run_id, [AuditEntry("t", "old", "done", value)])
+        with module_store.engine.connect() as connection:
             stored = connection.exec_driver_sql(
                 "SELECT task_timestamp FROM reaper_audit WHERE run_id = ?", (run_id,)
             ).scalar_one()

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import yaml
 
-from reaper.audit import AuditStore
-from reaper.db import make_engine, upgrade
 from reaper.policy import LoadedPolicy, load_policy_text
 
 from .drivers import DRIVERS, Secrets, pointed_policies
@@ -40,12 +36,3 @@ def policies(tmp_path_factory: pytest.TempPathFactory) -> dict[str, LoadedPolicy
         doc.pop("keep", None)
         [out[kind]] = load_policy_text(yaml.safe_dump(doc))
     return out
-
-
-@pytest.fixture(scope="module")
-def module_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuditStore]:
-    """One SQLite audit store for a module's many generated examples."""
-    engine = make_engine(f"sqlite:///{tmp_path_factory.mktemp('db') / 'audit.db'}")
-    upgrade(engine)
-    yield AuditStore(engine)
-    engine.dispose()
