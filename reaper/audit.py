@@ -50,10 +50,12 @@ from reaper.targets.base import DeleteResult, Outcome
 
 __all__ = [
     "RETENTION_POLICY",
+    "Acknowledged",
     "AuditEntry",
     "AuditRow",
     "AuditStore",
     "ChainProblem",
+    "Correction",
     "RunRecord",
     "RunSummary",
     "audit_table",
@@ -101,6 +103,10 @@ runs_table = Table(
     # The hash of the newest finalized row of this run, and how many rows the chain holds.
     Column("chain_head", String(64)),
     Column("chain_length", Integer, nullable=False, default=0, server_default="0"),
+    Column("skipped_changed", BigInteger, nullable=False, default=0, server_default="0"),
+    Column("acknowledged_not_deleted", BigInteger, nullable=False, default=0, server_default="0"),
+    # The highest `deleted` audit row id of the policy that this run's listing checked.
+    Column("verified_through", BigInteger),
     Index(None, "policy", "started_at"),
     Index(None, "started_at"),
 )
@@ -179,6 +185,10 @@ class RunSummary:
     skipped: int = 0
     dry_run: int = 0
     reclaimed_bytes: int = 0
+    #: Dropped at send time: the re-check saw them live, gone or no longer eligible.
+    skipped_changed: int = 0
+    #: Earlier deletions the target acknowledged but a listing of this run still showed present.
+    acknowledged_not_deleted: int = 0
 
     def count(self, result: DeleteResult) -> None:
         if result.outcome is Outcome.DELETED:
@@ -190,6 +200,8 @@ class RunSummary:
             self.failed += 1
         elif result.outcome is Outcome.UNKNOWN:
             self.unknown += 1
+        elif result.outcome is Outcome.SKIPPED_CHANGED:
+            self.skipped_changed += 1
 
 
 @dataclass(frozen=True)
@@ -202,10 +214,48 @@ class AuditEntry:
     task_timestamp: datetime | None
     outcome: Outcome = Outcome.PENDING
     error_message: str | None = None
+    note: str | None = None
 
     def __post_init__(self) -> None:
         if self.task_timestamp is not None and self.task_timestamp.tzinfo is None:
             raise ValueError(f"naive timestamp for task {self.task_id!r}: refused by the audit")
+
+
+@dataclass(frozen=True)
+class Acknowledged:
+    """A deletion the target acknowledged (a ``deleted`` row), to check against a listing."""
+
+    row_id: int
+    run_id: str
+    task_id: str
+    decided_at: datetime | None
+
+
+@dataclass(frozen=True)
+class Correction:
+    """A listing still shows a task whose deletion the target had acknowledged."""
+
+    acknowledged: Acknowledged
+    status: str
+    timestamp: datetime | None
+    #: When, and by what, the task was seen present (e.g. "the listing of run <id>").
+    seen_at: datetime
+    seen_by: str
+
+    def note(self) -> str:
+        ack = self.acknowledged
+        when = ack.decided_at.isoformat() if ack.decided_at is not None else "an unknown time"
+        return (
+            f"acknowledged as deleted in run {ack.run_id} at {when} (audit row {ack.row_id}); "
+            f"{self.seen_by} at {self.seen_at.isoformat()} still shows it present "
+            f"(status {self.status})"
+        )
+
+
+#: The reason of a correction row.
+CORRECTION_REASON = (
+    "correction: the target acknowledged this deletion, but a later listing still shows the task"
+)
 
 
 @dataclass(frozen=True)
@@ -337,12 +387,12 @@ class _Chain:
         row = connection.execute(query).one()
         return cls(run_id, row.policy_hash, row.chain_head or GENESIS, row.chain_length)
 
-    def link(self, row: _Row, error_message: str | None, decided: str) -> None:
+    def link(self, row: _Row, error_message: str | None, note: str | None, decided: str) -> None:
         """Chain an entry row inserted already final (dry run, skipped): set its chain fields."""
         self.length += 1
         task_id, outcome = row[_TASK_ID], row[_OUTCOME]
         content = [self.run_id, self.length, task_id, outcome, self.policy_hash]
-        content += [None, None, error_message, None, None, decided]
+        content += [None, None, error_message, None, note, decided]
         self.head = _link_hash(self.head, content)
         row[_CHAIN_SEQ], row[_ROW_HASH] = self.length, self.head
 
@@ -420,6 +470,8 @@ class AuditStore:
                         unknown=summary.unknown,
                         skipped=summary.skipped,
                         reclaimed_bytes=summary.reclaimed_bytes,
+                        skipped_changed=summary.skipped_changed,
+                        acknowledged_not_deleted=summary.acknowledged_not_deleted,
                         error=error,
                     )
                 )
@@ -473,8 +525,8 @@ class AuditStore:
                 if rows:
                     if chain is not None:
                         decided_at = _isoformat(now)
-                        for row, error_message in decided:
-                            chain.link(row, error_message, decided_at)
+                        for row, error_message, entry_note in decided:
+                            chain.link(row, error_message, entry_note, decided_at)
                     self._insert(connection, run_id, rows, now)
                 if chain is not None and results:
                     self._update(connection, chain, results, now, note)
@@ -493,13 +545,13 @@ class AuditStore:
 
     def _entry_rows(
         self, entries: Sequence[AuditEntry], now: datetime
-    ) -> tuple[list[_Row], list[tuple[_Row, str | None]]]:
+    ) -> tuple[list[_Row], list[tuple[_Row, str | None, str | None]]]:
         """One list per entry in ``_ENTRY_FIELDS`` order, and the rows already final (with
-        their error message, which the chain covers)."""
+        their error message and note, which the chain covers)."""
         if not entries:
             return [], []
         rows: list[_Row] = []
-        decided: list[tuple[_Row, str | None]] = []
+        decided: list[tuple[_Row, str | None, str | None]] = []
         pending = Outcome.PENDING
         for entry in entries:
             stamp = entry.task_timestamp
@@ -510,10 +562,10 @@ class AuditStore:
                 age = int((now - stamp).total_seconds())
             outcome = entry.outcome
             row = [entry.task_id, outcome, entry.reason, entry.task_status, stamp, age]
-            row += [entry.error_message, None, None]  # chain_seq, row_hash: set when final
+            row += [entry.error_message, entry.note, None, None]  # chain_seq, row_hash: later
             rows.append(row)
             if outcome is not pending:
-                decided.append((row, entry.error_message))
+                decided.append((row, entry.error_message, entry.note))
         return rows, decided
 
     def _insert(self, connection: Connection, run_id: str, rows: list[_Row], now: datetime) -> None:
@@ -665,6 +717,83 @@ class AuditStore:
                 return [AuditRow(**row._mapping) for row in connection.execute(query)]
         except SQLAlchemyError as exc:
             raise self._fail("reading unresolved rows", exc) from None
+
+    def acknowledged(
+        self, policy: str, *, exclude_run: str | None = None, only_run: str | None = None
+    ) -> list[Acknowledged]:
+        """The policy's ``deleted`` rows no listing has checked yet (newer than the highest
+        ``verified_through`` of its runs), oldest first; of one run with ``only_run``."""
+        through = (
+            select(func.max(runs_table.c.verified_through))
+            .where(runs_table.c.policy == policy)
+            .scalar_subquery()
+        )
+        query = (
+            select(
+                audit_table.c.id,
+                audit_table.c.run_id,
+                audit_table.c.task_id,
+                audit_table.c.decided_at,
+            )
+            .where(
+                audit_table.c.policy == policy,
+                audit_table.c.outcome == Outcome.DELETED.value,
+                audit_table.c.id > func.coalesce(through, 0),
+            )
+            .order_by(audit_table.c.id)
+        )
+        if exclude_run is not None:
+            query = query.where(audit_table.c.run_id != exclude_run)
+        if only_run is not None:
+            query = query.where(audit_table.c.run_id == only_run)
+        try:
+            with self.engine.connect() as connection:
+                return [Acknowledged(*row) for row in connection.execute(query)]
+        except SQLAlchemyError as exc:
+            raise self._fail("reading acknowledged deletions", exc) from None
+
+    def verified(self, run_id: str, through: int) -> None:
+        """Record that ``run_id``'s listing checked the policy's deleted rows up to ``through``."""
+        try:
+            with self.engine.begin() as connection:
+                connection.execute(
+                    update(runs_table)
+                    .where(runs_table.c.id == run_id)
+                    .values(verified_through=through)
+                )
+        except SQLAlchemyError as exc:
+            raise self._fail("recording a verification", exc) from None
+
+    def record_corrections(
+        self, record: RunRecord, corrections: Sequence[Correction], *, through: int | None = None
+    ) -> str:
+        """Record corrections as a run of their own (mode ``correction``): one final
+        ``not_deleted`` row per task, chained like any run. The acknowledged rows stay as they
+        are: corrections are new rows, never edits. Returns the run id."""
+        run_id = self.start_run(record)
+        entries = [
+            AuditEntry(
+                c.acknowledged.task_id,
+                CORRECTION_REASON,
+                c.status,
+                c.timestamp,
+                Outcome.NOT_DELETED,
+                note=c.note(),
+            )
+            for c in corrections
+        ]
+        self.record(run_id, entries)
+        summary = RunSummary(acknowledged_not_deleted=len(entries))
+        self.finish_run(
+            run_id,
+            "succeeded",
+            summary,
+            f"{len(entries)} acknowledged deletion(s) not carried out; the tasks are eligible "
+            "again",
+        )
+        if through is not None:
+            self.verified(run_id, through)
+        return run_id
 
     def mark_interrupted(self, policy: str, *, exclude_run: str | None = None) -> int:
         """Runs of the policy still marked ``running`` were interrupted (the caller holds the
@@ -865,6 +994,7 @@ _ENTRY_FIELDS = (
     ("task_timestamp", "timestamptz"),
     ("task_age_seconds", "bigint"),
     ("error_message", "text"),
+    ("note", "text"),
     ("chain_seq", "int"),
     ("row_hash", "text"),
 )

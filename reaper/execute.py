@@ -6,10 +6,14 @@ Workers take the plan's batches in order (oldest tasks first). For each batch a 
    fails, nothing is sent and the run stops: *no audit, no delete*. A worker hands in its next
    batch's intents while its current request is in flight, so the wait is usually over before it
    starts; if the run stops in between, that batch is recorded ``not_deleted`` ("never sent");
-2. sends one delete request through the target, which waits for the shared rate limiter and
-   retries 429/5xx/timeouts/connection errors as configured;
-3. hands each id's outcome from the answer (``deleted``, ``already_gone``, ``failed``, or
-   ``unknown`` when the request may have reached the server but its answer was lost) to the
+2. clears the batch with the send-time re-check (:mod:`reaper.recheck`): tasks the target now
+   reports live, gone or no longer eligible are dropped (``skipped_changed``), and the rest may
+   be sent until the check goes stale;
+3. sends the delete through the target, under that deadline; it waits for the shared rate limiter
+   and retries 429/5xx/timeouts/connection errors as configured. Ids whose request could not
+   leave in time are checked again and re-sent;
+4. hands each id's outcome from the answer (``deleted``, ``already_gone``, ``failed``, or
+   ``unknown`` when the server may have acted but its answer was lost or was a 5xx) to the
    group commit, which writes it with the next group (:mod:`reaper.groupcommit`). The run ends
    only after the last outcome is durable.
 
@@ -24,9 +28,10 @@ import contextlib
 import math
 import os
 import signal
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime
 from typing import ParamSpec, TypeVar
 
 import structlog
@@ -34,11 +39,19 @@ import structlog
 from reaper.audit import AuditEntry, AuditStore, RunSummary
 from reaper.errors import AuditError, TargetAuthError, TargetError
 from reaper.groupcommit import GroupCommit
-from reaper.http import RequestFailed, ResponseTooLarge
+from reaper.http import Stale
 from reaper.plan import Candidate, Plan
-from reaper.targets.base import BatchResult, DeleteOptions, DeleteResult, Outcome, Target
+from reaper.recheck import SendCheck
+from reaper.targets.base import (
+    BatchResult,
+    DeleteOptions,
+    DeleteResult,
+    Outcome,
+    Target,
+    result_of_error,
+)
 
-__all__ = ["AsyncAudit", "BatchEvent", "Executor", "auto_concurrency"]
+__all__ = ["AsyncAudit", "BatchEvent", "Batches", "Executor", "auto_concurrency"]
 
 log = structlog.get_logger("reaper.execute")
 
@@ -103,6 +116,52 @@ class BatchEvent:
     total: int
 
 
+class Batches:
+    """A plan's candidates in delete requests of at most ``size`` ids, taken in order by the
+    workers; the re-check may look at the ones not taken yet."""
+
+    def __init__(self, plan: Plan, size: int) -> None:
+        self.plan = plan
+        self.size = size
+        self.position = 0  # index of the first candidate not taken yet
+        # Batches taken but not yet sent (a worker's prefetched one): first id -> index.
+        self._open: dict[str, int] = {}
+
+    def take(self) -> list[Candidate] | None:
+        start = self.position
+        if start >= len(self.plan):
+            return None
+        stop = min(start + self.size, len(self.plan))
+        self.position = stop
+        batch = [self.plan.candidate(index) for index in range(start, stop)]
+        self._open[batch[0].task_id] = start
+        return batch
+
+    def done(self, batch: Sequence[Candidate]) -> None:
+        """``batch`` has been sent or dropped: it is no longer upcoming."""
+        self._open.pop(batch[0].task_id, None)
+
+    def upcoming(self, count: int) -> tuple[list[str], dict[str, datetime]]:
+        """The ids (and listed timestamps) of up to ``count`` candidates due next: those of
+        batches taken but not sent yet, then those not taken."""
+        start = min(self._open.values(), default=self.position)
+        stop = min(start + count, len(self.plan))
+        ids, stamps = [], {}
+        for index in range(start, stop):
+            task_id, stamp = self.plan.id_and_timestamp(index)
+            ids.append(task_id)
+            stamps[task_id] = stamp
+        return ids, stamps
+
+    def remaining(self) -> int:
+        """Candidates not sent yet (taken or not)."""
+        return len(self.plan) - min(self._open.values(), default=self.position)
+
+
+#: How often a batch whose check went stale before it could leave is checked and sent again.
+_MAX_RESENDS = 3
+
+
 class Executor:
     """Delete a plan's candidates, recording each one in the audit before and after."""
 
@@ -119,8 +178,13 @@ class Executor:
         summary: RunSummary,
         on_batch: Callable[[BatchEvent], None] | None = None,
         stop: asyncio.Event | None = None,
+        check: SendCheck | None = None,
+        corrected: Collection[str] = frozenset(),
     ) -> None:
         self.target = target
+        self.check = check
+        #: Tasks whose earlier, acknowledged deletion a listing of this run contradicted.
+        self.corrected = corrected
         self.audit = audit
         self.run_id = run_id
         self.options = options
@@ -144,9 +208,9 @@ class Executor:
         self.fatal = self.fatal or exc
         self._halt(f"audit write failed: {exc}")
 
-    async def run(self, plan: Plan) -> RunSummary:
+    async def run(self, plan: Plan, batches: Batches | None = None) -> RunSummary:
         """Delete everything in ``plan``; raise AuditError/TargetAuthError if the run must stop."""
-        batches = plan.batches(self.batch_size)
+        batches = batches or Batches(plan, self.batch_size)
         workers = min(self.concurrency, max(1, math.ceil(len(plan) / self.batch_size)))
         try:
             async with asyncio.TaskGroup() as group:
@@ -166,7 +230,7 @@ class Executor:
             self.stopped = reason
         self.stop.set()
 
-    async def _worker(self, batches: Iterator[list[Candidate]], total: int) -> None:
+    async def _worker(self, batches: Batches, total: int) -> None:
         """Send batches one after another, each batch's intents written while the one before
         it is in flight: the write-ahead costs the worker no wait unless the audit falls behind.
         """
@@ -178,19 +242,21 @@ class Executor:
             except AuditError:
                 return  # not sent; _audit_failed has stopped the others
             if self.stop.is_set():
+                batches.done(batch)
                 self._never_sent(batch)
                 return
             following = self._prepare(batches)
-            await self._one_batch(batch_no, batch, total)
+            try:
+                await self._one_batch(batch_no, batch, total, batches)
+            finally:
+                batches.done(batch)
             current = following
 
-    def _prepare(
-        self, batches: Iterator[list[Candidate]]
-    ) -> tuple[int, list[Candidate], asyncio.Task[None]] | None:
+    def _prepare(self, batches: Batches) -> tuple[int, list[Candidate], asyncio.Task[None]] | None:
         """Take the next batch and hand its ``pending`` intents to the group commit."""
         if self.stop.is_set():
             return None
-        batch = next(batches, None)
+        batch = batches.take()
         if batch is None:
             return None
         self._batch_no += 1
@@ -206,10 +272,11 @@ class Executor:
             [DeleteResult(c.task_id, Outcome.NOT_DELETED, note=note) for c in batch]
         )
 
-    async def _one_batch(self, batch_no: int, batch: list[Candidate], total: int) -> None:
-        ids = [candidate.task_id for candidate in batch]
+    async def _one_batch(
+        self, batch_no: int, batch: list[Candidate], total: int, batches: Batches
+    ) -> None:
         failpoint("after_intent")
-        results = await self._send(ids)
+        results = await self._deliver(batch, batches)
         failpoint("after_response")
         # Counted before the outcome write: the deletions happened whether or not it succeeds.
         for result in results:
@@ -225,23 +292,101 @@ class Executor:
                 f"(first: {failed[0].task_id}: {failed[0].error_message or failed[0].outcome})"
             )
 
-    async def _send(self, ids: list[str]) -> list[DeleteResult]:
+    async def _deliver(self, batch: list[Candidate], batches: Batches) -> list[DeleteResult]:
+        """Clear the batch with the re-check, send it, and re-check and re-send whatever could
+        not leave before its check went stale; one result per candidate."""
+        results: list[DeleteResult] = []
+        pending = batch
+        for _ in range(_MAX_RESENDS + 1):
+            not_after: float | None = None
+            if self.check is not None:
+                try:
+                    cleared = await self.check.clear(pending, batches.upcoming)
+                except TargetAuthError as exc:
+                    self.fatal = self.fatal or exc
+                    self._halt(str(exc))
+                    return results + self._unsent(pending, f"the re-check was refused: {exc}")
+                except TargetError as exc:
+                    log.error("recheck_failed", error=str(exc), ids=len(pending))
+                    return results + [
+                        DeleteResult(
+                            c.task_id,
+                            Outcome.FAILED,
+                            exc.http_status,
+                            exc.error_code,
+                            f"not sent: the re-check before sending failed: {exc}",
+                        )
+                        for c in pending
+                    ]
+                results.extend(cleared.dropped)
+                pending, not_after = cleared.send, cleared.not_after
+            if not pending:
+                return results
+            ids = [c.task_id for c in pending]
+            answered, unsent = await self._send(ids, not_after)
+            results.extend(answered)
+            if self.check is not None:
+                self.check.forget(ids)
+            if not unsent:
+                return results
+            if self.stop.is_set():
+                return results + self._unsent(
+                    [c for c in pending if c.task_id in set(unsent)],
+                    self.stopped or "stop requested",
+                )
+            again = set(unsent)
+            pending = [c for c in pending if c.task_id in again]
+            log.info("recheck_expired_before_send", ids=len(pending))
+        return results + [
+            DeleteResult(
+                c.task_id,
+                Outcome.FAILED,
+                error_message=(
+                    f"not sent: {_MAX_RESENDS + 1} re-checks went stale before the request "
+                    "could leave (rate limit too low for target.recheck.max_staleness?)"
+                ),
+            )
+            for c in pending
+        ]
+
+    def _unsent(self, batch: Sequence[Candidate], why: str) -> list[DeleteResult]:
+        note = f"never sent: the run stopped first ({why})"
+        return [DeleteResult(c.task_id, Outcome.NOT_DELETED, note=note) for c in batch]
+
+    async def _send(
+        self, ids: list[str], not_after: float | None
+    ) -> tuple[list[DeleteResult], tuple[str, ...]]:
+        """Send ``ids``; their results, and the ids that were not sent (check gone stale)."""
         try:
-            answer = await self.target.delete(ids, self.options)
+            with self.target.http.deadline(not_after):
+                answer = await self.target.delete(ids, self.options)
         except TargetAuthError as exc:
             # Credentials are wrong: every further request would fail the same way.
             self.fatal = self.fatal or exc
             self._halt(str(exc))
-            return _all(ids, Outcome.FAILED, exc)
-        except RequestFailed as exc:
-            return _all(ids, Outcome.UNKNOWN if exc.maybe_sent else Outcome.FAILED, exc)
-        except ResponseTooLarge as exc:
-            return _all(ids, Outcome.UNKNOWN, exc)
+            return [result_of_error(task_id, exc) for task_id in ids], ()
+        except Stale as exc:
+            if not exc.earlier:
+                return [], tuple(ids)
+            return [result_of_error(task_id, exc) for task_id in ids], ()
         except TargetError as exc:
-            # A 2xx answer we cannot read may still mean the server acted.
-            acted = exc.http_status is None or 200 <= exc.http_status < 300
-            return _all(ids, Outcome.UNKNOWN if acted else Outcome.FAILED, exc)
-        return _settle(ids, answer)
+            return [result_of_error(task_id, exc) for task_id in ids], ()
+        if answer.stop is not None:
+            self.fatal = self.fatal or answer.stop
+            self._halt(str(answer.stop))
+            sent = [task_id for task_id in ids if task_id not in set(answer.unsent)]
+            never = [
+                DeleteResult(
+                    task_id,
+                    Outcome.NOT_DELETED,
+                    note=f"never sent: the run stopped first ({answer.stop})",
+                )
+                for task_id in answer.unsent
+            ]
+            return _settle(sent, answer, self.corrected) + never, ()
+        unsent = set(answer.unsent)
+        sent = [task_id for task_id in ids if task_id not in unsent]
+        return _settle(sent, answer, self.corrected), answer.unsent
 
 
 def _stats(journal: GroupCommit) -> dict[str, object]:
@@ -256,29 +401,37 @@ def _stats(journal: GroupCommit) -> dict[str, object]:
     }
 
 
-def _all(ids: Sequence[str], outcome: Outcome, exc: TargetError) -> list[DeleteResult]:
-    message = exc.error_message or str(exc)
-    return [
-        DeleteResult(task_id, outcome, exc.http_status, exc.error_code, message) for task_id in ids
-    ]
-
-
-def _settle(ids: Sequence[str], answer: BatchResult) -> list[DeleteResult]:
-    """One result per sent id; an 'already gone' after a lost attempt was our own deletion."""
+def _settle(
+    ids: Sequence[str], answer: BatchResult, corrected: Collection[str] = frozenset()
+) -> list[DeleteResult]:
+    """One result per sent id; an 'already gone' after an attempt that may have been carried out
+    (answer lost, or 5xx) was our own deletion, and so is one for a task whose acknowledged
+    deletion had been contradicted by the listing (the earlier request did its work after all,
+    only the target's record of it was missing)."""
     by_id = {result.task_id: result for result in answer.results}
     results = []
     for task_id in ids:
         result = by_id.get(task_id) or DeleteResult(
             task_id, Outcome.UNKNOWN, error_message="no outcome reported for this id"
         )
-        if result.outcome is Outcome.ALREADY_GONE and answer.lost_attempts:
-            # The task was listed as present; an earlier attempt of this same request may have
-            # reached the server. The deletion is ours: record it as such, and say why.
+        if result.outcome is Outcome.ALREADY_GONE and task_id in corrected:
             result = DeleteResult(
                 task_id,
                 Outcome.DELETED,
                 result.http_status,
-                note="deleted by an earlier attempt of this request whose answer was lost",
+                note="deleted: the target found nothing left to delete, so the earlier "
+                "acknowledged deletion (see the correction row) had removed the data; the "
+                "target's record of the task is now updated",
+            )
+        elif result.outcome is Outcome.ALREADY_GONE and answer.earlier:
+            # The task was listed as present; an earlier attempt of this same request may have
+            # been carried out. The deletion is ours: record it as such, and say why.
+            result = DeleteResult(
+                task_id,
+                Outcome.DELETED,
+                result.http_status,
+                note=f"deleted: confirmed after an earlier attempt ({', '.join(answer.earlier)})"
+                "; this attempt found it gone",
             )
         results.append(result)
     return results

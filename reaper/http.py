@@ -15,7 +15,9 @@ import json
 import random
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -28,10 +30,12 @@ from reaper.errors import TargetAuthError, TargetError
 from reaper.ratelimit import RateLimiter
 
 __all__ = [
+    "ACTED_STATUSES",
     "Exchange",
     "RequestFailed",
     "ResponseTooLarge",
     "RetryPolicy",
+    "Stale",
     "TargetHttp",
     "loads_json",
 ]
@@ -40,6 +44,19 @@ log = structlog.get_logger("reaper.http")
 
 # Errors raised before any byte of the request reached the server: retrying cannot duplicate work.
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+# Errors after which the server may still be working on the request: we stopped waiting, it did
+# not necessarily stop working (a synchronous server deleting a large batch, say).
+_STILL_RUNNING = (httpx.ReadTimeout, httpx.WriteTimeout)
+
+#: Answers after which the server may have carried the request out: a 500 raised after part of the
+#: work, a gateway that timed out (502, 504) or shed load (503) while the service went on.
+ACTED_STATUSES = frozenset({500, 502, 503, 504})
+#: Of those, the gateway answers: the service behind it may still be working on the request.
+_GATEWAY_STATUSES = frozenset({502, 504})
+
+#: The latest instant (monotonic seconds) at which a request may still leave; set around the
+#: requests of one delete by the executor (see :meth:`TargetHttp.deadline`), None elsewhere.
+_SEND_DEADLINE: ContextVar[float | None] = ContextVar("reaper_send_deadline", default=None)
 
 
 # Every ASCII digit becomes "0", every other byte " ": a run of 19 digits survives as 19 zeros.
@@ -87,12 +104,19 @@ class Exchange:
     response: httpx.Response
     body: bytes
     attempts: int
-    #: Earlier attempts that may have reached the server but whose answer was lost.
-    lost_attempts: int
+    #: Earlier attempts that may have been carried out by the server: their answer was lost
+    #: (``"an answer lost (ReadTimeout)"``) or was a 5xx (``"HTTP 504"``). A later "not found"
+    #: for the same request then confirms our own deletion, not someone else's.
+    earlier: tuple[str, ...] = ()
 
     @property
     def status_code(self) -> int:
         return self.response.status_code
+
+    @property
+    def lost_attempts(self) -> int:
+        """How many earlier attempts may have been carried out (see ``earlier``)."""
+        return len(self.earlier)
 
     def json(self) -> Any:
         """The body decoded as JSON (raises ValueError when it is not JSON)."""
@@ -103,7 +127,9 @@ class RequestFailed(TargetError):
     """Retries are exhausted, or the failure is not retryable.
 
     ``maybe_sent`` is true when the server may have acted on the request (the connection broke or
-    timed out after the request was written): the outcome of the request is unknown.
+    timed out after the request was written, or an attempt was answered 500/502/503/504): the
+    outcome of the request is unknown. ``still_running`` is true when the server may still be
+    working on it, so that sending it again could overlap the first attempt.
     """
 
     def __init__(
@@ -113,6 +139,7 @@ class RequestFailed(TargetError):
         maybe_sent: bool,
         attempts: int,
         response: Exchange | None = None,
+        still_running: bool = False,
     ) -> None:
         super().__init__(
             message,
@@ -121,6 +148,20 @@ class RequestFailed(TargetError):
         self.maybe_sent = maybe_sent
         self.attempts = attempts
         self.response = response
+        self.still_running = still_running
+
+
+class Stale(TargetError):
+    """The request did not leave: the check that cleared it for sending is older than allowed.
+
+    ``earlier`` describes earlier attempts of the same request that may have been carried out
+    (their answer was lost, or was a 5xx); when there are none, nothing of the request reached
+    the server and it can be checked again and re-sent.
+    """
+
+    def __init__(self, message: str, *, earlier: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.earlier = earlier
 
 
 class ResponseTooLarge(TargetError):
@@ -212,6 +253,20 @@ class TargetHttp:
         self.stats = HttpStats()
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
 
+    @contextmanager
+    def deadline(self, not_after: float | None) -> Iterator[None]:
+        """No attempt of a request sent inside this block leaves after ``not_after`` (monotonic
+        seconds): such an attempt raises :class:`Stale` instead, once it has its rate-limit slot.
+
+        The executor re-checks tasks shortly before deleting them; this bounds the time between
+        that check and every request (retries included) that acts on it.
+        """
+        token = _SEND_DEADLINE.set(not_after)
+        try:
+            yield
+        finally:
+            _SEND_DEADLINE.reset(token)
+
     async def send(
         self,
         method: str,
@@ -221,28 +276,44 @@ class TargetHttp:
         json_body: Any = None,
         headers: Mapping[str, str] | None = None,
         retry: bool = True,
+        timeout: float | None = None,
+        overlap_safe: bool = True,
     ) -> Exchange:
         """Send one logical request, retrying as the policy allows; return the final answer.
 
-        Raises :class:`RequestFailed` when no acceptable answer came back, and
+        ``timeout`` replaces the client's timeout for this request. With ``overlap_safe=False``
+        an attempt is not repeated while the server may still be working on an earlier one (it
+        timed out after being sent, or a gateway answered 502/504): a synchronous server would
+        run both at once. Raises :class:`RequestFailed` when no acceptable answer came back,
+        :class:`Stale` when the deadline of :meth:`deadline` has passed, and
         :class:`~reaper.errors.TargetAuthError` on 401/403 (never retried).
         """
-        lost = 0
+        earlier: list[str] = []
         attempts = self.retry.attempts if retry else 1
         last_error: str = ""
         for attempt in range(1, attempts + 1):
             await self.limiter.acquire()
+            not_after = _SEND_DEADLINE.get()
+            if not_after is not None and time.monotonic() > not_after:
+                raise Stale(
+                    f"{method} {url}: not sent: the check that cleared it is too old",
+                    earlier=tuple(earlier),
+                )
             self.stats.requests += 1
             started = time.monotonic()
             try:
-                response, body = await self._exchange(method, url, params, json_body, headers)
+                response, body = await self._exchange(
+                    method, url, params, json_body, headers, timeout
+                )
             except ResponseTooLarge:
                 raise
             except httpx.TransportError as exc:
                 self.stats.transport_errors += 1
                 maybe_sent = not isinstance(exc, _NOT_SENT)
-                lost += int(maybe_sent)
                 last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                if maybe_sent:
+                    earlier.append(f"an answer lost ({type(exc).__name__})")
+                running = maybe_sent and isinstance(exc, _STILL_RUNNING)
                 log.warning(
                     "http_transport_error",
                     method=method,
@@ -251,18 +322,24 @@ class TargetHttp:
                     error=last_error,
                     maybe_sent=maybe_sent,
                 )
-                if attempt == attempts:
+                if attempt == attempts or (running and not overlap_safe):
                     raise RequestFailed(
-                        f"{method} {url} failed after {attempt} attempt(s): {last_error}",
-                        maybe_sent=lost > 0,
+                        f"{method} {url} failed after {attempt} attempt(s): {last_error}"
+                        + (
+                            "; not repeated while the server may still be working on it"
+                            if running and not overlap_safe and attempt < attempts
+                            else ""
+                        ),
+                        maybe_sent=bool(earlier),
                         attempts=attempt,
+                        still_running=running,
                     ) from exc
                 self.stats.retries += 1
                 await asyncio.sleep(self.retry.delay(attempt, self._rng))
                 continue
 
             self.stats.status[response.status_code] += 1
-            exchange = Exchange(response, body, attempt, lost)
+            exchange = Exchange(response, body, attempt, tuple(earlier))
             if response.status_code in (401, 403):
                 code, message = error_fields(body)
                 detail = f": {code or ''} {message or ''}".rstrip() if code or message else ""
@@ -277,13 +354,23 @@ class TargetHttp:
                 self.stats.record_latency(time.monotonic() - started)
                 self.limiter.recover()
                 return exchange
-            if attempt == attempts:
+            acted = response.status_code in ACTED_STATUSES
+            if acted:
+                earlier.append(f"HTTP {response.status_code}")
+            running = response.status_code in _GATEWAY_STATUSES
+            if attempt == attempts or (running and not overlap_safe):
                 raise RequestFailed(
                     f"{method} {url} answered HTTP {response.status_code} "
-                    f"after {attempt} attempt(s)",
-                    maybe_sent=lost > 0,
+                    f"after {attempt} attempt(s)"
+                    + (
+                        "; not repeated while the server may still be working on it"
+                        if running and not overlap_safe and attempt < attempts
+                        else ""
+                    ),
+                    maybe_sent=bool(earlier),
                     attempts=attempt,
                     response=exchange,
+                    still_running=running,
                 )
             delay = self.retry.delay(attempt, self._rng)
             hinted = retry_after_seconds(response.headers.get("Retry-After"))
@@ -312,9 +399,15 @@ class TargetHttp:
         params: Mapping[str, Any] | None,
         json_body: Any,
         headers: Mapping[str, str] | None,
+        timeout: float | None = None,
     ) -> tuple[httpx.Response, bytes]:
         request = self.client.build_request(
-            method, url, params=params, json=json_body, headers=headers
+            method,
+            url,
+            params=params,
+            json=json_body,
+            headers=headers,
+            timeout=httpx.Timeout(timeout) if timeout is not None else httpx.USE_CLIENT_DEFAULT,
         )
         response = await self.client.send(request, stream=True)
         try:

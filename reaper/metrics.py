@@ -85,6 +85,12 @@ class Metrics:
             ["policy"],
             registry=r,
         )
+        self.acknowledged_not_deleted = Counter(
+            "reaper_acknowledged_not_deleted",
+            "Deletions the target acknowledged that a later listing still showed present.",
+            ["policy", "target"],
+            registry=r,
+        )
         self.policies = Gauge("reaper_policies_loaded", "Policies scheduled.", registry=r)
         self.interval = Gauge(
             "reaper_schedule_interval_seconds",
@@ -106,6 +112,7 @@ class Metrics:
             ("failed", s.failed),
             ("unknown", s.unknown),
             ("skipped_invalid_id", s.skipped),
+            ("skipped_changed", s.skipped_changed),
             ("dry_run", s.dry_run),
         ):
             if count:
@@ -119,6 +126,8 @@ class Metrics:
                 self.retries.labels(policy, target).inc(run.http.retries)
             if run.http.status.get(429):
                 self.throttled.labels(policy, target).inc(run.http.status[429])
+        if s.acknowledged_not_deleted:
+            self.acknowledged_not_deleted.labels(policy, target).inc(s.acknowledged_not_deleted)
         if run.plan is not None:
             self.backlog.labels(policy).set(run.plan.eligible)
         if s.reclaimed_bytes:

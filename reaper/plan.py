@@ -32,6 +32,7 @@ from reaper.targets.base import Target, Task
 
 __all__ = [
     "Candidate",
+    "Decision",
     "Plan",
     "Planner",
     "Rule",
@@ -278,6 +279,11 @@ class Plan:
     #: Eligible tasks whose ids fail the target's guard: recorded, never sent.
     invalid: list[Candidate] = field(default_factory=list)
     reasons: dict[str, str] = field(default_factory=dict)
+    #: Listed tasks per status (every task, whatever its verdict).
+    status_counts: Counter[str] = field(default_factory=Counter)
+    #: The plan's rules for one task, keep-newest-N aside: None when it is eligible, else the
+    #: verdict and reason. The send-time re-check decides fresh records with it.
+    decide: Callable[..., Decision | None] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -303,6 +309,14 @@ class Plan:
         """The tasks to delete, oldest first."""
         for index in range(len(self._ids)):
             yield self._candidate(index)
+
+    def candidate(self, index: int) -> Candidate:
+        """The ``index``-th task to delete (0: the oldest)."""
+        return self._candidate(index)
+
+    def id_and_timestamp(self, index: int) -> tuple[str, datetime]:
+        """The id and listed age-field value of the ``index``-th task to delete."""
+        return self._ids[index], datetime.fromtimestamp(self._stamps[index], UTC)
 
     def task_ids(self) -> Iterator[str]:
         """The ids to delete, oldest first."""
@@ -395,6 +409,7 @@ class Planner:
         self.counts: Counter[tuple[Verdict, str]] = Counter()
         self.examples: dict[tuple[Verdict, str], list[Example]] = {}
         self._seen: array[int] = array("q")  # hash of every listed id
+        self._status_counts: dict[str, int] = {}
         self._statuses: dict[str, str] = {}  # one shared string per status value
         self._ids: list[str] = []
         self._stamps: array[float] = array("d")
@@ -419,6 +434,8 @@ class Planner:
         # 8 bytes a task; duplicates are found once the listing is complete (finish()).
         self._seen.append(hash(task.id))
         self.listed += 1
+        status_counts = self._status_counts
+        status_counts[task.status] = status_counts.get(task.status, 0) + 1
         selected = self._selected
         if selected is None:
             decision = self._select(task)
@@ -457,6 +474,26 @@ class Planner:
 
     def _select(self, task: Task) -> Decision | None:
         for rule in self.selection:
+            decision = rule(task)
+            if decision is not None:
+                return decision
+        return None
+
+    def decide(self, task: Task, *, fields: bool = True) -> Decision | None:
+        """Every rule but keep-newest-N on one task: None when it is eligible.
+
+        With ``fields=False`` the record carries only status and times (a per-task status
+        answer): rules on other fields are not asked, and a missing timestamp is not judged.
+        """
+        for rule in self.selection:
+            if not fields and not _reads_only_status(rule) and not isinstance(rule, ProtectIds):
+                continue
+            decision = rule(task)
+            if decision is not None:
+                return decision
+        if not fields and task.timestamp is None:
+            return None
+        for rule in self.aging:
             decision = rule(task)
             if decision is not None:
                 return decision
@@ -543,6 +580,8 @@ class Planner:
             _statuses=final_statuses,
             invalid=invalid,
             reasons=reasons,
+            status_counts=Counter(self._status_counts),
+            decide=self.decide,
         )
 
 

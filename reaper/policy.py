@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 from zoneinfo import ZoneInfo
 
 from pydantic import (
@@ -138,6 +138,14 @@ class DeleteSettings(_Model):
         description="Guard: a larger share of the listed tasks than this and nothing is deleted.",
     )
     anomaly: Anomaly = Field(default_factory=Anomaly)
+    verify: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description=(
+            "List the target again right after deleting, to catch deletions the target "
+            "acknowledged but did not carry out: auto does when a listing costs at most a "
+            "tenth of the requests the deletions took (the next run's listing checks anyway)."
+        ),
+    )
     options: dict[str, Any] = Field(
         default_factory=dict, description="Target-specific delete options."
     )

@@ -1,21 +1,32 @@
-"""Reconciliation: make the audit match reality after a crash, a kill or a lost answer.
+"""Reconciliation: make the audit match reality after a crash, a kill, a lost answer or a
+deletion the target acknowledged but did not carry out.
 
 A row left ``pending`` (the process died between recording the intent and recording the answer)
 or ``unknown`` (the answer was lost) says nothing true yet. Reconciliation looks the task up on
 the target: if it is gone, the deletion happened (``deleted``, noted as confirmed by
-reconciliation); if it is still there, it did not (``not_deleted``). It runs at the start of every
-run, on the same listing the run plans from, and on its own as ``reaper reconcile``.
+reconciliation); if it is still there, it did not (``not_deleted``).
+
+A ``deleted`` row is what the target acknowledged, and an acknowledgement is not proof: the real
+data_pipeline server reports an id as deleted even when its own database update failed. So the
+first complete listing after a deletion also looks for the task: if it is still listed present,
+a correction is recorded: a ``not_deleted`` row in a run of mode ``correction`` that names the
+run and time of the acknowledgement (the ``deleted`` row itself is never edited, and the task is
+eligible again). Each listing checks the policy's deletions acknowledged since the last check.
+
+It runs at the start of every run, on the same listing the run plans from, and on its own as
+``reaper reconcile``.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import structlog
 
-from reaper.audit import AuditRow, AuditStore
+from reaper.audit import Acknowledged, AuditRow, AuditStore, Correction, RunRecord
 from reaper.targets.base import DeleteResult, Outcome, Task
 
 __all__ = ["ReconcileReport", "Reconciler"]
@@ -35,6 +46,11 @@ class ReconcileReport:
     not_deleted: int = 0
     interrupted_runs: int = 0
     runs: set[str] = field(default_factory=set)
+    #: Acknowledged deletions the listing contradicted, and the run holding their corrections.
+    acknowledged_not_deleted: int = 0
+    correction_run: str | None = None
+    #: The ids corrected (eligible again).
+    corrected: set[str] = field(default_factory=set)
 
     @property
     def resolved(self) -> int:
@@ -42,28 +58,48 @@ class ReconcileReport:
 
 
 class Reconciler:
-    """Watches a complete listing for the tasks of unresolved rows, then resolves them."""
+    """Watches a complete listing for the tasks of unresolved rows and of acknowledged
+    deletions not yet checked, then resolves and corrects them."""
 
-    def __init__(self, policy: str, rows: list[AuditRow]) -> None:
+    def __init__(
+        self,
+        policy: str,
+        rows: list[AuditRow],
+        acknowledged: Sequence[Acknowledged] = (),
+    ) -> None:
         self.policy = policy
         self.rows = rows
         self._wanted = {row.task_id for row in rows}
         self._present: set[str] = set()
+        # The newest acknowledgement per task (a task deleted twice: the later one counts).
+        self._acknowledged: dict[str, Acknowledged] = {ack.task_id: ack for ack in acknowledged}
+        self._through = max((ack.row_id for ack in acknowledged), default=None)
+        self._contradicted: dict[str, Task] = {}
+        self._seen_at: datetime | None = None
 
     @classmethod
     def load(cls, store: AuditStore, policy: str, exclude_run: str | None = None) -> Reconciler:
-        return cls(policy, store.unresolved(policy, exclude_run=exclude_run))
+        return cls(
+            policy,
+            store.unresolved(policy, exclude_run=exclude_run),
+            store.acknowledged(policy, exclude_run=exclude_run),
+        )
 
     def __bool__(self) -> bool:
-        return bool(self.rows)
+        return bool(self.rows) or bool(self._acknowledged)
 
     def observe(self, task: Task) -> None:
         """Note a listed task; one that is listed but already deleted counts as gone."""
-        if task.id in self._wanted and not task.gone:
+        if task.gone:
+            return
+        if task.id in self._wanted:
             self._present.add(task.id)
+        if task.id in self._acknowledged:
+            self._contradicted[task.id] = task
 
     async def watch(self, tasks: AsyncIterator[Task]) -> AsyncIterator[Task]:
         """Pass a listing through, observing each task."""
+        self._seen_at = datetime.now(UTC)
         async for task in tasks:
             self.observe(task)
             yield task
@@ -79,8 +115,26 @@ class Reconciler:
             by_run[row.run_id].append(result)
         return by_run
 
-    def apply(self, store: AuditStore, exclude_run: str | None = None) -> ReconcileReport:
-        """Write the outcomes (one transaction per earlier run) and mark dead runs interrupted."""
+    def corrections(self, seen_by: str) -> list[Correction]:
+        """Acknowledged deletions the listing contradicted. Call only after a complete listing."""
+        seen_at = self._seen_at or datetime.now(UTC)
+        return [
+            Correction(self._acknowledged[task_id], task.status, task.timestamp, seen_at, seen_by)
+            for task_id, task in self._contradicted.items()
+        ]
+
+    def apply(
+        self,
+        store: AuditStore,
+        record: RunRecord,
+        exclude_run: str | None = None,
+        *,
+        seen_by: str = "a reconciliation listing",
+    ) -> ReconcileReport:
+        """Write the outcomes (one transaction per earlier run), record the corrections (as a
+        run of their own, built from ``record``), note how far acknowledged deletions have been
+        checked (on ``exclude_run``, the current run, else on the correction run), and mark
+        dead runs interrupted."""
         report = ReconcileReport(self.policy)
         for run_id, results in self.results().items():
             store.resolve(run_id, results)
@@ -90,6 +144,24 @@ class Reconciler:
                     report.deleted += 1
                 else:
                     report.not_deleted += 1
+        corrections = self.corrections(seen_by)
+        if corrections:
+            report.correction_run = store.record_corrections(
+                record, corrections, through=self._through if exclude_run is None else None
+            )
+            report.acknowledged_not_deleted = len(corrections)
+            report.corrected = {c.acknowledged.task_id for c in corrections}
+            log.warning(
+                "acknowledged_not_deleted",
+                policy=self.policy,
+                count=len(corrections),
+                correction_run=report.correction_run,
+                examples=[c.acknowledged.task_id for c in corrections[:10]],
+                hint="the target acknowledged these deletions but still lists the tasks; "
+                "they are eligible again",
+            )
+        if exclude_run is not None and self._through is not None:
+            store.verified(exclude_run, self._through)
         report.interrupted_runs = store.mark_interrupted(self.policy, exclude_run=exclude_run)
         if report.resolved or report.interrupted_runs:
             log.info(

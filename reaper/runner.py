@@ -23,7 +23,7 @@ import structlog
 from reaper.audit import AuditEntry, AuditStore, RunRecord, RunSummary
 from reaper.converters import Rate
 from reaper.errors import AuditError, ListingError, RunAborted, TargetAuthError, TargetError
-from reaper.execute import AsyncAudit, BatchEvent, Executor, auto_concurrency
+from reaper.execute import AsyncAudit, Batches, BatchEvent, Executor, auto_concurrency
 from reaper.guards import GuardOverrides, check_guards
 from reaper.http import HttpStats, RetryPolicy, TargetHttp
 from reaper.locks import PolicyLock
@@ -31,8 +31,9 @@ from reaper.plan import Plan, Verdict, make_plan
 from reaper.planfile import SavedPlan, not_eligible_now
 from reaper.policy import LoadedPolicy
 from reaper.ratelimit import RateLimiter
+from reaper.recheck import SendCheck
 from reaper.reconcile import Reconciler, ReconcileReport
-from reaper.targets.base import ListRequest, Outcome, Target, Task
+from reaper.targets.base import ListRequest, Outcome, RecheckRequest, Target, Task
 
 __all__ = [
     "Mode",
@@ -43,6 +44,7 @@ __all__ = [
     "plan_policy",
     "reconcile_policy",
     "run_policy",
+    "run_record",
 ]
 
 log = structlog.get_logger("reaper.runner")
@@ -55,6 +57,22 @@ class Mode(StrEnum):
     RUN = "run"
     DRY_RUN = "dry_run"
     APPLY = "apply"  # a reviewed, saved plan
+    #: Not a run of the policy: the correction rows for acknowledged deletions a listing
+    #: contradicted (reaper.reconcile).
+    CORRECTION = "correction"
+
+
+def run_record(loaded: LoadedPolicy, target_kind: str, mode: Mode) -> RunRecord:
+    """What the audit records about a run of ``loaded`` when it starts."""
+    policy = loaded.policy
+    return RunRecord(
+        policy=policy.name,
+        policy_hash=loaded.digest,
+        policy_json=policy.canonical_json(),
+        target_kind=target_kind,
+        target=policy.target_config.describe(),
+        mode=mode.value,
+    )
 
 
 class RunStatus(StrEnum):
@@ -226,6 +244,8 @@ class _PolicyRunner:
         self.store = store
         self.audit = AsyncAudit(store)
         self.run = PolicyRun(self.policy.name, opts.mode, RunStatus.FAILED)
+        #: Tasks whose acknowledged deletion this run's listing contradicted.
+        self.corrected: set[str] = set()
 
     async def execute(self) -> PolicyRun:
         run, policy = self.run, self.policy
@@ -282,15 +302,8 @@ class _PolicyRunner:
         self.run.finished_at = datetime.now(UTC)
         return self.run
 
-    def _record(self, target: Target) -> RunRecord:
-        return RunRecord(
-            policy=self.policy.name,
-            policy_hash=self.loaded.digest,
-            policy_json=self.policy.canonical_json(),
-            target_kind=target.kind,
-            target=self.policy.target_config.describe(),
-            mode=self.opts.mode.value,
-        )
+    def _record(self, target: Target, mode: Mode | None = None) -> RunRecord:
+        return run_record(self.loaded, target.kind, mode or self.opts.mode)
 
     async def _steps(self, target: Target, run_id: str) -> None:
         run, policy, summary = self.run, self.policy, self.run.summary
@@ -318,8 +331,17 @@ class _PolicyRunner:
             run.error = f"listing failed, nothing deleted: {exc}"
             log.error("listing_failed", error=str(exc))
             return
-        # The listing was complete: earlier runs' unresolved rows can be settled from it.
-        await self.audit.call(reconciler.apply, self.store, exclude_run=run_id)
+        # The listing was complete: earlier runs' unresolved rows can be settled from it, and
+        # the deletions acknowledged since the last listing checked against it.
+        report = await self.audit.call(
+            reconciler.apply,
+            self.store,
+            self._record(target, Mode.CORRECTION),
+            exclude_run=run_id,
+            seen_by=f"the listing of run {run_id}",
+        )
+        summary.acknowledged_not_deleted = report.acknowledged_not_deleted
+        self.corrected = report.corrected
         plan = self._restrict(plan)
         run.plan = plan
         summary.listed = plan.listed
@@ -354,9 +376,52 @@ class _PolicyRunner:
             run.status = RunStatus.SUCCEEDED
             return
         if plan.eligible:
+            listing_requests = target.http.stats.requests
             await self._delete(plan, target, run_id)
+            if summary.deleted and self._verify_now(listing_requests, target):
+                await self._verify(target, run_id)
         if run.status is RunStatus.FAILED and run.error is None:
             run.status = _final_status(summary)
+
+    def _verify_now(self, listing_requests: int, target: Target) -> bool:
+        """Whether to list again right after deleting: ``delete.verify`` says always, or auto
+        and a listing costs at most a tenth of the requests the deletions took."""
+        setting = self.policy.delete.verify
+        stop = self.opts.stop
+        if setting == "never" or (stop is not None and stop.is_set()):
+            return False
+        if setting == "always":
+            return True
+        deleting = target.http.stats.requests - listing_requests
+        return listing_requests * 10 <= deleting
+
+    async def _verify(self, target: Target, run_id: str) -> None:
+        """List again and check this run's acknowledged deletions against the listing."""
+        acknowledged = await self.audit.call(
+            self.store.acknowledged, self.policy.name, only_run=run_id
+        )
+        verifier = Reconciler(self.policy.name, [], acknowledged)
+        cutoff = self.now - self.policy.select.older_than
+        try:
+            async for _ in verifier.watch(target.list_tasks(_list_request(self.loaded, cutoff))):
+                pass
+        except (ListingError, TargetError) as exc:
+            # The deletions are recorded; the next run's listing checks them instead.
+            log.warning("verification_listing_failed", error=str(exc))
+            return
+        report = await self.audit.call(
+            verifier.apply,
+            self.store,
+            self._record(target, Mode.CORRECTION),
+            exclude_run=run_id,
+            seen_by=f"the verification listing of run {run_id}",
+        )
+        self.run.summary.acknowledged_not_deleted += report.acknowledged_not_deleted
+        log.info(
+            "verified_after_deleting",
+            checked=len(acknowledged),
+            acknowledged_not_deleted=report.acknowledged_not_deleted,
+        )
 
     def _restrict(self, plan: Plan) -> Plan:
         approved = self.opts.approved
@@ -393,11 +458,32 @@ class _PolicyRunner:
                 ],
             )
 
+    def _send_check(self, plan: Plan, target: Target, batches: Batches) -> SendCheck:
+        policy = self.policy
+        assert plan.decide is not None
+        request = RecheckRequest(
+            listing=_list_request(self.loaded, plan.cutoff),
+            eligible_statuses=eligible_statuses(self.loaded),
+            status_counts=dict(plan.status_counts),
+        )
+        return SendCheck(
+            target,
+            request,
+            plan.decide,
+            policy.target_config.recheck.max_staleness.total_seconds(),
+            ids_per_second=policy.delete.rate.per_second * policy.batch_size,
+            remaining=batches.remaining,
+        )
+
     async def _delete(self, plan: Plan, target: Target, run_id: str) -> None:
         run, policy = self.run, self.policy
         concurrency = policy.delete.concurrency or auto_concurrency(
             policy.delete.rate.per_second, target.http.stats.latency_p90()
         )
+        batches = Batches(plan, policy.batch_size)
+        check = self._send_check(plan, target, batches)
+        if not check.enabled:
+            log.info("recheck_not_needed", reason=target.server_refuses_live)
         executor = Executor(
             target,
             self.audit,
@@ -409,6 +495,8 @@ class _PolicyRunner:
             summary=run.summary,
             on_batch=self.opts.on_batch,
             stop=self.opts.stop,
+            check=check,
+            corrected=self.corrected if target.gone_after_acknowledged_is_ours else frozenset(),
         )
         log.info(
             "deleting",
@@ -416,19 +504,27 @@ class _PolicyRunner:
             concurrency=concurrency,
             batch_size=policy.batch_size,
             rate=str(policy.delete.rate),
+            recheck_max_staleness=policy.target_config.recheck.max_staleness.total_seconds(),
         )
         try:
-            await executor.run(plan)
+            await executor.run(plan, batches)
         except TargetAuthError as exc:
             run.status = RunStatus.ABORTED
             run.error = f"the target refused our credentials; stopped: {exc}"
             return
+        if check.checks:
+            log.info(
+                "recheck_summary",
+                checks=check.checks,
+                requests=check.requests,
+                dropped=check.dropped,
+            )
         if executor.stopped is not None:
             run.status = RunStatus.ABORTED
             run.error = executor.stopped
         elif self.opts.stop is not None and self.opts.stop.is_set():
             s = run.summary
-            done = s.deleted + s.already_gone + s.failed + s.unknown
+            done = s.deleted + s.already_gone + s.failed + s.unknown + s.skipped_changed
             if done < plan.eligible:
                 run.status = RunStatus.INTERRUPTED
                 run.error = (
@@ -436,6 +532,19 @@ class _PolicyRunner:
                     "the rest is left for the next run"
                 )
                 log.warning("run_interrupted", phase="deleting", done=done, of=plan.eligible)
+
+
+def eligible_statuses(loaded: LoadedPolicy) -> frozenset[str]:
+    """The statuses a task may be in and still be deleted by the policy."""
+    policy = loaded.policy
+    target = policy.target_class
+    protected = set(policy.protect.status)
+    if not policy.select.allow_live:
+        protected |= target.live_statuses
+    statuses = set(policy.select.status) - protected
+    if target.deletable_statuses is not None:
+        statuses &= target.deletable_statuses
+    return frozenset(statuses)
 
 
 def _final_status(summary: RunSummary) -> RunStatus:
@@ -478,6 +587,8 @@ async def _finish(run: PolicyRun, audit: AsyncAudit) -> None:
         failed=s.failed,
         unknown=s.unknown,
         refused_ids=s.skipped,
+        skipped_changed=s.skipped_changed,
+        acknowledged_not_deleted=s.acknowledged_not_deleted,
         dry_run=s.dry_run,
         reclaimed_bytes=s.reclaimed_bytes,
         error=run.error,
@@ -508,6 +619,7 @@ async def reconcile_policy(
             raise RunAborted(f"policy {loaded.name!r} is running elsewhere; try again later")
         try:
             reconciler = await audit.call(Reconciler.load, store, loaded.name)
+            kind = loaded.policy.target_class.kind
             if reconciler:
                 target, client = build_target(loaded, transport=transport)
                 try:
@@ -517,7 +629,12 @@ async def reconcile_policy(
                         pass
                 finally:
                     await client.aclose()
-            return await audit.call(reconciler.apply, store)
+            return await audit.call(
+                reconciler.apply,
+                store,
+                run_record(loaded, kind, Mode.CORRECTION),
+                seen_by="the listing of `reaper reconcile`",
+            )
         finally:
             await audit.call(lock.release)
     finally:

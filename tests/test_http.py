@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
+from typing import Any
 
 import httpx
 import pytest
@@ -22,6 +23,7 @@ from reaper.http import (
     RequestFailed,
     ResponseTooLarge,
     RetryPolicy,
+    Stale,
     TargetHttp,
     loads_json,
     retry_after_seconds,
@@ -55,21 +57,29 @@ def run(
 
 class TestRetries:
     def test_5xx_then_success(self) -> None:
-        """5xx answers are retried; the final answer is returned with its attempt count."""
+        """5xx answers are retried; the final answer says which earlier attempts may have been
+        carried out (a 500/503 may come after the server acted)."""
         answers = iter([500, 503, 200])
         http, result = run(lambda request: httpx.Response(next(answers), json={}))
         assert result.status_code == 200  # type: ignore[attr-defined]
         assert result.attempts == 3  # type: ignore[attr-defined]
-        assert result.lost_attempts == 0  # type: ignore[attr-defined]
+        assert result.earlier == ("HTTP 500", "HTTP 503")  # type: ignore[attr-defined]
+        assert result.lost_attempts == 2  # type: ignore[attr-defined]
         assert http.stats.retries == 2
 
-    def test_exhausted_retries_raise(self) -> None:
-        """After the last attempt a RequestFailed says the request was answered (not maybe-sent)."""
+    def test_exhausted_5xx_retries_may_have_been_carried_out(self) -> None:
+        """Every attempt answered 502: the server may have acted, so the outcome is unknown."""
         _, result = run(lambda request: httpx.Response(502, json={}))
         assert isinstance(result, RequestFailed)
         assert result.attempts == 4
-        assert result.maybe_sent is False
+        assert result.maybe_sent is True
         assert result.http_status == 502
+
+    def test_429_is_not_an_attempt_that_acted(self) -> None:
+        """429 means refused before any work: retries exhausted on 429 are not 'maybe sent'."""
+        _, result = run(lambda request: httpx.Response(429, json={}))
+        assert isinstance(result, RequestFailed)
+        assert result.maybe_sent is False
 
     def test_4xx_is_not_retried(self) -> None:
         """A 400 is an answer: returned at once, not retried."""
@@ -134,6 +144,54 @@ class TestRetries:
         _, result = run(handler)
         assert result.status_code == 200  # type: ignore[attr-defined]
         assert result.lost_attempts == 1  # type: ignore[attr-defined]
+
+    @pytest.mark.parametrize(
+        "fail",
+        [
+            lambda request: (_ for _ in ()).throw(httpx.ReadTimeout("slow", request=request)),
+            lambda request: httpx.Response(504, json={}),
+            lambda request: httpx.Response(502, json={}),
+        ],
+        ids=["read-timeout", "504", "502"],
+    )
+    def test_not_repeated_while_the_server_may_still_be_working(self, fail: Any) -> None:
+        """overlap_safe=False: after a timeout or a gateway's 502/504 the request is not sent
+        again (a synchronous server may still be running the first one)."""
+        calls = []
+
+        def handler(request: httpx.Request) -> httpx.Response:
+            calls.append(request)
+            response: httpx.Response = fail(request)
+            return response
+
+        async def main() -> Any:
+            async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+                http = TargetHttp(client, RateLimiter(Rate(1000)), RetryPolicy(4, 0, 0))
+                try:
+                    return await http.send("DELETE", "http://target/x", overlap_safe=False)
+                except RequestFailed as exc:
+                    return exc
+
+        result = asyncio.run(main())
+        assert isinstance(result, RequestFailed)
+        assert len(calls) == 1
+        assert result.maybe_sent is True
+        assert result.still_running is True
+
+    @pytest.mark.parametrize("status", [500, 503])
+    def test_answered_5xx_is_repeated_even_when_overlap_is_unsafe(self, status: int) -> None:
+        """A 500/503 is the server's own answer: the first attempt is over, so it is retried."""
+        answers = iter([status, 200])
+
+        async def main() -> Any:
+            transport = httpx.MockTransport(lambda r: httpx.Response(next(answers), json={}))
+            async with httpx.AsyncClient(transport=transport) as client:
+                http = TargetHttp(client, RateLimiter(Rate(1000)), RetryPolicy(4, 0, 0))
+                return await http.send("DELETE", "http://target/x", overlap_safe=False)
+
+        result = asyncio.run(main())
+        assert result.status_code == 200
+        assert result.earlier == (f"HTTP {status}",)
 
     def test_no_retry_when_disabled(self) -> None:
         """retry=False sends exactly once."""
@@ -288,3 +346,61 @@ class TestLoadsJson:
             json.loads(body)
         with pytest.raises(ValueError):
             loads_json(body)
+
+
+class TestDeadline:
+    """TargetHttp.deadline bounds when any attempt of a request may still leave."""
+
+    @staticmethod
+    def send_under(deadline_in: float, handler: Callable[[httpx.Request], httpx.Response]) -> Any:
+        async def main() -> Any:
+            async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+                http = TargetHttp(client, RateLimiter(Rate(1000)), RetryPolicy(4, 0.05, 0.05))
+                loop_time = __import__("time").monotonic
+                with http.deadline(loop_time() + deadline_in):
+                    try:
+                        return await http.send("DELETE", "http://target/x")
+                    except Stale as exc:
+                        return exc
+
+        return asyncio.run(main())
+
+    def test_past_deadline_sends_nothing(self) -> None:
+        """An attempt due after the deadline is not sent: Stale, with no earlier attempt."""
+        calls: list[httpx.Request] = []
+        result = self.send_under(-1.0, lambda r: calls.append(r) or httpx.Response(200))
+        assert isinstance(result, Stale)
+        assert result.earlier == ()
+        assert calls == []
+
+    def test_retry_after_the_deadline_reports_the_attempt_that_may_have_acted(self) -> None:
+        """A 504, then the deadline passes during the backoff: Stale names the 504."""
+        calls: list[httpx.Request] = []
+        result = self.send_under(0.02, lambda r: calls.append(r) or httpx.Response(504))
+        assert isinstance(result, Stale)
+        assert result.earlier == ("HTTP 504",)
+        assert len(calls) == 1
+
+    def test_within_the_deadline_nothing_changes(self) -> None:
+        """A request that leaves in time is answered as usual."""
+        result = self.send_under(30.0, lambda r: httpx.Response(200, json={}))
+        assert result.status_code == 200
+
+    def test_per_request_timeout(self) -> None:
+        """send(timeout=...) replaces the client's timeout for that request only."""
+        seen: list[dict[str, Any]] = []
+
+        def handler(request: httpx.Request) -> httpx.Response:
+            seen.append(request.extensions["timeout"])
+            return httpx.Response(200, json={})
+
+        async def main() -> None:
+            transport = httpx.MockTransport(handler)
+            async with httpx.AsyncClient(transport=transport, timeout=5.0) as client:
+                http = TargetHttp(client, RateLimiter(Rate(1000)))
+                await http.send("GET", "http://target/x", timeout=80.0)
+                await http.send("GET", "http://target/x")
+
+        asyncio.run(main())
+        assert seen[0]["read"] == 80.0
+        assert seen[1]["read"] == 5.0

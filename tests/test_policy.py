@@ -359,10 +359,10 @@ class TestRealisticMistakes:
             ),
             pytest.param(
                 "batch_size: 50",
-                "batch_size: 5001",
+                "batch_size: 1001",
                 "delete.batch_size",
                 13,
-                "data_pipeline accepts at most 5000 id(s) per delete request",
+                "data_pipeline accepts at most 1000 id(s) per delete request",
                 id="batch-too-big",
             ),
             pytest.param(

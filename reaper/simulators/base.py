@@ -6,7 +6,10 @@ acts on requests; this module does everything that is the same for all targets:
 * a ``ThreadingHTTPServer`` on 127.0.0.1 speaking HTTP/1.1 with keep-alive, quiet, stoppable,
   and HTTPS when given an :class:`ssl.SSLContext` (to test certificate verification);
 * fault injection from a :class:`Faults` value, applied to every API request in a fixed order
-  (down -> rate limit -> latency -> drop before -> error -> malformed -> act -> drop after);
+  (down -> rate limit -> latency -> drop before -> error -> malformed -> act -> drop after, or
+  504 after acting); what a target's handler does wrong while acting (acknowledging a deletion
+  it did not make, re-executing listed tasks, ...) is up to the subclass, switched by the same
+  value;
 * a server-side token bucket, so a client's own rate limiter can be checked from the outside;
 * the request counters and the deletion log a test or a benchmark asserts on;
 * admin endpoints under ``/_sim/`` (never faulted) so an out-of-process client can inspect it.
@@ -43,7 +46,7 @@ __all__ = [
     "SimulatorBase",
 ]
 
-RouteKind = Literal["list", "delete", "other"]
+RouteKind = Literal["list", "get", "delete", "other"]
 
 # A request body larger than this is refused: the simulator holds bodies in memory.
 _MAX_BODY = 64 * 1024 * 1024
@@ -71,6 +74,20 @@ class Faults:
     drop_after_rate: float = 0.0
     malformed_rate: float = 0.0
     partial_failure_rate: float = 0.0
+    #: Deletes the service carried out, then answered 504 (a gateway that timed out).
+    act_then_504_rate: float = 0.0
+    #: Ids a delete reports as deleted although nothing was done (every simulator).
+    ack_without_effect_rate: float = 0.0
+    #: data_pipeline: finished tasks on a listed page re-executed (back to in_progress) right
+    #: after the page is served.
+    reexecute_rate: float = 0.0
+    #: data_pipeline: deletions whose database update fails after the directory was removed; the
+    #: id is still reported deleted and its row keeps ``directory_exists: true`` (the real
+    #: server swallows that error).
+    db_update_failure_rate: float = 0.0
+    #: data_pipeline: milliseconds of synchronous work per id of a delete request (the real
+    #: server walks each directory and opens a database connection per id).
+    delete_ms_per_id: float = 0.0
     down: bool = False
 
     def __post_init__(self) -> None:
@@ -356,6 +373,10 @@ class SimulatorBase(abc.ABC):
         self._deleted_ids: list[str] = []
         self._deleted_set: set[str] = set()
         self.delete_requests_by_id: collections.Counter[str] = collections.Counter()
+        #: Ids a delete reported deleted although nothing was done (ack_without_effect_rate).
+        self.acknowledged_not_done: list[str] = []
+        #: Ids whose data was deleted while the task was live (must stay empty).
+        self.live_deleted: list[str] = []
         self.traversal_attempts: list[str] = []
         self.handler_errors: list[str] = []
 
@@ -470,6 +491,7 @@ class SimulatorBase(abc.ABC):
         keys = (
             "requests",
             "list_requests",
+            "get_requests",
             "delete_requests",
             "status_2xx",
             "status_4xx",
@@ -483,6 +505,8 @@ class SimulatorBase(abc.ABC):
         with self.lock:
             stats = {key: self._stats[key] for key in keys}
             stats["deleted"] = len(self._deleted_ids)
+            stats["acknowledged_not_done"] = len(self.acknowledged_not_done)
+            stats["live_deleted"] = len(self.live_deleted)
             return stats
 
     def record_handler_error(self, text: str) -> None:
@@ -509,12 +533,24 @@ class SimulatorBase(abc.ABC):
             if any(marker in task_id for marker in _TRAVERSAL_MARKERS):
                 self.traversal_attempts.append(task_id)
 
-    def record_deleted(self, task_id: str) -> None:
-        """Note that the server deleted ``task_id``'s data (once per id)."""
+    def record_deleted(self, task_id: str, *, live: bool = False) -> None:
+        """Note that the server deleted ``task_id``'s data (once per id); ``live``: while the
+        task was still running (a reaper bug if reaper sent it)."""
         with self.lock:
             if task_id not in self._deleted_set:
                 self._deleted_set.add(task_id)
                 self._deleted_ids.append(task_id)
+            if live:
+                self.live_deleted.append(task_id)
+
+    def acknowledge_without_effect(self, task_id: str) -> bool:
+        """Roll ``ack_without_effect_rate`` for one id about to be deleted; True means: report
+        it deleted and do nothing (the id is noted)."""
+        if not self.roll(self._faults.ack_without_effect_rate):
+            return False
+        with self.lock:
+            self.acknowledged_not_done.append(task_id)
+        return True
 
     # -- request handling --------------------------------------------------------------------
 
@@ -572,6 +608,13 @@ class SimulatorBase(abc.ABC):
         response = route.handler(matched)
         if route.kind == "delete" and self.roll(faults.drop_after_rate):
             return _DROP
+        if (
+            route.kind == "delete"
+            and 200 <= response.status < 300
+            and self.roll(faults.act_then_504_rate)
+        ):
+            # The service did the work; the gateway in front of it gave up waiting.
+            return self.error_response(request, 504, "gateway timeout: the service was too slow")
         return response
 
     def _match(self, request: Request) -> tuple[Route | None, Request | None]:
@@ -617,6 +660,8 @@ class SimulatorBase(abc.ABC):
                         "deleted_ids": list(self._deleted_ids),
                         "delete_requests_by_id": dict(self.delete_requests_by_id),
                         "traversal_attempts": list(self.traversal_attempts),
+                        "acknowledged_not_done": list(self.acknowledged_not_done),
+                        "live_deleted": list(self.live_deleted),
                     }
                 return Response.json(payload)
             if key == ("GET", "/_sim/faults"):

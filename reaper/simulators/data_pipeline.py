@@ -1,9 +1,18 @@
 """A simulator of the data_pipeline task API (a Flask service; see TARGETS.md section 1).
 
-It lists tasks (``GET /api/v0/data_pipeline/tasks`` and ``POST .../tasks/query``) and deletes their
-directories (``DELETE /api/v0/data_pipeline/tasks``) the way the real service does, including its
-quirks: ``total`` is the length of the page, timestamps are naive server-local strings, unknown ids
-delete "successfully", and ids are joined into paths unchecked (the simulator records such ids).
+It lists tasks (``GET /api/v0/data_pipeline/tasks`` and ``POST .../tasks/query``), shows one task
+(``GET .../tasks/{task_id}``) and deletes their directories (``DELETE /api/v0/data_pipeline/tasks``)
+the way the real service does, including its quirks: ``total`` is the length of the page,
+timestamps are naive server-local strings, unknown ids delete "successfully", ids are joined into
+paths unchecked (the simulator records such ids), live tasks are deleted like any other (the
+simulator records those in ``live_deleted``), and a batch is worked through synchronously.
+
+Faults of the real service, switched by :class:`~reaper.simulators.base.Faults`: finished tasks
+re-executed right after a listing shows them (``reexecute_rate``), a database update that fails
+after the directory was removed while the id is still reported deleted
+(``db_update_failure_rate``), deletions acknowledged without effect (``ack_without_effect_rate``),
+a 504 after acting (``act_then_504_rate``) and slow synchronous batches (``delete_ms_per_id``;
+overlapping requests for the same id are counted in ``overlapping_deletes``).
 
 Listing a page is O(page size + log n) even with a million tasks: tasks are kept in a sorted index
 that supports removal through a Fenwick tree, and indexes are only rebuilt after tasks are added.
@@ -11,6 +20,7 @@ that supports removal through a Fenwick tree, and indexes are only rebuilt after
 
 from __future__ import annotations
 
+import collections
 import gc
 import random
 import time
@@ -110,16 +120,15 @@ class SimTask:
 
 
 def format_size(size_bytes: int) -> str:
-    """Format a size the way the service does: 1024-based, one decimal (``"2.5 MB"``)."""
-    if size_bytes == 0:
-        return "0 B"
-    size = float(size_bytes)
-    units = ("B", "KB", "MB", "GB", "TB")
-    unit = 0
-    while size >= 1024 and unit < len(units) - 1:
-        size /= 1024
-        unit += 1
-    return f"{size:.1f} {units[unit]}"
+    """Format a size the way the service does (``delete_task_directory_simple``): whole bytes
+    below 1 KB (``"512 B"``), else 1024-based with one decimal (``"2.5 MB"``), at most GB."""
+    if size_bytes < 1024:
+        return f"{size_bytes} B"
+    if size_bytes < 1024**2:
+        return f"{size_bytes / 1024:.1f} KB"
+    if size_bytes < 1024**3:
+        return f"{size_bytes / 1024**2:.1f} MB"
+    return f"{size_bytes / 1024**3:.1f} GB"
 
 
 # -- task generation ---------------------------------------------------------------------------
@@ -424,6 +433,17 @@ class DataPipelineSimulator(SimulatorBase):
         self._tasks: dict[str, SimTask] = {}
         # Sorted indexes by status filter (None: all tasks), built on demand.
         self._indexes: dict[str | None, _Index] = {}
+        # Tasks whose directory is gone although their row still says directory_exists: true
+        # (the database update after the removal failed).
+        self._data_gone: set[str] = set()
+        # Ids of delete requests being worked on, for counting overlapping requests.
+        self._in_flight: collections.Counter[str] = collections.Counter()
+        #: Ids whose directory was removed but whose row update failed (db_update_failure_rate).
+        self.db_update_failed: list[str] = []
+        #: Ids re-executed after a listing showed them (reexecute_rate, or reexecute()).
+        self.reexecuted: list[str] = []
+        #: Delete requests that named an id another, still running, request was deleting.
+        self.overlapping_deletes = 0
         super().__init__(faults=faults, seed=seed)
         self.add_tasks(tasks)
         # Sort now rather than on the first list request, so that request is as fast as the rest.
@@ -465,6 +485,19 @@ class DataPipelineSimulator(SimulatorBase):
         with self.lock:
             self._indexes.clear()
 
+    def reexecute(self, task_id: str) -> None:
+        """Run a task again, as ``POST .../tasks/{task_id}/execute`` does: back to in_progress,
+        its directory recreated (``directory_exists`` is not reset, as on the real server)."""
+        with self.lock:
+            task = self._tasks[task_id]
+            now = datetime.now(UTC)
+            task.status, task.step_status = "in_progress", _STEP_STATUS["in_progress"]
+            task.started_at, task.completed_at = now, None
+            self._data_gone.discard(task_id)
+            self.reexecuted.append(task_id)
+            # Status indexes hold the old status; the full index is ordered by creation only.
+            self._indexes = {None: self._indexes[None]} if None in self._indexes else {}
+
     def add_tasks_from_json(self, payload: Any) -> int:
         """Add tasks given as a JSON list of :meth:`SimTask.to_dict` objects."""
         if not isinstance(payload, list) or not all(isinstance(item, dict) for item in payload):
@@ -480,6 +513,7 @@ class DataPipelineSimulator(SimulatorBase):
         return [
             Route("GET", _BASE_PATH, self._list, kind="list"),
             Route("POST", _BASE_PATH + "/query", self._query, kind="list"),
+            Route("GET", _BASE_PATH + r"/(?P<task_id>[^/]+)", self._get, kind="get"),
             Route("DELETE", _BASE_PATH, self._delete, kind="delete"),
         ]
 
@@ -512,6 +546,13 @@ class DataPipelineSimulator(SimulatorBase):
             index = self._index(status)
             page = index.page(0, len(index), offset, limit, descending=True)
             rendered = [self._render(task) for task in page]
+            rate = self.faults.reexecute_rate
+            if rate:
+                # Someone re-runs tasks just after this page showed them finished.
+                for task in page:
+                    if task.status not in LIVE_STATUSES and task.directory_exists:
+                        if self.roll(rate):
+                            self.reexecute(task.task_id)
         return self._ok(
             "获取任务列表成功",
             {
@@ -601,6 +642,41 @@ class DataPipelineSimulator(SimulatorBase):
             },
         )
 
+    def _get(self, request: Request) -> Response:
+        """One task, shaped like ``get_data_pipeline_task_status`` (no directory_exists)."""
+        task_id = request.params["task_id"]
+        with self.lock:
+            task = self._tasks.get(task_id)
+            if task is None:
+                return self.error_response(request, 404, f"任务不存在: {task_id}")
+            render = self._render_time
+            steps = _steps(task.status)
+            data = {
+                "task_id": task.task_id,
+                "task_name": task.task_name,
+                "status": task.status,
+                "step_status": dict(steps),
+                "created_at": render(task.created_at),
+                "started_at": render(task.started_at),
+                "completed_at": render(task.completed_at),
+                "parameters": {"db_name": task.db_name},
+                "result": None,
+                "error_message": None,
+                "current_step": None,
+                "total_steps": len(steps),
+                "steps": [
+                    {
+                        "step_name": name,
+                        "step_status": status,
+                        "started_at": None,
+                        "completed_at": None,
+                        "error_message": None,
+                    }
+                    for name, status in steps
+                ],
+            }
+        return self._ok("获取任务状态成功", data)
+
     def _delete(self, request: Request) -> Response:
         try:
             body = _json_object(request, allow_empty=False)
@@ -625,24 +701,37 @@ class DataPipelineSimulator(SimulatorBase):
 
         now = datetime.now(UTC)
         now_text = self._render_time(now)
-        partial_rate = self.faults.partial_failure_rate
+        faults = self.faults
         deleted: list[dict[str, Any]] = []
         failed: list[dict[str, Any]] = []
         with self.lock:
             for task_id in task_ids:
-                self.record_delete_request(task_id)
-                if self.roll(partial_rate):
-                    failed.append(
-                        {
-                            "task_id": task_id,
-                            "error": "删除任务目录失败",
-                            "error_code": "DELETE_FAILED",
-                        }
-                    )
-                    if not continue_on_error:
-                        break
-                    continue
-                deleted.append(self._delete_one(task_id, delete_records, now, now_text))
+                if self._in_flight[task_id]:
+                    self.overlapping_deletes += 1
+                    break
+            self._in_flight.update(task_ids)
+        try:
+            for task_id in task_ids:
+                if faults.delete_ms_per_id:
+                    # Synchronous work per id, outside the lock: other requests go on meanwhile.
+                    self._stopping.wait(faults.delete_ms_per_id / 1000)
+                with self.lock:
+                    self.record_delete_request(task_id)
+                    if self.roll(faults.partial_failure_rate):
+                        failed.append(
+                            {
+                                "task_id": task_id,
+                                "error": "删除任务目录失败",
+                                "error_code": "DELETE_FAILED",
+                            }
+                        )
+                        if not continue_on_error:
+                            break
+                        continue
+                    deleted.append(self._delete_one(task_id, delete_records, now, now_text))
+        finally:
+            with self.lock:
+                self._in_flight.subtract(task_ids)
         return self._ok(
             "任务目录删除成功" if not failed else "批量删除部分完成",
             {
@@ -662,25 +751,33 @@ class DataPipelineSimulator(SimulatorBase):
     ) -> dict[str, Any]:
         # The caller holds the lock. Unknown ids and gone directories succeed, deleting nothing.
         task = self._tasks.get(task_id)
-        directory_deleted = task is not None and task.directory_exists
+        if task is not None and task.directory_exists and self.acknowledge_without_effect(task_id):
+            return _deleted_entry(task_id, True, False, task.files_count, task.size_bytes, now_text)
+        present = task is not None and task.directory_exists and task_id not in self._data_gone
         files_count = size_bytes = 0
+        database_records_deleted = False
         if task is not None:
-            if task.directory_exists:
+            if present:
                 files_count, size_bytes = task.files_count, task.size_bytes
+                self.record_deleted(task_id, live=task.status in LIVE_STATUSES)
+            if self.roll(self.faults.db_update_failure_rate):
+                # The directory is gone, the row still says it exists: logged, then swallowed.
+                self._data_gone.add(task_id)
+                self.db_update_failed.append(task_id)
+            elif delete_records:
+                self._data_gone.discard(task_id)
+                self._remove_record(task)
+                database_records_deleted = True
+            else:
+                self._data_gone.discard(task_id)
                 task.directory_exists = False
                 task.updated_at = now
-                self.record_deleted(task_id)
-            if delete_records:
-                self._remove_record(task)
-        return {
-            "success": True,
-            "task_id": task_id,
-            "directory_deleted": directory_deleted,
-            "database_records_deleted": delete_records and task is not None,
-            "deleted_files_count": files_count,
-            "deleted_size": format_size(size_bytes),
-            "deleted_at": now_text,
-        }
+        elif delete_records:
+            # The server runs its DELETE statements for unknown ids too, and says so.
+            database_records_deleted = True
+        return _deleted_entry(
+            task_id, present, database_records_deleted, files_count, size_bytes, now_text
+        )
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -772,6 +869,49 @@ class DataPipelineSimulator(SimulatorBase):
         data = {"response": detail, "error_type": error_type, **extra}
         payload = {"success": False, "code": status, "message": message, "data": data}
         return Response.json(payload, status=status)
+
+
+def _deleted_entry(
+    task_id: str,
+    directory_deleted: bool,
+    database_records_deleted: bool,
+    files_count: int,
+    size_bytes: int,
+    now_text: str,
+) -> dict[str, Any]:
+    """One ``deleted_tasks`` entry, as ``delete_task_directory_simple`` returns it."""
+    return {
+        "success": True,
+        "task_id": task_id,
+        "directory_deleted": directory_deleted,
+        "database_records_deleted": database_records_deleted,
+        "deleted_files_count": files_count if directory_deleted else 0,
+        "deleted_size": format_size(size_bytes if directory_deleted else 0),
+        "deleted_at": now_text,
+        "operation_message": "目录删除成功" if directory_deleted else "目录不存在,无需删除",
+    }
+
+
+_STEP_NAMES = ("ddl_generation", "qa_generation", "sql_validation", "training_load")
+
+
+def _steps(status: str) -> list[tuple[str, str]]:
+    """Plausible step statuses for a task status (the real service keeps them per step)."""
+    if status == "pending":
+        return [(name, "pending") for name in _STEP_NAMES]
+    if status == "in_progress":
+        return [(_STEP_NAMES[0], "completed"), (_STEP_NAMES[1], "running")] + [
+            (name, "pending") for name in _STEP_NAMES[2:]
+        ]
+    if status == "completed":
+        return [(name, "completed") for name in _STEP_NAMES]
+    if status == "failed":
+        return [(_STEP_NAMES[0], "completed"), (_STEP_NAMES[1], "failed")] + [
+            (name, "pending") for name in _STEP_NAMES[2:]
+        ]
+    return [(_STEP_NAMES[0], "completed"), (_STEP_NAMES[1], "completed")] + [
+        (name, "pending") for name in _STEP_NAMES[2:]
+    ]
 
 
 def _int_param(raw: object, name: str, default: int) -> int:

@@ -232,6 +232,8 @@ class HuaweiDcsSimulator(HuaweiSimulatorBase):
                 return self.error(404, "DCS.4133", f"The background task {task_id} does not exist")
             if self.roll(self.faults.partial_failure_rate):
                 return self.error(400, "DCS.4980", "Failed to delete the background task")
+            if self.acknowledge_without_effect(task_id):
+                return Response(status=200, body=b"", content_type=None)
             del self._tasks[task_id]
             self._order = None
             self.record_deleted(task_id)

@@ -310,6 +310,8 @@ class HuaweiIotdaSimulator(HuaweiSimulatorBase):
                 )
             if self.roll(self.faults.partial_failure_rate):
                 return self.error(400, "IOTDA.014112", "Failed to delete the batch task")
+            if self.acknowledge_without_effect(task_id):
+                return Response(status=204, body=b"", content_type=None)
             del self._tasks[task_id]
             self._by_type = None
             self.record_deleted(task_id)

@@ -18,6 +18,8 @@ entry, with bounded concurrency under the policy's rate limit. A task id is ``<t
   longer than ``max_runtime``, whatever the plan says.
 * Entries are retired only after an audit row says why: at the start of every listing, entries
   whose task an earlier run deleted (or found gone) are retired from those rows.
+* Before deleting, each task's status is fetched again (its API offers no cheaper means): a task
+  no longer in a deletable status, or gone, is not sent.
 
 The inventory lives in reaper's database (``REAPER_DATABASE_URL``, the audit database).
 """
@@ -57,9 +59,12 @@ from reaper.targets.base import (
     DeleteResult,
     ListRequest,
     Outcome,
+    Recheck,
+    RecheckRequest,
     Target,
     TargetConfig,
     Task,
+    gone_result,
 )
 from reaper.targets.httpauth import HeaderAuth
 from reaper.targets.huawei import read_secret
@@ -308,7 +313,12 @@ class AparaviTarget(Target):
             window = entries[start : start + _WINDOW]
             try:
                 async with asyncio.TaskGroup() as group:
-                    calls = [group.create_task(self._status(entry, limit)) for entry in window]
+                    calls = [
+                        group.create_task(
+                            self._status(entry.task_id, entry.token, entry.type, limit)
+                        )
+                        for entry in window
+                    ]
             except BaseExceptionGroup as failed:
                 # The first failure is the cause; the other calls were cancelled because of it.
                 raise _first(failed) from None
@@ -331,13 +341,13 @@ class AparaviTarget(Target):
             log.info("inventory_retired", target=base, retired=len(gone), source="status")
 
     async def _status(
-        self, entry: Entry, limit: asyncio.Semaphore
+        self, task_id: str, token: str, task_type: str, limit: asyncio.Semaphore
     ) -> tuple[dict[str, Any] | None, str | None]:
         """The task's status data, or (None, the 'not found' message)."""
-        where = f"status of {entry.task_id}"
+        where = f"status of {task_id}"
         async with limit:
             exchange = await self.fetch_page(
-                where, "GET", self.url(), params={"token": entry.token, "type": entry.type}
+                where, "GET", self.url(), params={"token": token, "type": task_type}
             )
         status, body = exchange.status_code, _json(exchange.body)
         message = _error_message(body)
@@ -375,17 +385,51 @@ class AparaviTarget(Target):
 
     # -- deletion -----------------------------------------------------------------------------
 
+    async def recheck(
+        self, ids: Sequence[str], upcoming: Sequence[str], request: RecheckRequest
+    ) -> Recheck:
+        """Fetch each task's status again (one call per task: the API has no other means)."""
+        limit = asyncio.Semaphore(self.config.status_concurrency)
+        keys = {task_id: parse_task_id(task_id) for task_id in ids}
+        try:
+            async with asyncio.TaskGroup() as group:
+                calls = {
+                    task_id: group.create_task(self._status(task_id, key[1], key[0], limit))
+                    for task_id, key in keys.items()
+                    if key is not None
+                }
+        except BaseExceptionGroup as failed:
+            raise _first(failed) from None
+        seen: dict[str, Task] = {}
+        absent = {task_id for task_id, key in keys.items() if key is None}
+        for task_id, call in calls.items():
+            data, _ = call.result()
+            if data is None:
+                absent.add(task_id)
+                continue
+            timestamp = problem = None
+            try:
+                timestamp = _epoch(data.get(request.listing.age_field))
+            except ValueError as exc:
+                problem = f"{request.listing.age_field} does not parse: {exc}"
+            seen[task_id] = Task(task_id, data["status"], timestamp, problem=problem)
+            self.listed[task_id] = _Listed(data["status"], _epoch(data.get("startTime")))
+        return Recheck(
+            seen,
+            frozenset(ids),
+            frozenset(absent),
+            means=f"status of {len(ids)} task(s)",
+            fields=False,
+        )
+
     async def delete(self, task_ids: Sequence[str], options: DeleteOptions) -> BatchResult:
-        results = []
-        for task_id in task_ids:
+        async def one(task_id: str) -> DeleteResult:
             refusal, note = self.refusal(task_id)
             if refusal is not None:
-                results.append(
-                    DeleteResult(task_id, Outcome.FAILED, error_message=refusal, note="not sent")
-                )
-            else:
-                results.append(await self._delete_one(task_id, note))
-        return BatchResult(results)
+                return DeleteResult(task_id, Outcome.FAILED, error_message=refusal, note="not sent")
+            return await self._delete_one(task_id, note)
+
+        return await self.delete_each(task_ids, one)
 
     def refusal(self, task_id: str) -> tuple[str | None, str | None]:
         """(why reaper will not send a delete for ``task_id``, or None; the note if sent)."""
@@ -432,16 +476,7 @@ class AparaviTarget(Target):
         if message is not None:
             lowered = message.strip().lower()
             if lowered.startswith(_GONE_MESSAGES):
-                if exchange.lost_attempts:
-                    return DeleteResult(
-                        task_id,
-                        Outcome.DELETED,
-                        status,
-                        note="deleted by an earlier attempt of this request whose answer was lost",
-                    )
-                return DeleteResult(
-                    task_id, Outcome.ALREADY_GONE, status, error_message=message, note=note
-                )
+                return gone_result(task_id, exchange.earlier, status, None, message, note=note)
             if _NOT_DELETABLE in lowered:
                 return DeleteResult(
                     task_id, Outcome.FAILED, status, error_message=message, note=NOT_DELETABLE_NOTE

@@ -1,37 +1,49 @@
 """The extension point: what every target kind provides, and the records it hands inward.
 
 A target lists tasks as :class:`Task` records (id, status, one aware UTC timestamp, the fields a
-policy may match on) and deletes ids, answering with one :class:`DeleteResult` per id. It knows
-its API's paging, status vocabulary, id format and error bodies; it knows nothing about policies,
-plans or the audit. Adding a target kind means one new module here plus one line in
-``reaper/targets/__init__.py``.
+policy may match on), re-checks tasks just before they are deleted (:meth:`Target.recheck`), and
+deletes ids, answering with one :class:`DeleteResult` per id. It knows its API's paging, status
+vocabulary, id format and error bodies; it knows nothing about policies, plans or the audit.
+Adding a target kind means one new module here plus one line in ``reaper/targets/__init__.py``.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
 from types import MappingProxyType
 from typing import Any, ClassVar, NamedTuple
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from reaper.errors import ListingError
+from reaper.errors import ListingError, TargetAuthError, TargetError
 from reaper.fields import Duration
-from reaper.http import Exchange, RequestFailed, ResponseTooLarge, TargetHttp, error_fields
+from reaper.http import (
+    Exchange,
+    RequestFailed,
+    ResponseTooLarge,
+    Stale,
+    TargetHttp,
+    error_fields,
+)
 
 __all__ = [
     "BatchResult",
     "DeleteResult",
     "ListRequest",
     "Outcome",
+    "Recheck",
+    "RecheckRequest",
+    "RecheckSettings",
     "Target",
     "TargetConfig",
     "Task",
+    "gone_result",
+    "result_of_error",
     "task_reader",
 ]
 
@@ -46,7 +58,13 @@ class Outcome(StrEnum):
     UNKNOWN = "unknown"  # the request may have reached the server; its answer was lost
     SKIPPED_INVALID_ID = "skipped_invalid_id"
     DRY_RUN = "dry_run"
-    NOT_DELETED = "not_deleted"  # a pending/unknown row that reconciliation found still present
+    #: Not deleted: reconciliation found a pending/unknown row's task still present, the run
+    #: stopped before the request left, or a later listing still shows a task whose deletion the
+    #: target had acknowledged (a correction row).
+    NOT_DELETED = "not_deleted"
+    #: Dropped at send time: the re-check just before the request saw the task live, gone or no
+    #: longer eligible. Final when written; the id was never sent.
+    SKIPPED_CHANGED = "skipped_changed"
 
 
 class Task(NamedTuple):
@@ -78,6 +96,42 @@ class ListRequest:
     created_before: datetime | None = None
 
 
+@dataclass(frozen=True)
+class RecheckRequest:
+    """What a target needs to re-check tasks just before deleting them."""
+
+    #: Read fresh records the way the run's listing read them (age field, match fields).
+    listing: ListRequest
+    #: Statuses a task may be in and still be deleted; in any other it is no longer eligible.
+    eligible_statuses: frozenset[str]
+    #: Tasks per status in the run's listing: what a re-listing by status would cost.
+    status_counts: Mapping[str, int] = field(default_factory=dict)
+    #: About how many ids will be sent while one re-check stays fresh (for choosing a means).
+    horizon: int = 0
+    #: The listed age-field value of each id asked about (for re-listing a time window).
+    timestamps: Mapping[str, datetime] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Recheck:
+    """What a re-check saw.
+
+    ``seen`` holds fresh records; ``absent`` the ids no longer on the target. ``covered`` is the set
+    of ids the check speaks for (each is in ``seen`` or ``absent``), or None for a re-listing of
+    every status in which a task is no longer deletable: then an id missing from ``seen`` is in
+    none of those statuses, whichever id it is, until the check goes stale.
+    """
+
+    seen: Mapping[str, Task]
+    covered: frozenset[str] | None
+    absent: frozenset[str] = frozenset()
+    #: How the target checked, for logs (e.g. "re-listed statuses pending, in_progress").
+    means: str = ""
+    #: The fresh records carry the fields a policy matches on (a listing's do; a per-task
+    #: status answer may not): otherwise only their status and age are decided again.
+    fields: bool = True
+
+
 @dataclass(frozen=True, slots=True)
 class DeleteResult:
     """The outcome of one id in a delete request."""
@@ -94,11 +148,26 @@ class DeleteResult:
 
 @dataclass(frozen=True)
 class BatchResult:
-    """The answer to one delete request, one result per id that was sent."""
+    """The answer to one delete call: one result per id that was sent.
+
+    A target that sends several requests for one call (one per id, or chunks) reports each id's
+    own outcome, and the ids it did not send in ``unsent``: the executor re-checks those and sends
+    them again, or, when ``stop`` is set (the target refused our credentials), records them as
+    never sent and stops the policy.
+    """
 
     results: Sequence[DeleteResult]
-    #: Earlier attempts of this request may have reached the server (their answers were lost).
-    lost_attempts: int = 0
+    #: Earlier attempts of this (single) request that may have been carried out by the server
+    #: (their answers were lost, or were 5xx): a "not found" answer then confirms our deletion.
+    earlier: tuple[str, ...] = ()
+    #: Ids not sent at all (their check went stale, or the target stopped).
+    unsent: tuple[str, ...] = ()
+    #: Why the target stopped sending: every further request would fail the same way.
+    stop: TargetAuthError | None = None
+
+    @property
+    def lost_attempts(self) -> int:
+        return len(self.earlier)
 
 
 class RetrySettings(BaseModel):
@@ -119,6 +188,28 @@ class RetrySettings(BaseModel):
     )
 
 
+class RecheckSettings(BaseModel):
+    """``target.recheck``: how fresh a task's re-check must be when its delete request leaves."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+    max_staleness: Duration = Field(
+        timedelta(seconds=60),
+        description=(
+            "Longest time between re-checking a task on the target and sending its delete "
+            "request (retries included); tasks seen live, gone or no longer eligible are dropped."
+        ),
+        json_schema_extra={"default": "60s"},
+    )
+
+    @field_validator("max_staleness")
+    @classmethod
+    def _bounded(cls, value: timedelta) -> timedelta:
+        if not timedelta(seconds=1) <= value <= timedelta(hours=1):
+            raise ValueError("max_staleness must be between 1s and 1h")
+        return value
+
+
 class TargetConfig(BaseModel):
     """Settings every target kind shares. Subclasses add ``type`` and their own fields."""
 
@@ -136,6 +227,7 @@ class TargetConfig(BaseModel):
     max_response_bytes: int = Field(
         64 * 1024 * 1024, ge=1024, description="Largest response body reaper will read."
     )
+    recheck: RecheckSettings = Field(default_factory=RecheckSettings)
 
     def describe(self) -> str:
         """A short, secret-free name for logs and the audit (e.g. the base URL)."""
@@ -168,6 +260,15 @@ class Target(ABC):
     match_fields: ClassVar[frozenset[str]] = frozenset({"task_id"})
     #: Largest number of ids one delete request may carry (1 for per-id APIs).
     max_batch_size: ClassVar[int] = 1
+    #: A deletion the target acknowledged, contradicted by a later listing and sent again, then
+    #: answered "nothing to delete": True when that means the first request did the work and
+    #: only the target's record of it was lost (data_pipeline: the directory was removed, the
+    #: row update failed), so the deletion is recorded as ours.
+    gone_after_acknowledged_is_ours: ClassVar[bool] = False
+    #: Set when the target's server itself refuses to delete a task that is not finished, and a
+    #: finished task never becomes live again: then no re-check is needed before deleting, and
+    #: this sentence says why (it is logged and documented).
+    server_refuses_live: ClassVar[str | None] = None
 
     def __init__(self, config: TargetConfig, http: TargetHttp) -> None:
         self.config = config
@@ -224,7 +325,112 @@ class Target(ABC):
 
     @abstractmethod
     async def delete(self, task_ids: Sequence[str], options: DeleteOptions) -> BatchResult:
-        """Send one delete request for ``task_ids`` (at most ``max_batch_size``)."""
+        """Delete ``task_ids`` (at most ``max_batch_size``): one request, or one per id through
+        :meth:`delete_each`. Every id sent gets its own result; see :class:`BatchResult`."""
+
+    async def recheck(
+        self, ids: Sequence[str], upcoming: Sequence[str], request: RecheckRequest
+    ) -> Recheck:
+        """Look at ``ids`` on the target again, just before they are deleted.
+
+        ``upcoming`` are the ids due next; a means that covers them at no extra cost may report
+        them too. Any failure raises (ListingError, TargetError): the ids are then not sent.
+
+        The default lists the whole target again, which every API allows; targets override it
+        with the cheapest means their API offers (a re-listing of a few statuses, a time window,
+        or one request per task).
+        """
+        wanted = frozenset(ids) | frozenset(upcoming)
+        seen: dict[str, Task] = {}
+        async for task in self.list_tasks(request.listing):
+            if task.id in wanted:
+                seen[task.id] = task
+        return Recheck(seen, wanted, wanted - seen.keys(), means="listed the target again")
+
+    async def delete_each(
+        self,
+        task_ids: Sequence[str],
+        delete_one: Callable[[str], Awaitable[DeleteResult]],
+    ) -> BatchResult:
+        """Delete ids one request at a time, each id with its own outcome.
+
+        A failed request fails its own id only (``unknown`` when the server may have acted);
+        ids answered before keep their outcomes. Credentials refused stop the batch (the rest is
+        ``unsent``, and ``stop`` says why); a check gone stale leaves the rest ``unsent`` too.
+        """
+        results: list[DeleteResult] = []
+        for index, task_id in enumerate(task_ids):
+            try:
+                results.append(await delete_one(task_id))
+            except TargetAuthError as exc:
+                results.append(result_of_error(task_id, exc))
+                return BatchResult(results, unsent=tuple(task_ids[index + 1 :]), stop=exc)
+            except Stale as exc:
+                if not exc.earlier:
+                    return BatchResult(results, unsent=tuple(task_ids[index:]))
+                results.append(result_of_error(task_id, exc))
+                return BatchResult(results, unsent=tuple(task_ids[index + 1 :]))
+            except TargetError as exc:
+                results.append(result_of_error(task_id, exc))
+        return BatchResult(results)
+
+
+def result_of_error(task_id: str, exc: TargetError) -> DeleteResult:
+    """The outcome of an id whose request ended in ``exc``.
+
+    ``unknown`` when the server may have acted (an answer lost, a 5xx, a 2xx we cannot read, a
+    body too large to read, a check gone stale after such an attempt): reconciliation settles it.
+    ``failed`` when it certainly did not.
+    """
+    if isinstance(exc, Stale):
+        return DeleteResult(
+            task_id,
+            Outcome.UNKNOWN,
+            error_message=(
+                f"not repeated: the re-check went stale after an attempt that may have been "
+                f"carried out ({', '.join(exc.earlier)})"
+            ),
+        )
+    if isinstance(exc, RequestFailed):
+        outcome = Outcome.UNKNOWN if exc.maybe_sent else Outcome.FAILED
+    elif isinstance(exc, ResponseTooLarge):
+        outcome = Outcome.UNKNOWN
+    elif isinstance(exc, TargetAuthError):
+        outcome = Outcome.FAILED
+    else:
+        # A 2xx answer we cannot read may still mean the server acted.
+        acted = exc.http_status is None or 200 <= exc.http_status < 300
+        outcome = Outcome.UNKNOWN if acted else Outcome.FAILED
+    message = exc.error_message or str(exc)
+    return DeleteResult(task_id, outcome, exc.http_status, exc.error_code, message)
+
+
+def gone_result(
+    task_id: str,
+    earlier: Sequence[str],
+    http_status: int | None,
+    error_code: str | None = None,
+    error_message: str | None = None,
+    *,
+    note: str | None = None,
+) -> DeleteResult:
+    """The outcome of a "not found" answer to a delete.
+
+    The task was listed present. If an earlier attempt of the same request may have been carried
+    out (its answer was lost, or was 500/502/503/504), the deletion is ours: ``deleted``, noted.
+    Otherwise someone else deleted it: ``already_gone``.
+    """
+    if earlier:
+        return DeleteResult(
+            task_id,
+            Outcome.DELETED,
+            http_status,
+            note=f"deleted: confirmed after an earlier attempt ({', '.join(earlier)}); "
+            "this attempt found it gone",
+        )
+    return DeleteResult(
+        task_id, Outcome.ALREADY_GONE, http_status, error_code, error_message, note=note
+    )
 
 
 #: The ``fields`` of every task when the policy matches on nothing but the id (read-only).

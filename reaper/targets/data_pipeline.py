@@ -6,12 +6,24 @@ in the configured ``timestamps_timezone``. Deletion is batched (``task_ids`` + `
 and every id's outcome is read from ``deleted_tasks``/``failed_tasks``: a partly failed batch is a
 normal answer. The server joins ids into a directory path unvalidated, so ids that do not match
 ``^(task|manual)_\\d{8}_\\d{6}$`` are never sent.
+
+The server deletes whatever ids it is sent, live ones included, and a finished task can be
+re-executed (back to ``in_progress``). Before a batch leaves, tasks are re-checked
+(:meth:`DataPipelineTarget.recheck`): by re-listing every status in which a task is no longer
+deletable (``?status=pending``, ``?status=in_progress``, ...: usually few pages), or, when that
+would cost more requests than the ids about to be sent, by ``GET .../tasks/{task_id}`` per task.
+
+The server works through a batch synchronously (a file walk and a database connection per id), so
+a delete request's timeout grows with its batch (``delete_timeout_per_id``), and a request that
+timed out, or that a gateway answered 502/504, is not sent again while the server may still be
+working on it: its ids are ``unknown`` until reconciliation settles them.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator, Callable, Sequence
+from datetime import timedelta
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
@@ -20,6 +32,7 @@ from pydantic import AnyHttpUrl, ConfigDict, Field, field_validator
 
 from reaper.converters import parse_size, parse_timezone, timestamp_parser
 from reaper.errors import ListingError, TargetResponseError
+from reaper.fields import Duration
 from reaper.http import loads_json
 from reaper.targets.base import (
     BatchResult,
@@ -27,6 +40,8 @@ from reaper.targets.base import (
     DeleteResult,
     ListRequest,
     Outcome,
+    Recheck,
+    RecheckRequest,
     Target,
     TargetConfig,
     Task,
@@ -41,6 +56,9 @@ TASKS_PATH = "/api/v0/data_pipeline/tasks"
 # [0-9], not \d: \d also matches other scripts' digits, which would pass the path guard.
 ID_PATTERN = re.compile(r"(task|manual)_[0-9]{8}_[0-9]{6}")
 SERVER_PAGE_CAP = 100
+#: A re-listing by status steps by this much less than a page, so that up to this many tasks
+#: leaving the status between two page requests cannot hide a task that stayed in it.
+RELIST_OVERLAP = 10
 
 
 class DataPipelineConfig(TargetConfig):
@@ -59,6 +77,14 @@ class DataPipelineConfig(TargetConfig):
     verify_total: bool = Field(
         True,
         description="Cross-check the listing against the query endpoint's true total.",
+    )
+    delete_timeout_per_id: Duration = Field(
+        timedelta(seconds=1),
+        description=(
+            "Added to `timeout` per id of a delete request: the server deletes a batch id by id, "
+            "synchronously."
+        ),
+        json_schema_extra={"default": "1s"},
     )
 
     @field_validator("timestamps_timezone")
@@ -124,8 +150,12 @@ class DataPipelineTarget(Target):
     match_fields = frozenset(
         {"task_id", "task_name", "step_status", "created_by", "db_name", "business_context"}
     )
-    # The server has no limit; a request of a few thousand ids is still one small JSON body.
-    max_batch_size = 5000
+    # The real server removes the directory, then updates the row in a new connection and
+    # swallows a failure there: an id it acknowledged can stay listed with its directory gone.
+    gone_after_acknowledged_is_ours = True
+    # The server has no limit of its own, but works through a batch synchronously: a batch of
+    # thousands would hold one request open for minutes (the default batch is 50).
+    max_batch_size = 1000
 
     config: DataPipelineConfig
 
@@ -234,7 +264,16 @@ class DataPipelineTarget(Target):
             # every id, which it only does when it continues.
             "continue_on_error": True,
         }
-        exchange = await self.http.send("DELETE", self.config.endpoint(), json_body=payload)
+        budget = self.config.timeout + self.config.delete_timeout_per_id * len(task_ids)
+        exchange = await self.http.send(
+            "DELETE",
+            self.config.endpoint(),
+            json_body=payload,
+            timeout=budget.total_seconds(),
+            # A second request for the same ids while the first may still be running would
+            # walk and remove the same directories twice over.
+            overlap_safe=False,
+        )
         body = _json_or_none(exchange.body)
         if exchange.status_code != 200:
             code, message = _error_text(body)
@@ -251,8 +290,119 @@ class DataPipelineTarget(Target):
                 http_status=200,
             )
         return BatchResult(
-            _read_outcomes(task_ids, body["data"], exchange.status_code), exchange.lost_attempts
+            _read_outcomes(task_ids, body["data"], exchange.status_code, options),
+            exchange.earlier,
         )
+
+    # -- the re-check before deleting -----------------------------------------------------------
+
+    async def recheck(
+        self, ids: Sequence[str], upcoming: Sequence[str], request: RecheckRequest
+    ) -> Recheck:
+        """Re-list the statuses in which a task is no longer deletable (a check that holds for
+        every task), or GET each task when that costs fewer requests than the ids about to go."""
+        excluded = sorted(self.known_statuses - request.eligible_statuses)
+        step = SERVER_PAGE_CAP - RELIST_OVERLAP
+        pages = sum(
+            1 + max(0, request.status_counts.get(status, 0) - SERVER_PAGE_CAP + step) // step
+            for status in excluded
+        )
+        if not excluded:
+            return Recheck({}, None, means="no status excludes a task")
+        if pages <= max(request.horizon, len(ids)):
+            return await self._relist(excluded, request)
+        return await self._get_each(ids, request)
+
+    async def _relist(self, statuses: Sequence[str], request: RecheckRequest) -> Recheck:
+        seen: dict[str, Task] = {}
+        read = self._reader(request.listing, self.config.zone)
+        for status in statuses:
+            for attempt in range(1, 4):
+                try:
+                    found = await self._relist_status(status, read)
+                    break
+                except _Shifted as exc:
+                    if attempt == 3:
+                        raise ListingError(
+                            f"re-listing status {status}: {exc}; tasks change status faster "
+                            "than it can be listed"
+                        ) from None
+            seen.update(found)
+        return Recheck(seen, None, means=f"re-listed statuses {', '.join(statuses)}")
+
+    async def _relist_status(
+        self, status: str, read: Callable[[Any, str], Task]
+    ) -> dict[str, Task]:
+        """Every task in ``status``. Pages overlap by RELIST_OVERLAP ids: each must share one
+        with the previous page's tail, or tasks that left the status may have hidden one that
+        stayed in it (then _Shifted, and the status is listed again)."""
+        url = self.config.endpoint()
+        limit = SERVER_PAGE_CAP
+        step = limit - RELIST_OVERLAP
+        found: dict[str, Task] = {}
+        offset = 0
+        tail: set[str] = set()
+        while True:
+            where = f"re-listing status {status} (offset {offset})"
+            body = await self.fetch_json(
+                where, "GET", f"{url}?status={status}&limit={limit}&offset={offset}"
+            )
+            tasks = [read(raw, where) for raw in _page_tasks(body, where)]
+            if offset and tail and not tail & {task.id for task in tasks[:RELIST_OVERLAP]}:
+                raise _Shifted(f"page at offset {offset} does not overlap the previous one")
+            for task in tasks:
+                if task.status != status:
+                    raise ListingError(f"{where}: task {task.id!r} has status {task.status}")
+                found[task.id] = task
+            if len(tasks) < limit:
+                return found
+            tail = {task.id for task in tasks[step:]}
+            offset += step
+
+    async def _get_each(self, ids: Sequence[str], request: RecheckRequest) -> Recheck:
+        parse_time = timestamp_parser(self.config.zone)
+        age_field = request.listing.age_field
+        seen: dict[str, Task] = {}
+        absent: set[str] = set()
+        for task_id in ids:
+            where = f"re-checking task {task_id}"
+            exchange = await self.fetch_page(where, "GET", f"{self.config.endpoint()}/{task_id}")
+            if exchange.status_code == 404:
+                absent.add(task_id)
+                continue
+            body = _json_or_none(exchange.body)
+            data = body.get("data") if isinstance(body, dict) else None
+            if exchange.status_code != 200 or not isinstance(data, dict):
+                code, message = _error_text(body)
+                raise ListingError(
+                    f"{where}: HTTP {exchange.status_code}: {message or 'not the documented JSON'}",
+                    http_status=exchange.status_code,
+                    error_code=code,
+                    error_message=message,
+                )
+            status = data.get("status")
+            if data.get("task_id") != task_id or not isinstance(status, str):
+                raise ListingError(f"{where}: the answer is not about this task")
+            timestamp = problem = None
+            value = data.get(age_field)
+            if value is not None:
+                try:
+                    timestamp = parse_time(value)
+                except ValueError as exc:
+                    problem = f"{age_field} does not parse: {exc}"
+            seen[task_id] = Task(task_id, status, timestamp, problem=problem)
+        return Recheck(
+            seen,
+            frozenset(ids),
+            frozenset(absent),
+            means=f"GET of {len(ids)} task(s)",
+            # This answer carries the status and times, not every field a policy may match on.
+            fields=False,
+        )
+
+
+class _Shifted(Exception):
+    """Tasks left a status faster than its re-listing could page through it."""
 
 
 def _json_or_none(body: bytes) -> Any:
@@ -276,9 +426,16 @@ def _page_tasks(body: Any, where: str) -> list[Any]:
 
 
 def _read_outcomes(
-    task_ids: Sequence[str], data: dict[str, Any], http_status: int
+    task_ids: Sequence[str],
+    data: dict[str, Any],
+    http_status: int,
+    options: DataPipelineOptions,
 ) -> list[DeleteResult]:
-    """One result per requested id, read from the per-id lists of the answer."""
+    """One result per requested id, read from the per-id lists of the answer.
+
+    An answer that breaks the documented shape (lists missing, an entry that is not an object, an
+    id that is not a string) is a TargetResponseError: the batch's ids become ``unknown``.
+    """
     requested = set(task_ids)
     found: dict[str, DeleteResult] = {}
     deleted = data.get("deleted_tasks")
@@ -287,17 +444,28 @@ def _read_outcomes(
         raise TargetResponseError(
             "delete answer lacks deleted_tasks/failed_tasks lists", http_status=http_status
         )
+    for name, entries in (("deleted_tasks", deleted), ("failed_tasks", failed)):
+        for entry in entries:
+            if not isinstance(entry, dict) or not isinstance(entry.get("task_id"), str):
+                raise TargetResponseError(
+                    f"delete answer: an entry of {name} is not an object with a string task_id",
+                    http_status=http_status,
+                )
     for entry in deleted:
-        if not isinstance(entry, dict) or entry.get("task_id") not in requested:
+        task_id = entry["task_id"]
+        if task_id not in requested:
             continue  # never record an outcome for an id we did not send
-        task_id = str(entry["task_id"])
+        rows = _rows_note(entry, options)
         if entry.get("success") is False:
             found[task_id] = DeleteResult(
-                task_id, Outcome.FAILED, http_status, None, "reported success: false"
+                task_id, Outcome.FAILED, http_status, None, "reported success: false", note=rows
             )
         elif entry.get("directory_deleted") is False:
             found[task_id] = DeleteResult(
-                task_id, Outcome.ALREADY_GONE, http_status, note="directory_deleted: false"
+                task_id,
+                Outcome.ALREADY_GONE,
+                http_status,
+                note=_join("directory_deleted: false", rows),
             )
         else:
             size = entry.get("deleted_size")
@@ -306,14 +474,14 @@ def _read_outcomes(
                 task_id,
                 Outcome.DELETED,
                 http_status,
-                reclaimed_bytes=parse_size(size),
-                files_count=files if isinstance(files, int) else None,
-                note=f"deleted_size: {size}" if size is not None else None,
+                reclaimed_bytes=parse_size(size) if isinstance(size, str | int) else None,
+                files_count=files if type(files) is int else None,
+                note=_join(f"deleted_size: {size}" if size is not None else None, rows),
             )
     for entry in failed:
-        if not isinstance(entry, dict) or entry.get("task_id") not in requested:
+        task_id = entry["task_id"]
+        if task_id not in requested:
             continue
-        task_id = str(entry["task_id"])
         code = entry.get("error_code")
         error = entry.get("error")
         found.setdefault(
@@ -338,3 +506,21 @@ def _read_outcomes(
             )
         results.append(result)
     return results
+
+
+def _rows_note(entry: dict[str, Any], options: DataPipelineOptions) -> str | None:
+    """What the server says it did to the task's database rows."""
+    flag = entry.get("database_records_deleted")
+    if not isinstance(flag, bool):
+        return None
+    if flag:
+        return "database rows deleted (database_records_deleted: true)"
+    if options.delete_database_records:
+        # Asked to delete the rows, and the server says it did not.
+        return "database rows NOT deleted although asked (database_records_deleted: false)"
+    return "database rows kept (database_records_deleted: false)"
+
+
+def _join(*parts: str | None) -> str | None:
+    text = "; ".join(part for part in parts if part)
+    return text or None

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 from typing import Annotated, Any, ClassVar, Literal, Union
 from urllib.parse import quote
 
@@ -38,8 +39,8 @@ from pydantic import (
 )
 
 from reaper.converters import parse_size, parse_timezone
-from reaper.errors import ListingError
-from reaper.http import Exchange, RequestFailed, ResponseTooLarge, error_fields
+from reaper.errors import ListingError, TargetAuthError
+from reaper.http import Exchange, RequestFailed, ResponseTooLarge, Stale, error_fields
 from reaper.jsonpath import MISSING, JsonPath
 from reaper.targets.base import (
     BatchResult,
@@ -50,6 +51,8 @@ from reaper.targets.base import (
     Target,
     TargetConfig,
     Task,
+    gone_result,
+    result_of_error,
 )
 from reaper.targets.httpauth import HttpAuth, NoAuth
 from reaper.timeformats import TimeFormat, check_format
@@ -753,16 +756,26 @@ class GenericHttpTarget(Target):
                     task_id, Outcome.FAILED, error_message=why, note="not sent"
                 )
         spec = self.config.delete
-        sent: dict[str, DeleteResult] = {}
         if isinstance(spec, PerIdDelete):
-            for task_id in sendable:
-                sent[task_id] = await self._delete_one(spec, task_id)
-        else:
-            for start in range(0, len(sendable), spec.max_ids):
-                chunk = sendable[start : start + spec.max_ids]
-                for result in await self._delete_batch(spec, chunk):
-                    sent[result.task_id] = result
-        return BatchResult([refused.get(i) or sent[i] for i in task_ids])
+            answer = await self.delete_each(
+                sendable, lambda task_id: self._delete_one(spec, task_id)
+            )
+            return replace(answer, results=[*refused.values(), *answer.results])
+        results = list(refused.values())
+        for start in range(0, len(sendable), spec.max_ids):
+            chunk = sendable[start : start + spec.max_ids]
+            try:
+                results.extend(await self._delete_batch(spec, chunk))
+            except TargetAuthError as exc:
+                results.extend(result_of_error(i, exc) for i in chunk)
+                return BatchResult(results, unsent=tuple(sendable[start + len(chunk) :]), stop=exc)
+            except Stale as exc:
+                # Chunks already answered keep their outcomes; the rest is checked again.
+                if exc.earlier:
+                    results.extend(result_of_error(i, exc) for i in chunk)
+                    return BatchResult(results, unsent=tuple(sendable[start + len(chunk) :]))
+                return BatchResult(results, unsent=tuple(sendable[start:]))
+        return BatchResult(results)
 
     async def _delete_one(self, spec: PerIdDelete, task_id: str) -> DeleteResult:
         url = self.config.root() + spec.path.replace("{id}", quote(task_id, safe=""))
@@ -778,15 +791,8 @@ class GenericHttpTarget(Target):
                 )
             return DeleteResult(task_id, Outcome.DELETED, status)
         if status in spec.gone:
-            if exchange.lost_attempts:
-                return DeleteResult(
-                    task_id,
-                    Outcome.DELETED,
-                    status,
-                    note="deleted by an earlier attempt of this request whose answer was lost",
-                )
-            return DeleteResult(
-                task_id, Outcome.ALREADY_GONE, status, code, message, note=f"{status}: gone"
+            return gone_result(
+                task_id, exchange.earlier, status, code, message, note=f"{status}: gone"
             )
         if 200 <= status < 300:
             return DeleteResult(

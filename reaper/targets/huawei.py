@@ -6,8 +6,10 @@
   :class:`~reaper.errors.ConfigError` naming it.
 * the error body of both services and their API gateway, ``{"error_code", "error_msg"}``;
 * exact parsing of their two timestamp formats;
-* one delete request per id: 200/204 deleted, 404 already gone (unless the *gateway* says the API
-  does not exist), anything else a failure that keeps the service's error code and message.
+* one delete request per id (:meth:`~reaper.targets.base.Target.delete_each`): 200/204 deleted,
+  404 already gone (unless the *gateway* says the API does not exist; and ``deleted`` when an
+  earlier attempt of the same request was answered 5xx or lost: the service may have acted, then
+  timed out), anything else a failure that keeps the service's error code and message.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from reaper.targets.base import (
     Outcome,
     Target,
     TargetConfig,
+    gone_result,
 )
 from reaper.targets.huawei_signing import AkSkAuth, TokenAuth
 
@@ -245,8 +248,7 @@ class HuaweiTarget(Target):
 
     async def delete(self, task_ids: Sequence[str], options: DeleteOptions) -> BatchResult:
         # max_batch_size is 1; a longer batch is still sent one id per request.
-        results = [await self.delete_one(task_id, options) for task_id in task_ids]
-        return BatchResult(results)
+        return await self.delete_each(task_ids, lambda task_id: self.delete_one(task_id, options))
 
     async def delete_one(self, task_id: str, options: DeleteOptions) -> DeleteResult:
         """Send one delete request and read its outcome."""
@@ -270,16 +272,8 @@ class HuaweiTarget(Target):
             return DeleteResult(task_id, Outcome.DELETED, status)
         code, message = error_fields(exchange.body)
         if status == 404 and not (code or "").startswith("APIGW."):
-            if exchange.lost_attempts:
-                # An earlier attempt whose answer was lost reached the server: the deletion is ours.
-                return DeleteResult(
-                    task_id,
-                    Outcome.DELETED,
-                    status,
-                    note="deleted by an earlier attempt of this request whose answer was lost",
-                )
-            return DeleteResult(
-                task_id, Outcome.ALREADY_GONE, status, code, message, note="404: no such task"
+            return gone_result(
+                task_id, exchange.earlier, status, code, message, note="404: no such task"
             )
         if 200 <= status < 300:
             return DeleteResult(

@@ -6,12 +6,16 @@ older than the cutoff is filtered out; the planner still compares exact timestam
 one ``DELETE /v2/{project_id}/tasks/{task_id}`` per id: 200 deleted, 404 already gone. ``EXECUTING``
 is the live status; a status the API does not document is never deletable (policies cannot name
 one).
+
+Before deleting, tasks are re-checked by listing again the creation-time window of the ids due
+next (``start_time``/``end_time``, usually one page of up to 1000 for hundreds of deletes); with
+``age_field: updated_at`` the creation times are unknown and the whole target is listed again.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 from urllib.parse import quote
@@ -20,7 +24,14 @@ import structlog
 from pydantic import AnyHttpUrl, Field, field_validator, model_validator
 
 from reaper.errors import ListingError
-from reaper.targets.base import DeleteOptions, ListRequest, Task, task_reader
+from reaper.targets.base import (
+    DeleteOptions,
+    ListRequest,
+    Recheck,
+    RecheckRequest,
+    Task,
+    task_reader,
+)
 from reaper.targets.huawei import (
     HuaweiConfig,
     HuaweiTarget,
@@ -90,6 +101,11 @@ def end_time_param(cutoff: datetime) -> str:
     return whole.strftime(END_TIME_FORMAT)
 
 
+def start_time_param(start: datetime) -> str:
+    """``yyyyMMddHHmmss`` (UTC) of ``start``, rounded down to the whole second."""
+    return start.astimezone(UTC).strftime(END_TIME_FORMAT)
+
+
 class HuaweiDcsTarget(HuaweiTarget):
     """List and delete DCS background tasks."""
 
@@ -120,12 +136,42 @@ class HuaweiDcsTarget(HuaweiTarget):
         return {"message": options.message} if options.message is not None else None
 
     async def list_tasks(self, request: ListRequest) -> AsyncIterator[Task]:
+        params: dict[str, Any] = {}
+        if request.created_before is not None:
+            params["end_time"] = end_time_param(request.created_before)
+        async for task in self._list(request, params):
+            yield task
+
+    async def recheck(
+        self, ids: Sequence[str], upcoming: Sequence[str], request: RecheckRequest
+    ) -> Recheck:
+        """List again the creation-time window of ``ids`` and ``upcoming`` (age field
+        ``created_at``); otherwise the whole target."""
+        wanted = [*ids, *upcoming]
+        stamps = [request.timestamps[i] for i in wanted if i in request.timestamps]
+        if request.listing.age_field != "created_at" or len(stamps) != len(wanted):
+            return await super().recheck(ids, upcoming, request)
+        params = {
+            "start_time": start_time_param(min(stamps)),
+            "end_time": end_time_param(max(stamps)),
+        }
+        covered = frozenset(wanted)
+        seen: dict[str, Task] = {}
+        async for task in self._list(request.listing, params):
+            if task.id in covered:
+                seen[task.id] = task
+        return Recheck(
+            seen,
+            covered,
+            covered - seen.keys(),
+            means=f"listed tasks created {params['start_time']}..{params['end_time']}",
+        )
+
+    async def _list(self, request: ListRequest, filters: dict[str, Any]) -> AsyncIterator[Task]:
         url = self.config.tasks_url()
         limit = self.config.page_size
         read = task_reader(request, id_field="id", parse_time=parse_iso_millis_time)
-        params: dict[str, Any] = {"limit": limit}
-        if request.created_before is not None:
-            params["end_time"] = end_time_param(request.created_before)
+        params: dict[str, Any] = {"limit": limit, **filters}
         offset = 0
         page_no = 0
         previous_ids: set[str] = set()

@@ -365,7 +365,16 @@ def _dp_listing(request: httpx.Request) -> tuple[int, bytes]:
         "created_at": "2024-01-01 00:00:00",
         "directory_exists": True,
     }
-    tasks = [task] if request.url.params.get("offset") == "0" else []
+    if request.url.path.endswith(ONE_ID["data_pipeline"]):
+        # GET one task (the re-check before deleting): no directory_exists in this answer.
+        one = {key: value for key, value in task.items() if key != "directory_exists"}
+        return 200, json.dumps({"success": True, "data": one}).encode()
+    status = request.url.params.get("status")
+    tasks = (
+        [task]
+        if request.url.params.get("offset") == "0" and status in (None, task["status"])
+        else []
+    )
     return 200, json.dumps({"success": True, "data": {"tasks": tasks}}).encode()
 
 

@@ -398,6 +398,8 @@ class TestDelete:
             "deleted_files_count": files,
             "deleted_size": format_size(size),
             "deleted_at": data["deleted_at"],
+            # The real server's delete_task_directory_simple adds this (the seed does not show it).
+            "operation_message": "目录删除成功",
         }
         assert datetime.fromisoformat(data["deleted_at"]).tzinfo is None
         assert sim.deleted_ids == [target.task_id]
@@ -535,11 +537,14 @@ class TestDelete:
         assert sim.traversal_attempts == ids[:3]
 
     def test_format_size(self) -> None:
-        """Sizes are 1024-based with one decimal."""
+        """Sizes as the real server formats them: whole bytes below 1 KB, else one decimal."""
         assert format_size(0) == "0 B"
-        assert format_size(512) == "512.0 B"
+        assert format_size(512) == "512 B"
+        assert format_size(1023) == "1023 B"
         assert format_size(2560) == "2.5 KB"
         assert format_size(int(2.5 * 1024 * 1024)) == "2.5 MB"
+        assert format_size(3 * 1024**3) == "3.0 GB"
+        assert format_size(2048 * 1024**3) == "2048.0 GB"  # no TB unit
 
 
 class TestFaults:
@@ -682,6 +687,11 @@ class TestAdmin:
             "deleted_ids": [tasks[0].task_id],
             "delete_requests_by_id": {tasks[0].task_id: 2, "../x": 1},
             "traversal_attempts": ["../x"],
+            "acknowledged_not_done": [],
+            # The server deletes live tasks too (TARGETS.md): the simulator records each one.
+            "live_deleted": (
+                [tasks[0].task_id] if tasks[0].status in ("pending", "in_progress") else []
+            ),
         }
 
     def test_put_faults(self, client: httpx.Client, sim: DataPipelineSimulator) -> None:
@@ -757,3 +767,124 @@ class TestCli:
             process.send_signal(signal.SIGTERM)
             _, stderr = process.communicate(timeout=15)
         assert process.returncode == 0, stderr.decode()
+
+
+class TestRealServerBehaviours:
+    """The real server's behaviours behind the delete-time truth issue (TARGETS.md section 1),
+    each a switchable fault, each shown to happen."""
+
+    @staticmethod
+    def finished(tasks: list[SimTask]) -> SimTask:
+        return next(t for t in tasks if t.status == "completed" and t.directory_exists)
+
+    def test_get_one_task(
+        self, client: httpx.Client, sim: DataPipelineSimulator, tasks: list[SimTask]
+    ) -> None:
+        """GET .../tasks/{task_id}: status, times and steps, no directory_exists; 404 for an id
+        without a row (get_data_pipeline_task_status)."""
+        task = self.finished(tasks)
+        response = client.get(f"{TASKS}/{task.task_id}")
+        assert response.status_code == 200
+        data = response.json()["data"]
+        assert data["task_id"] == task.task_id
+        assert data["status"] == "completed"
+        assert "directory_exists" not in data
+        assert isinstance(data["step_status"], dict)
+        assert [s["step_status"] for s in data["steps"]] == ["completed"] * 4
+        local = task.created_at.astimezone(ZoneInfo("Asia/Shanghai")).replace(tzinfo=None)
+        assert data["created_at"] == local.isoformat()
+        missing = client.get(f"{TASKS}/task_20000101_000000")
+        assert missing.status_code == 404
+        assert missing.json()["success"] is False
+        assert sim.stats["get_requests"] == 2
+
+    def test_reexecuted_right_after_a_listing(
+        self, client: httpx.Client, sim: DataPipelineSimulator
+    ) -> None:
+        """reexecute_rate: finished tasks on a served page go back to in_progress (no
+        completed_at, directory_exists unchanged); live ones are untouched."""
+        sim.set_faults(Faults(reexecute_rate=1.0))
+        page = client.get(TASKS, params={"limit": 20, "offset": 100}).json()["data"]["tasks"]
+        shown_finished = [
+            t["task_id"]
+            for t in page
+            if t["status"] not in ("pending", "in_progress") and t["directory_exists"]
+        ]
+        assert shown_finished
+        assert sorted(sim.reexecuted) == sorted(shown_finished)
+        for task_id in shown_finished:
+            task = sim.task(task_id)
+            assert task is not None
+            assert (task.status, task.completed_at, task.directory_exists) == (
+                "in_progress",
+                None,
+                True,
+            )
+        live = {t["task_id"] for t in list_all(client, status="in_progress")}
+        assert set(shown_finished) <= live
+
+    def test_database_update_failure_is_still_reported_deleted(
+        self, client: httpx.Client, sim: DataPipelineSimulator, tasks: list[SimTask]
+    ) -> None:
+        """db_update_failure_rate: the directory goes, the id is reported deleted, the row
+        still says directory_exists: true; deleting again finds no directory and fixes the row."""
+        task = self.finished(tasks)
+        sim.set_faults(Faults(db_update_failure_rate=1.0))
+        entry = delete(client, [task.task_id]).json()["data"]["deleted_tasks"][0]
+        assert entry["directory_deleted"] is True
+        assert sim.deleted_ids == [task.task_id]
+        assert sim.db_update_failed == [task.task_id]
+        listed = {t["task_id"]: t for t in list_all(client)}
+        assert listed[task.task_id]["directory_exists"] is True
+        sim.set_faults(Faults())
+        again = delete(client, [task.task_id]).json()["data"]["deleted_tasks"][0]
+        assert again["directory_deleted"] is False
+        assert {t["task_id"]: t for t in list_all(client)}[task.task_id][
+            "directory_exists"
+        ] is False
+
+    def test_acknowledged_without_effect(
+        self, client: httpx.Client, sim: DataPipelineSimulator, tasks: list[SimTask]
+    ) -> None:
+        """ack_without_effect_rate: reported deleted with its files, nothing done."""
+        task = self.finished(tasks)
+        sim.set_faults(Faults(ack_without_effect_rate=1.0))
+        entry = delete(client, [task.task_id]).json()["data"]["deleted_tasks"][0]
+        assert entry["directory_deleted"] is True
+        assert entry["deleted_files_count"] == task.files_count
+        assert sim.deleted_ids == []
+        assert sim.acknowledged_not_done == [task.task_id]
+        assert {t["task_id"]: t for t in list_all(client)}[task.task_id]["directory_exists"] is True
+
+    def test_acted_then_504(
+        self, client: httpx.Client, sim: DataPipelineSimulator, tasks: list[SimTask]
+    ) -> None:
+        """act_then_504_rate: the deletion happens, the answer is a 504."""
+        task = self.finished(tasks)
+        sim.set_faults(Faults(act_then_504_rate=1.0))
+        assert delete(client, [task.task_id]).status_code == 504
+        assert sim.deleted_ids == [task.task_id]
+
+    def test_slow_synchronous_batches_and_overlapping_requests(
+        self, sim: DataPipelineSimulator, tasks: list[SimTask]
+    ) -> None:
+        """delete_ms_per_id: a batch takes its ids' time; a second request for the same ids
+        while the first runs is counted as overlapping."""
+        ids = [t.task_id for t in tasks[100:104]]
+        present = sorted(t.task_id for t in tasks[100:104] if t.directory_exists)
+        sim.set_faults(Faults(delete_ms_per_id=150))
+        with ThreadPoolExecutor(2) as pool, httpx.Client(base_url=sim.url, timeout=10) as http:
+            first = pool.submit(delete, http, ids)
+            time.sleep(0.2)
+            second = pool.submit(delete, http, ids)
+            assert first.result().status_code == second.result().status_code == 200
+        assert sim.overlapping_deletes == 1
+        assert sorted(sim.deleted_ids) == present
+
+    def test_live_deletions_are_recorded(
+        self, client: httpx.Client, sim: DataPipelineSimulator, tasks: list[SimTask]
+    ) -> None:
+        """The server deletes live tasks too; the simulator keeps them in live_deleted."""
+        running = next(t for t in tasks if t.status == "in_progress")
+        delete(client, [running.task_id])
+        assert sim.live_deleted == [running.task_id]

@@ -191,6 +191,29 @@ class TestDcs:
         assert second.json()["error_code"] == "DCS.4133"
         assert sim.deleted_ids == ["t-003"]
 
+    def test_acted_then_504(self, dcs: tuple[HuaweiDcsSimulator, str]) -> None:
+        """act_then_504_rate: the task is deleted, the gateway answers 504; a retry gets 404."""
+        sim, url = dcs
+        sim.set_faults(Faults(act_then_504_rate=1.0))
+        with client(url) as c:
+            first = c.delete(f"/v2/{PROJECT}/tasks/t-004")
+            retry = c.delete(f"/v2/{PROJECT}/tasks/t-004")
+        assert first.status_code == 504
+        assert retry.status_code == 404
+        assert sim.deleted_ids == ["t-004"]
+
+    def test_acknowledged_without_effect(self, dcs: tuple[HuaweiDcsSimulator, str]) -> None:
+        """ack_without_effect_rate: 200, and the task is still listed."""
+        sim, url = dcs
+        sim.set_faults(Faults(ack_without_effect_rate=1.0))
+        with client(url) as c:
+            answer = c.delete(f"/v2/{PROJECT}/tasks/t-005")
+            listed = c.get(f"/v2/{PROJECT}/tasks", params={"limit": 1000}).json()["tasks"]
+        assert answer.status_code == 200
+        assert "t-005" in {t["id"] for t in listed}
+        assert sim.deleted_ids == []
+        assert sim.acknowledged_not_done == ["t-005"]
+
     def test_rate_limit_is_the_gateway_429(self) -> None:
         """Over the limit: 429 with Retry-After and APIGW.0308."""
         sim = HuaweiDcsSimulator(
@@ -254,6 +277,22 @@ class TestIotda:
         assert unknown.status_code == 404
         assert sim.deleted_ids == [done.task_id]
         assert sim.refused_unfinished == [running.task_id]
+
+    def test_acted_then_504_and_acknowledged_without_effect(
+        self, iotda: tuple[HuaweiIotdaSimulator, str]
+    ) -> None:
+        """The same two faults on IoTDA: 504 after deleting; 204 without deleting."""
+        sim, url = iotda
+        done = [t for t in sim.tasks if t.status == "Success"][:2]
+        with client(url) as c:
+            sim.set_faults(Faults(act_then_504_rate=1.0))
+            acted = c.delete(f"/v5/iot/{PROJECT}/batchtasks/{done[0].task_id}")
+            sim.set_faults(Faults(ack_without_effect_rate=1.0))
+            acknowledged = c.delete(f"/v5/iot/{PROJECT}/batchtasks/{done[1].task_id}")
+        assert acted.status_code == 504
+        assert acknowledged.status_code == 204
+        assert sim.deleted_ids == [done[0].task_id]
+        assert sim.acknowledged_not_done == [done[1].task_id]
 
     def test_instance_id(self) -> None:
         """A simulator with an instance id insists on the Instance-Id header."""

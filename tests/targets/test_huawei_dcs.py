@@ -320,7 +320,14 @@ class TestEndToEnd:
         assert {r["task_id"] for r in rows if r["outcome"] == "deleted"} == set(sim.deleted_ids)
         assert len(sim.deleted_ids) == 15
         assert {"running", "young", "odd"} & set(sim.deleted_ids) == set()
-        assert all(q.get("end_time") == "20261002120000" for q in sim.list_queries)
+        listing = [q for q in sim.list_queries if "start_time" not in q]
+        assert all(q.get("end_time") == "20261002120000" for q in listing)
+        # The re-check before deleting lists the creation window of the 15 candidates: created
+        # 40 days (+ 0..11 minutes) before NOW = 2026-11-01T12:00Z.
+        recheck = [q for q in sim.list_queries if "start_time" in q]
+        assert {(q["start_time"], q["end_time"]) for q in recheck} == {
+            ("20260922114900", "20260922120000")
+        }
         assert max(sim.delete_requests_by_id.values()) == 1
         assert rows[-1]["target"] == f"{url} project {PROJECT}"
 
@@ -385,11 +392,31 @@ class TestEndToEnd:
         sim, url = dcs_sim(old_tasks(make_dcs_task, 10))
         delete = {"rate": "200/s", "max_fraction": 1.0, "concurrency": 1}
         result = run(
+            dcs_policy(url, delete=delete),
+            store,
+            on_batch=lambda event: sim.auth.credentials.clear(),
+        )
+        assert result.status is RunStatus.ABORTED
+        assert sim.stats["delete_requests"] == 2
+        assert Counter(r["outcome"] for r in audit_rows(store)) == {
+            "deleted": 1,
+            "failed": 1,
+            "not_deleted": 1,
+        }
+
+    def test_credentials_revoked_before_the_recheck(
+        self, dcs_sim: Sim, dcs_policy: Policy, make_dcs_task: Any, store: AuditStore
+    ) -> None:
+        """A 401 on the re-check before the first deletion stops the run with nothing sent."""
+        sim, url = dcs_sim(old_tasks(make_dcs_task, 10))
+        delete = {"rate": "200/s", "max_fraction": 1.0, "concurrency": 1}
+        result = run(
             dcs_policy(url, delete=delete), store, on_plan=lambda plan: sim.auth.credentials.clear()
         )
         assert result.status is RunStatus.ABORTED
-        assert sim.stats["delete_requests"] == 1
-        assert Counter(r["outcome"] for r in audit_rows(store)) == {"failed": 1, "not_deleted": 1}
+        assert "refused our credentials (HTTP 401" in (result.error or "")
+        assert sim.stats["delete_requests"] == 0
+        assert Counter(r["outcome"] for r in audit_rows(store)) == {"not_deleted": 2}
 
     def test_rate_limit_and_retries(
         self, dcs_sim: Sim, dcs_policy: Policy, make_dcs_task: Any, store: AuditStore
