@@ -58,7 +58,8 @@ _FIELDS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
 _FIELD_SYNTAX = re.compile(r"[0-9A-Za-z*,/-]+")
 
 # Wall times and instants are out of order only across a clock change, by at most its size. The
-# largest in tzdata is 2 hours (Antarctica/Troll); most are 1 hour, Lord Howe's 30 minutes.
+# largest DST change in tzdata is 2 hours (Antarctica/Troll); most are 1 hour, Lord Howe's 30
+# minutes. No zone changes its clock twice within this.
 _MAX_SHIFT = timedelta(hours=3)
 _SECOND = timedelta(seconds=1)
 
@@ -90,10 +91,10 @@ class CronSchedule:
         """
         after = after.astimezone(UTC)
         best: datetime | None = None
-        start = (self._wall(after) - _MAX_SHIFT).replace(microsecond=0) - _SECOND
+        start = self._earliest_wall(after).replace(microsecond=0) - _SECOND
         for wall in CronSim(self.fields, start):
-            if best is not None and wall > self._wall(best) + _MAX_SHIFT:
-                break
+            if best is not None and wall > self._latest_wall(best):
+                break  # this wall time and all later ones are instants after `best`
             for moment in self._instants(wall):
                 if moment > after and (best is None or moment < best):
                     best = moment
@@ -111,15 +112,32 @@ class CronSchedule:
         """The latest fire time (UTC) at or before ``now``: the slot a run at ``now`` belongs to."""
         now = now.astimezone(UTC)
         best: datetime | None = None
-        # cronsim's reverse iteration starts one second before its start: now's second included.
-        start = (self._wall(now) + _MAX_SHIFT).replace(microsecond=0) + _SECOND
+        # cronsim's reverse iteration starts one second before its start: this second included.
+        start = self._latest_wall(now).replace(microsecond=0) + _SECOND
         for wall in CronSim(self.fields, start, reverse=True):
-            if best is not None and wall < self._wall(best) - _MAX_SHIFT:
-                break
+            if best is not None and wall < self._earliest_wall(best):
+                break  # this wall time and all earlier ones are instants before `best`
             for moment in self._instants(wall):
                 if moment <= now and (best is None or moment > best):
                     best = moment
         return best
+
+    def _earliest_wall(self, moment: datetime) -> datetime:
+        """The earliest wall time of any instant at or after ``moment`` (UTC)."""
+        # Wall times run back only where the clocks fall back, by the change's size; one
+        # change at most lies within _MAX_SHIFT.
+        offset = min(self._offset(moment), self._offset(moment + _MAX_SHIFT))
+        return moment.replace(tzinfo=None) + offset
+
+    def _latest_wall(self, moment: datetime) -> datetime:
+        """The latest wall time of any instant at or before ``moment`` (UTC)."""
+        offset = max(self._offset(moment), self._offset(moment - _MAX_SHIFT))
+        return moment.replace(tzinfo=None) + offset
+
+    def _offset(self, moment: datetime) -> timedelta:
+        offset = moment.astimezone(self.timezone).utcoffset()
+        assert offset is not None  # an aware datetime in a tzinfo has one
+        return offset
 
     def _wall(self, moment: datetime) -> datetime:
         """The naive wall-clock time of an instant in this schedule's zone."""

@@ -19,11 +19,12 @@ Every expected fire time below was written by hand from crontab(5) and Vixie/ISC
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from itertools import pairwise
+from itertools import pairwise, takewhile
 from zoneinfo import ZoneInfo
 
 import pytest
 from apscheduler.schedulers.background import BackgroundScheduler
+from cronsim import CronSim
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -440,6 +441,40 @@ class TestSlots:
         assert nxt is not None and nxt > moment
         assert schedule.next_fire_time(moment) == nxt
         assert schedule.previous_fire_time(nxt) == nxt
+
+
+# The 2026 clock changes of each zone (UTC), as listed in the module docstring; Antarctica/Troll
+# changes by 2 hours (+00 <-> +02) at the EU's dates.
+CHANGES = {
+    "Europe/Berlin": ["2026-03-29T01:00Z", "2026-10-25T01:00Z"],
+    "America/New_York": ["2026-03-08T07:00Z", "2026-11-01T06:00Z"],
+    "Australia/Lord_Howe": ["2026-04-04T15:00Z", "2026-10-03T15:30Z"],
+    "Antarctica/Troll": ["2026-03-29T01:00Z", "2026-10-25T01:00Z"],
+}
+
+
+class TestSearch:
+    @pytest.mark.parametrize("zone", sorted(CHANGES))
+    @pytest.mark.parametrize(
+        "expression",
+        ["*/7 * * * *", "0 * * * *", "30 2 * * *", "15,45 0-3 * * *", "*/20 1-3 * * *"],
+    )
+    def test_search_finds_every_fire_around_each_change(self, zone: str, expression: str) -> None:
+        """next/previous_fire_time step through exactly the fires found by mapping every
+        matching wall time of three days around each clock change to its instants."""
+        schedule = parse_cron(expression, ZoneInfo(zone))
+        for change in map(at, CHANGES[zone]):
+            first = (change - timedelta(hours=36)).astimezone(ZoneInfo(zone)).replace(tzinfo=None)
+            walls = takewhile(
+                lambda w, last=first + timedelta(hours=72): w <= last,
+                CronSim(schedule.fields, first - timedelta(seconds=1)),
+            )
+            instants = sorted({i for w in walls for i in schedule._instants(w)})
+            inner = [i for i in instants if abs(i - change) < timedelta(hours=30)]
+            assert len(inner) > 1
+            assert [inner[0], *schedule.next_fire_times(inner[0], len(inner) - 1)] == inner
+            slots = [schedule.previous_fire_time(i - timedelta(seconds=1)) for i in inner[1:]]
+            assert slots == inner[:-1]
 
 
 class TestParsing:
