@@ -501,6 +501,7 @@ class TestParsing:
 
     @pytest.mark.parametrize(
         "expression",
+        # "5/15" is read as 5-59/15 (cronsim, like croniter); some crons refuse it instead.
         ["0 0 * jan *", "0 0 * * sun,7", "*/5 1-3,22 1,15 */2 mon-fri", "5/15 * * * *",
          "0\t3 * * *", "@hourly"],
     )  # fmt: skip
