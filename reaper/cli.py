@@ -205,17 +205,68 @@ def _load(ctx: Context, path: Path | None, names: Sequence[str]) -> list[LoadedP
 
 @cli.command()
 @click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option(
+    "--after",
+    metavar="TIME",
+    help="List fire times after this ISO-8601 time (naive means UTC) instead of now.",
+)
 @click.pass_obj
-def validate(ctx: Context, paths: tuple[Path, ...]) -> None:
-    """Check policy files without touching any target (default: REAPER_POLICIES)."""
+def validate(ctx: Context, paths: tuple[Path, ...], output: str, after: str | None) -> None:
+    """Check policy files without touching any target (default: REAPER_POLICIES).
+
+    Prints each policy's next fire times: three in the table (in the policy's timezone and in
+    UTC), five in JSON (UTC).
+    """
     try:
         loaded = load_policies(list(paths) or [ctx.settings.policies])
     except PolicyError as exc:
         _fail(EXIT_CONFIG, f"invalid policy configuration:\n{exc}")
+    try:
+        start = datetime.now(UTC) if after is None else parse_timestamp(after)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--after") from None
+    if output == "json":
+        entries = [
+            {
+                "name": item.name,
+                "schedule": item.policy.schedule,
+                "timezone": item.policy.timezone,
+                "next_runs": [_utc_iso(fire) for fire in _next_runs(item, start, 5)],
+            }
+            for item in loaded
+        ]
+        click.echo(json.dumps(entries, indent=2, ensure_ascii=False))
+        return
     for item in loaded:
         ctx.out.print(
-            f"ok  {item.name}  ({item.path}:{item.line}, {item.policy.target_config.type})"
+            f"ok  {item.name}  ({item.path}:{item.line}, {item.policy.target_config.type})",
+            highlight=False,
         )
+        policy = item.policy
+        if not policy.schedule:
+            ctx.out.print(
+                "    no schedule: runs only when `reaper run` is started", highlight=False
+            )
+            continue
+        ctx.out.print(f"    schedule {policy.schedule!r} in {policy.timezone}:", highlight=False)
+        for fire in _next_runs(item, start, 3):
+            local = fire.astimezone(policy.zone)
+            line = f"      {local:%a %Y-%m-%d %H:%M %Z}"
+            if local.utcoffset():
+                line += f"  ({fire:%Y-%m-%d %H:%M} UTC)"
+            ctx.out.print(line, highlight=False)
+
+
+def _next_runs(item: LoadedPolicy, start: datetime, count: int) -> list[datetime]:
+    """A policy's next fire times after ``start`` (none without a schedule)."""
+    if not item.policy.schedule:
+        return []
+    return parse_cron(item.policy.schedule, item.policy.zone).next_fire_times(start, count)
+
+
+def _utc_iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @cli.command()

@@ -790,7 +790,11 @@ class TestCommandLine:
         lines = result.stdout.splitlines()
         assert f"ok  pipeline-finished-30d  ({path}:3, data_pipeline)" in lines
         assert f"ok  pipeline-failed-7d  ({path}:28, data_pipeline)" in lines
-        assert all(line.startswith("ok  ") for line in lines)
+        # Each policy's line starts with "ok"; its next fire times follow, indented.
+        assert all(line.startswith(("ok  ", "    ")) for line in lines)
+        assert len([line for line in lines if line.startswith("ok  ")]) == len(
+            load_policies([EXAMPLES])
+        )
 
     def test_validate_reports_and_exits_2(self, runner: CliRunner, tmp_path: Path) -> None:
         """An invalid file makes `reaper validate` exit 2 with the located problem on stderr."""
