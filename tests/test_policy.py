@@ -581,7 +581,12 @@ class TestYamlMistakes:
         text = "- &base\n" + textwrap.indent(small("a"), "  ") + "- <<: *base\n  name: b\n"
         errors, _ = load_errors(text)
         assert [(e.field, e.line, e.message) for e in errors] == [
-            ("<yaml>", 5, "merge keys ('<<') are not supported")
+            (
+                "<yaml>",
+                5,
+                "merge keys ('<<') are not supported: write the keys out, or share a whole "
+                "block with an alias (e.g. 'target: *pipeline')",
+            )
         ]
 
     def test_recursive_alias_is_a_policy_error(self) -> None:
