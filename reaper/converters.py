@@ -6,7 +6,6 @@ Everything inward of the policy loader and the target modules sees ``timedelta``
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,6 +13,10 @@ from datetime import UTC, datetime, timedelta, tzinfo
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 __all__ = [
+    "DURATION_PATTERN",
+    "RATE_NUMBER_LIMIT",
+    "RATE_NUMBER_MIN",
+    "RATE_PATTERN",
     "Rate",
     "as_aware_utc",
     "format_duration",
@@ -26,28 +29,34 @@ __all__ = [
 ]
 
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_DURATION_RE = re.compile(r"(\d+)([smhdw])")
+_DURATION_PART = re.compile(r"([0-9]+)([smhdw])")
+
+#: The durations the loader reads, as a JSON Schema (ECMA-262) pattern: numbers with a unit, each
+#: unit at most once. The digit limits keep the longest one (about 630 years) inside what a
+#: ``timedelta`` and ``now - duration`` can hold; the policy schema publishes this same pattern.
+DURATION_PATTERN = (
+    r"^(?!.*w.*w)(?!.*d.*d)(?!.*h.*h)(?!.*m.*m)(?!.*s.*s)"
+    r"([0-9]{1,4}w|[0-9]{1,5}d|[0-9]{1,6}h|[0-9]{1,7}m|[0-9]{1,9}s)+$"
+)
+_DURATION_RE = re.compile(DURATION_PATTERN)
 
 
 def parse_duration(text: str) -> timedelta:
     """Parse ``30d``, ``12h``, ``1w2d`` or ``90s`` into a timedelta (units s, m, h, d, w)."""
     if not isinstance(text, str):
         raise ValueError(f"expected a duration such as '30d', got {type(text).__name__}")
-    value = text.strip()
-    if not value:
+    if not text:
         raise ValueError("empty duration; use e.g. '30d', '12h', '90m' (units s, m, h, d, w)")
-    pos = 0
-    seconds = 0
-    for match in _DURATION_RE.finditer(value):
-        if match.start() != pos:
-            break
-        seconds += int(match.group(1)) * _DURATION_UNITS[match.group(2)]
-        pos = match.end()
-    if pos != len(value):
+    # fullmatch: a pattern's ``$`` would also match before a final newline.
+    if not _DURATION_RE.fullmatch(text):
         raise ValueError(
             f"invalid duration {text!r}; use a number and a unit, e.g. '30d', '12h', '1w2d' "
-            "(units s, m, h, d, w)"
+            "(units s, m, h, d, w), each unit at most once and at most 9999w, 99999d, "
+            "999999h, 9999999m or 999999999s"
         )
+    seconds = sum(
+        int(number) * _DURATION_UNITS[unit] for number, unit in _DURATION_PART.findall(text)
+    )
     return timedelta(seconds=seconds)
 
 
@@ -80,7 +89,6 @@ class Rate:
         return f"{self.per_second:g}/s"
 
 
-_RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$")
 _RATE_UNITS = {
     "s": 1,
     "sec": 1,
@@ -91,24 +99,36 @@ _RATE_UNITS = {
     "h": 3600,
     "hour": 3600,
 }
+#: The rates the loader reads as text, as a JSON Schema (ECMA-262) pattern: a count above zero
+#: (the lookahead wants a non-zero digit) with at most nine digits either side of the point, so
+#: it is always a finite, non-zero float; the policy schema publishes this same pattern.
+RATE_PATTERN = r"^(?=[0-9.]*[1-9])[0-9]{1,9}(\.[0-9]{1,9})?/(" + "|".join(_RATE_UNITS) + r")$"
+_RATE_RE = re.compile(RATE_PATTERN)
+#: A bare number is requests per second, in the range a written count can have.
+RATE_NUMBER_MIN = 1e-9
+RATE_NUMBER_LIMIT = 1_000_000_000  # exclusive
 
 
 def parse_rate(text: str | float | int) -> Rate:
-    """Parse ``5/s``, ``300/m`` or ``1000/h`` (a bare number means per second)."""
+    """Parse ``5/s``, ``300/m``, ``300/min`` or ``1000/h`` (a bare number means per second)."""
     if isinstance(text, bool):
         raise ValueError("expected a rate such as '5/s'")
     if isinstance(text, int | float):
-        count, per = float(text), 1
-    elif not isinstance(text, str):
+        if not RATE_NUMBER_MIN <= text < RATE_NUMBER_LIMIT:  # NaN fails this too
+            raise ValueError(
+                "a bare rate (requests per second) must be at least 0.000000001 and below "
+                "1000000000; or write it with a unit, e.g. '5/s'"
+            )
+        return Rate(float(text))
+    if not isinstance(text, str):
         raise ValueError("expected a rate such as '5/s'")
-    else:
-        match = _RATE_RE.match(text)
-        if not match:
-            raise ValueError(f"invalid rate {text!r}; use e.g. '5/s', '300/m' or '1000/h'")
-        count, per = float(match.group(1)), _RATE_UNITS[match.group(2)]
-    if not math.isfinite(count) or count <= 0:
-        raise ValueError("a rate must be a finite number greater than zero")
-    return Rate(count / per)
+    if not _RATE_RE.fullmatch(text):  # fullmatch: ``$`` would also match before a newline
+        raise ValueError(
+            f"invalid rate {text!r}; write a count above zero (up to 9 digits each side of the "
+            "point) and a unit, e.g. '5/s', '0.5/sec', '300/min' or '1000/h'"
+        )
+    count, unit = text.split("/")
+    return Rate(float(count) / _RATE_UNITS[unit])
 
 
 def parse_timezone(name: str) -> ZoneInfo:

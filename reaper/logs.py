@@ -1,7 +1,12 @@
-"""structlog configuration: JSON lines in production, a readable console on a TTY.
+"""Logging for the process: JSON lines in production, a readable console on a TTY.
 
 Logs go to stderr; command output (tables, JSON) goes to stdout. Secret values registered with
-:func:`register_secret` are replaced by ``***`` in every log event, whatever field they hide in.
+:func:`register_secret` are replaced by ``***`` in every log line, whatever field they hide in.
+
+structlog's events and the standard ``logging`` module's records (APScheduler's job errors,
+Alembic's migrations, httpx) leave through one ``logging`` handler whose
+``structlog.stdlib.ProcessorFormatter`` gives both the same fields, the same redaction and the
+same renderer; this is structlog's documented way to render foreign records.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from typing import Any, Literal
 
 import structlog
 
-__all__ = ["configure_logging", "redact_secrets", "register_secret"]
+__all__ = ["configure_logging", "redact_secrets", "register_secret", "reset_logging"]
 
 _SECRETS: set[str] = set()
 
@@ -50,12 +55,20 @@ def redact_secrets(
     return event_dict
 
 
+#: Libraries whose INFO lines are one per HTTP request: shown only when debugging.
+_CHATTY = ("httpx", "httpcore")
+
+#: The handler :func:`configure_logging` put on the root logger, replaced on each call.
+_handler: logging.Handler | None = None
+
+
 def configure_logging(
     fmt: Literal["auto", "json", "console"] = "auto",
     level: str = "info",
     stream: Any = None,
 ) -> None:
-    """Configure structlog for the process."""
+    """Send structlog's events and the ``logging`` module's records to ``stream`` (stderr)."""
+    global _handler
     stream = stream or sys.stderr
     use_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
     renderer: Any = (
@@ -63,18 +76,49 @@ def configure_logging(
         if use_json
         else structlog.dev.ConsoleRenderer(colors=stream.isatty())
     )
+    number = logging.getLevelNamesMapping()[level.upper()]
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
+    ]
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            redact_secrets,
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping()[level.upper()]
-        ),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        wrapper_class=structlog.make_filtering_bound_logger(number),
+        logger_factory=structlog.stdlib.LoggerFactory(),
         cache_logger_on_first_use=False,
     )
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            # A foreign record's message (its %-arguments merged in) becomes the event; its
+            # logger's name says which library wrote it.
+            foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                redact_secrets,
+                renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    if _handler is not None:
+        root.removeHandler(_handler)
+    root.addHandler(handler)
+    root.setLevel(number)
+    for name in _CHATTY:
+        logging.getLogger(name).setLevel(number if number <= logging.DEBUG else logging.WARNING)
+    _handler = handler
+
+
+def reset_logging() -> None:
+    """Undo :func:`configure_logging` (for tests): structlog's defaults, no handler of ours."""
+    global _handler
+    structlog.reset_defaults()
+    if _handler is not None:
+        logging.getLogger().removeHandler(_handler)
+        _handler = None
+    logging.getLogger().setLevel(logging.WARNING)
+    for name in _CHATTY:
+        logging.getLogger(name).setLevel(logging.NOTSET)

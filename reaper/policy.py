@@ -23,13 +23,16 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
     ValidationError,
     field_validator,
 )
 
 from reaper.converters import Rate, parse_timezone
 from reaper.errors import FieldError, PolicyError
-from reaper.fields import Duration, RateValue
+from reaper.fields import INTEGRAL, Duration, JsonInt, RateValue
 from reaper.schedule import parse_cron
 from reaper.targets import TARGETS, Target, TargetConfig
 from reaper.yamlfile import Document, Path_, YamlError, read_documents
@@ -78,7 +81,7 @@ class Select(_Model):
         default_factory=dict,
         description="Regular expressions (re.search) every named field must match.",
     )
-    allow_live: bool = Field(
+    allow_live: StrictBool = Field(
         False,
         description="Allow selecting statuses the target reports for running tasks.",
     )
@@ -87,7 +90,7 @@ class Select(_Model):
 class Keep(_Model):
     """What is kept although it matches."""
 
-    newest: int = Field(
+    newest: JsonInt = Field(
         0, ge=0, description="Never delete the N newest tasks matching status and match."
     )
 
@@ -105,33 +108,37 @@ class Protect(_Model):
 class Anomaly(_Model):
     """Guard: far more eligible tasks than the policy's recent runs had."""
 
-    factor: float = Field(10.0, gt=1, description="Trip above factor x the recent median.")
-    floor: int = Field(100, ge=0, description="Eligible counts up to this never trip.")
-    history: int = Field(10, ge=1, le=1000, description="How many recent runs to compare with.")
+    factor: StrictFloat = Field(10.0, gt=1, description="Trip above factor x the recent median.")
+    floor: JsonInt = Field(100, ge=0, description="Eligible counts up to this never trip.")
+    history: JsonInt = Field(10, ge=1, le=1000, description="How many recent runs to compare with.")
 
 
 class DeleteSettings(_Model):
     """How deletions are sent."""
 
-    batch_size: int | None = Field(
-        None, ge=1, description="Ids per delete request (default: 50, or 1 for per-id APIs)."
+    # Bounds inside the Optional: on a validator-wrapped int in a union, pydantic publishes them
+    # as "ge"/"le", which JSON Schema does not know (and so would not check).
+    batch_size: Annotated[Annotated[StrictInt, Field(ge=1)] | None, INTEGRAL] = Field(
+        None, description="Ids per delete request (default: 50, or 1 for per-id APIs)."
     )
     rate: RateValue = Field(
         Rate(10.0),
         json_schema_extra={"default": "10/s"},
         description="Requests per second to this target, listing included.",
     )
-    burst: int = Field(1, ge=1, le=1000, description="Requests that may go at once after idling.")
-    concurrency: int | None = Field(
-        None, ge=1, le=256, description="Requests in flight; default: sized from rate x latency."
+    burst: JsonInt = Field(
+        1, ge=1, le=1000, description="Requests that may go at once after idling."
     )
-    continue_on_error: bool = Field(True, description="Go on after a failed deletion.")
-    max_deletions: int = Field(
+    concurrency: Annotated[Annotated[StrictInt, Field(ge=1, le=256)] | None, INTEGRAL] = Field(
+        None, description="Requests in flight; default: sized from rate x latency."
+    )
+    continue_on_error: StrictBool = Field(True, description="Go on after a failed deletion.")
+    max_deletions: JsonInt = Field(
         1000,
         ge=1,
         description="Guard: more eligible tasks than this and the run deletes nothing.",
     )
-    max_fraction: float = Field(
+    max_fraction: StrictFloat = Field(
         0.5,
         gt=0,
         le=1,
@@ -487,12 +494,13 @@ def _semantic_problems(raw: dict[str, Any]) -> list[tuple[Path_, str]]:
                     "select.allow_live: true if deleting running tasks is really intended",
                 )
             )
-    if len({status for _, status in selected}) != len(selected):
-        problems.append((("select", "status"), "a status is listed twice"))
+    for section, statuses in (("select", selected), ("protect", protected)):
+        if len({status for _, status in statuses}) != len(statuses):  # the schema's uniqueItems
+            problems.append(((section, "status"), "a status is listed twice"))
 
     delete = _mapping(raw.get("delete"))
     batch_size = delete.get("batch_size")
-    if isinstance(batch_size, int) and not isinstance(batch_size, bool):
+    if isinstance(batch_size, int | float) and not isinstance(batch_size, bool):  # 50.0 is 50
         if batch_size > target.max_batch_size:
             problems.append(
                 (

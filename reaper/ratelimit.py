@@ -8,6 +8,12 @@ what keeps a server-side limiter of the same rate from ever answering 429.
 When the server answers 429 anyway (its limit is lower than configured, or shared with other
 clients), the limiter halves its rate and then recovers additively with each success, never above
 the configured rate: waiting out ``Retry-After`` alone would hit the same wall again.
+
+It halves once per congestion episode, as TCP does once per window: N requests in flight when the
+server starts refusing come back as N 429s, but they are one signal, sent before the rate went
+down. Each request remembers which decrease it was sent after (a context variable set by
+:meth:`RateLimiter.acquire`, read by :meth:`RateLimiter.throttle` in the same task), and only a
+429 to a request sent after the latest decrease lowers the rate again.
 """
 
 from __future__ import annotations
@@ -15,10 +21,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from contextvars import ContextVar
 
 from reaper.converters import Rate
 
 __all__ = ["RateLimiter"]
+
+#: The limiter the current task last acquired a slot from, and its decrease count at that time.
+_SENT: ContextVar[tuple[RateLimiter, int] | None] = ContextVar("reaper_limiter_sent", default=None)
 
 
 class RateLimiter:
@@ -39,6 +49,8 @@ class RateLimiter:
         self._interval = rate.interval
         self._floor = min(rate.per_second, 0.1)
         self.current = rate.per_second
+        #: How often the rate was lowered; a request sent after the n-th decrease carries n.
+        self.decreases = 0
         self._next_slot = 0.0  # virtual time of the next free slot
         self._paused_until = 0.0
         self._lock = asyncio.Lock()
@@ -58,10 +70,23 @@ class RateLimiter:
             delay = self.reserve()
         if delay > 0:
             await asyncio.sleep(delay)
+        # Recorded when the request leaves, not when its slot was booked: a decrease during the
+        # wait already applies to it.
+        _SENT.set((self, self.decreases))
 
-    def throttle(self) -> None:
-        """The server said 429: halve the rate (down to 0.1/s)."""
+    def throttle(self) -> bool:
+        """The server said 429: halve the rate (down to 0.1/s), once per congestion episode.
+
+        A 429 to a request this task sent before the latest decrease is part of the episode that
+        decrease answered, and is ignored. Without a known send (no :meth:`acquire` of this
+        limiter in the calling task) every call halves. Returns whether the rate went down.
+        """
+        sent = _SENT.get()
+        if sent is not None and sent[0] is self and sent[1] < self.decreases:
+            return False
+        self.decreases += 1
         self._set(max(self._floor, self.current / 2))
+        return True
 
     def recover(self) -> None:
         """A request succeeded: creep back towards the configured rate."""

@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-import structlog
 import yaml
 from pgserver import PostgresNotFoundError, PostgresServer, find_pg_bindir
 
 from reaper.audit import AuditStore
 from reaper.db import make_engine, upgrade
+from reaper.logs import reset_logging
 from reaper.policy import LoadedPolicy, load_policy_text
 from reaper.simulators import DataPipelineSimulator, Faults, generate_tasks
 from reaper.simulators.data_pipeline import SimTask
@@ -25,12 +25,12 @@ NOW = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 
 @pytest.fixture(autouse=True)
 def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """No REAPER_* setting leaks in from the developer's shell; structlog is reset after."""
+    """No REAPER_* setting leaks in from the developer's shell; logging is reset after."""
     for name in list(os.environ):
         if name.startswith("REAPER_") and name != "REAPER_TEST_SKIP_POSTGRES":
             monkeypatch.delenv(name)
     yield
-    structlog.reset_defaults()
+    reset_logging()
 
 
 # --- databases --------------------------------------------------------------------------------

@@ -45,6 +45,40 @@ class TestDurations:
         with pytest.raises(ValueError, match="duration"):
             parse_duration(text)
 
+    def test_units_in_any_order(self) -> None:
+        """Units may come in any order; each is read once."""
+        assert parse_duration("2d1w") == timedelta(days=9)
+        assert parse_duration("30s1m") == timedelta(seconds=90)
+
+    def test_largest_duration(self) -> None:
+        """Each unit's largest count, together: about 630 years, still a timedelta."""
+        assert parse_duration("9999w99999d999999h9999999m999999999s") == timedelta(
+            weeks=9999, days=99999, hours=999999, minutes=9999999, seconds=999999999
+        )
+
+    @pytest.mark.parametrize(
+        "text",
+        [
+            "1d1d",
+            "12h1d3h",
+            " 30d",
+            "30d ",
+            "30d\n",
+            "10000w",
+            "100000d",
+            "1000000h",
+            "10000000m",
+            "1000000000s",
+            "99999999999999999999d",
+            "\u0663\u0660d",  # Arabic-Indic digits are digits to Python, not to the schema
+        ],
+    )
+    def test_refused_beyond_the_grammar(self, text: str) -> None:
+        """A repeated unit, spaces, too many digits or non-ASCII digits: a ValueError, never an
+        OverflowError."""
+        with pytest.raises(ValueError, match="duration"):
+            parse_duration(text)
+
     def test_format_round_trips(self) -> None:
         """Formatted durations read back to the same value, in days rather than weeks."""
         for value in ("30d", "14d", "1d12h", "90m", "0s"):
@@ -55,17 +89,59 @@ class TestDurations:
 class TestRates:
     @pytest.mark.parametrize(
         ("text", "per_second"),
-        [("5/s", 5.0), ("300/m", 5.0), ("3600/h", 1.0), ("0.5/s", 0.5), (20, 20.0)],
+        [
+            ("5/s", 5.0),
+            ("300/m", 5.0),
+            ("3600/h", 1.0),
+            ("0.5/s", 0.5),
+            (20, 20.0),
+            ("0.5/sec", 0.5),
+            ("2/second", 2.0),
+            ("300/min", 5.0),
+            ("120/minute", 2.0),
+            ("7200/hour", 2.0),
+            ("999999999/s", 999999999.0),
+            ("0.000000001/s", 1e-9),
+            (0.25, 0.25),
+        ],
     )
     def test_rates(self, text: str | int, per_second: float) -> None:
         """Rates per second, minute and hour all become requests per second."""
         assert parse_rate(text).per_second == pytest.approx(per_second)
 
-    @pytest.mark.parametrize("text", ["5", "0/s", "5/d", "fast", "-1/s"])
+    @pytest.mark.parametrize(
+        "text",
+        [
+            "5",
+            "0/s",
+            "5/d",
+            "fast",
+            "-1/s",
+            "0.0/s",
+            "5 / s",
+            " 5/s",
+            "5/s\n",
+            ".5/s",
+            "5./s",
+            "1e3/s",
+            "5/S",
+            "1000000000/s",
+            "0.0000000001/s",
+            "9" * 400 + "/s",
+        ],
+    )
     def test_bad_rates(self, text: str) -> None:
-        """Unitless strings, zero and unknown units are refused."""
+        """Unitless strings, zero, unknown units and counts beyond nine digits are refused."""
         with pytest.raises(ValueError, match="rate"):
             parse_rate(text)
+
+    @pytest.mark.parametrize(
+        "number", [0, -1, 1e-10, 1_000_000_000, float("inf"), float("nan"), True]
+    )
+    def test_bad_bare_numbers(self, number: float) -> None:
+        """A bare number is per second, from 1e-9 up to (not including) 1e9; never a boolean."""
+        with pytest.raises(ValueError, match="rate"):
+            parse_rate(number)
 
 
 class TestTimestamps:

@@ -26,7 +26,10 @@ from reaper.yamlfile import read_documents
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "policies"
 PATH = Path("policies/nightly.yaml")
-DURATION_PATTERN = r"^(\d+[smhdw])+$"
+DURATION_PATTERN = (
+    r"^(?!.*w.*w)(?!.*d.*d)(?!.*h.*h)(?!.*m.*m)(?!.*s.*s)"
+    r"([0-9]{1,4}w|[0-9]{1,5}d|[0-9]{1,6}h|[0-9]{1,7}m|[0-9]{1,9}s)+$"
+)
 
 # Line numbers below refer to this text.
 VALID = """\
@@ -581,7 +584,12 @@ class TestYamlMistakes:
         text = "- &base\n" + textwrap.indent(small("a"), "  ") + "- <<: *base\n  name: b\n"
         errors, _ = load_errors(text)
         assert [(e.field, e.line, e.message) for e in errors] == [
-            ("<yaml>", 5, "merge keys ('<<') are not supported")
+            (
+                "<yaml>",
+                5,
+                "merge keys ('<<') are not supported: write the keys out, or share a whole "
+                "block with an alias (e.g. 'target: *pipeline')",
+            )
         ]
 
     def test_recursive_alias_is_a_policy_error(self) -> None:

@@ -1,11 +1,14 @@
-"""Reading YAML with positions, refusing duplicate keys and merge keys."""
+"""Reading YAML with positions, refusing duplicate keys and merge keys, bounding aliases."""
 
 from __future__ import annotations
 
 import textwrap
+from pathlib import Path
 
 import pytest
 
+from reaper.errors import PolicyError
+from reaper.policy import load_policy_text
 from reaper.yamlfile import YamlError, read_documents
 
 
@@ -121,11 +124,14 @@ class TestDuplicateKeys:
 
 class TestRefusedFeatures:
     def test_merge_keys(self) -> None:
-        """``<<`` merges are refused: a merged-in key would hide where a value comes from."""
+        """``<<`` merges are refused, saying what to write instead, at the ``<<`` key."""
         text = "base: &b {status: [completed]}\nselect:\n  <<: *b\n  older_than: 30d\n"
         with pytest.raises(YamlError) as caught:
             read_documents(text)
-        assert caught.value.message == "merge keys ('<<') are not supported"
+        assert caught.value.message == (
+            "merge keys ('<<') are not supported: write the keys out, or share a whole block "
+            "with an alias (e.g. 'target: *pipeline')"
+        )
         assert (caught.value.line, caught.value.column) == (3, 3)
 
     @pytest.mark.parametrize(
@@ -155,15 +161,101 @@ class TestRefusedFeatures:
         assert caught.value.line == 1
 
     def test_recursive_alias(self) -> None:
-        """An alias to its own enclosing node is a YamlError with a line, not a crash."""
+        """An alias to its own enclosing node is a YamlError at the alias, not a crash."""
         with pytest.raises(YamlError) as caught:
             read_documents("name: x\nids: &ids [a, *ids]\n")
-        assert caught.value.line == 2
+        assert caught.value.message == "an alias refers to itself"
+        assert (caught.value.line, caught.value.column) == (2, 15)
 
+
+def laughs(levels: int) -> str:
+    """The "billion laughs": each anchor is a list of ten aliases to the one before it."""
+    lines = ["l0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"l{n}: &l{n} [{', '.join([f'*l{n - 1}'] * 10)}]" for n in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+class TestAliases:
     def test_plain_aliases_are_expanded(self) -> None:
         """A non-recursive alias reads as a copy of its anchor's value."""
         data, _ = read_one("a: &s [completed]\nb: *s\n")
         assert data == {"a": ["completed"], "b": ["completed"]}
+
+    def test_a_shared_target_block(self) -> None:
+        """The usual use: policies of one list file share a target block through an alias."""
+        data, _ = read_one(
+            """\
+            - name: finished
+              target: &pipeline {type: data_pipeline, base_url: "http://127.0.0.1:8084"}
+            - name: failed
+              target: *pipeline
+            """
+        )
+        assert data == [
+            {
+                "name": "finished",
+                "target": {"type": "data_pipeline", "base_url": "http://127.0.0.1:8084"},
+            },
+            {
+                "name": "failed",
+                "target": {"type": "data_pipeline", "base_url": "http://127.0.0.1:8084"},
+            },
+        ]
+
+    def test_alias_as_a_key(self) -> None:
+        """An alias to a scalar may be used as a mapping key."""
+        data, _ = read_one("k: &k name\n*k : 2\n")
+        assert data == {"k": "name", "name": 2}
+
+    def test_billion_laughs_is_refused_at_an_alias(self) -> None:
+        """Exponentially nested aliases are refused with a line, before expanding them.
+
+        Twelve levels of ten would be 10**12 values: unbounded, this test would never end. The
+        limit is 10,000 values produced by aliases: lines 2 and 3 produce 10 x 11 and 10 x 111
+        (1,220), the ten aliases on line 4 produce 1,111 each, and the eighth of them crosses
+        10,000 (at column 10 + 7 x 5).
+        """
+        text = laughs(12)
+        assert len(text) < 1000
+        with pytest.raises(YamlError) as caught:
+            read_documents(text)
+        assert caught.value.message == (
+            "aliases in this file expand to more than 10000 values; share a block with one "
+            "level of aliases (e.g. 'target: *pipeline'), or write the values out"
+        )
+        assert (caught.value.line, caught.value.column) == (4, 45)
+        assert caught.value.path == ("l3", 7)
+
+    def test_the_limit_is_exact(self) -> None:
+        """Aliases that produce exactly 10,000 values are read; one value more is refused there."""
+        anchor = "a: &a [" + ", ".join(["x"] * 99) + "]\n"  # a list of 99: 100 values
+        within = anchor + "b:\n" + "  - *a\n" * 100
+        [document] = read_documents(within)
+        assert len(document.data["b"]) == 100
+        assert document.data["b"][99] == ["x"] * 99
+        with pytest.raises(YamlError, match="more than 10000 values") as caught:
+            read_documents(within + "  - *a\n")
+        assert (caught.value.line, caught.value.column) == (103, 5)
+
+    def test_the_limit_spans_documents(self) -> None:
+        """The limit is per file: splitting the aliases over documents does not reset it."""
+        anchor = "a: &a [" + ", ".join(["x"] * 99) + "]\n"  # 100 values
+        document = anchor + "b: [" + ", ".join(["*a"] * 60) + "]\n"  # 6,000 values
+        assert len(read_documents(document)) == 1
+        with pytest.raises(YamlError, match="more than 10000 values") as caught:
+            read_documents(document + "---\n" + document)
+        # 6,000 + 40 x 100 is the limit: the 41st alias of line 5 crosses it.
+        assert (caught.value.line, caught.value.column) == (5, 5 + 40 * 4)
+
+    def test_refusal_names_the_file(self) -> None:
+        """Through the policy loader, the refusal names file, line and field, like any error."""
+        with pytest.raises(PolicyError) as caught:
+            load_policy_text(laughs(12), Path("policies/lol.yaml"))
+        assert str(caught.value) == (
+            "policies/lol.yaml:4:45: field 'l3': aliases in this file expand to more than 10000 "
+            "values; share a block with one level of aliases (e.g. 'target: *pipeline'), or "
+            "write the values out"
+        )
 
 
 class TestSyntaxErrors:
