@@ -27,7 +27,7 @@ from reaper import __version__
 from reaper.audit import AuditStore
 from reaper.converters import parse_duration, parse_timestamp
 from reaper.daemon import Daemon, DaemonConfig
-from reaper.db import current_revision, head_revision, make_engine, require_current_schema, upgrade
+from reaper.db import current_revision, ensure_schema, head_revision, make_engine, upgrade
 from reaper.errors import AuditError, ConfigError, PolicyError, ReaperError
 from reaper.execute import BatchEvent
 from reaper.guards import GuardOverrides
@@ -77,10 +77,18 @@ class Context:
         self.err = Console(stderr=True, soft_wrap=True)
 
     def store(self, *, migrate: bool | None = None) -> AuditStore:
+        """The audit store, its schema set up if the database is empty.
+
+        An older schema is migrated only with ``--migrate`` or ``REAPER_DB_AUTO_UPGRADE``.
+        """
         engine = make_engine(self.settings.database())
-        if migrate if migrate is not None else self.settings.db_auto_upgrade:
-            upgrade(engine)
-        require_current_schema(engine)
+        try:
+            ensure_schema(
+                engine, auto_upgrade=self.settings.db_auto_upgrade if migrate is None else migrate
+            )
+        except AuditError:
+            engine.dispose()
+            raise
         return AuditStore(engine)
 
 
@@ -254,6 +262,7 @@ def plan(
 ) -> None:
     """Show what each policy would delete and what it keeps, with reasons. Deletes nothing."""
     loaded = _load(ctx, policies_path, names)
+    _database_for_targets(ctx, loaded)
     saved = {s.policy: s for s in load_saved(diff_path)} if diff_path else {}
     results = asyncio.run(_plan_all(ctx, loaded))
     failed = any(error for _, _, error in results)
@@ -284,6 +293,20 @@ def plan(
         if save is not None:
             ctx.out.print(f"plan saved to {save}; review it, then `reaper apply {save}`")
     sys.exit(EXIT_FAILED if failed else EXIT_OK)
+
+
+def _database_for_targets(ctx: Context, loaded: Sequence[LoadedPolicy]) -> None:
+    """Set up the database before planning when a target keeps its state there.
+
+    A target that reads reaper's database (Aparavi's inventory) reaches it through its
+    ``engine_factory``; other plans never touch the database, so they still work without one.
+    """
+    if not any(hasattr(item.policy.target_class, "engine_factory") for item in loaded):
+        return
+    try:
+        ctx.store().engine.dispose()
+    except AuditError as exc:
+        _fail(EXIT_FAILED, f"{exc}; nothing was listed")
 
 
 async def _plan_all(
@@ -607,7 +630,7 @@ def audit(
         return
     ctx: Context = click_ctx.obj
     try:
-        store = ctx.store(migrate=False)
+        store = ctx.store()
         rows = store.rows(
             policy=policy,
             task_id=task_id,
@@ -631,7 +654,7 @@ def audit(
 def audit_verify(ctx: Context) -> None:
     """Check the hash chain of every run: edited or deleted rows are reported (exit 1)."""
     try:
-        store = ctx.store(migrate=False)
+        store = ctx.store()
         problems = store.verify()
         runs = len(store.runs(limit=1_000_000_000))
     except AuditError as exc:
@@ -656,7 +679,7 @@ def audit_prune(ctx: Context, older_than: str | None) -> None:
     if retention is None:
         _fail(EXIT_CONFIG, "give --older-than or set REAPER_AUDIT_RETENTION")
     try:
-        runs, rows = ctx.store(migrate=False).prune(datetime.now(UTC) - retention)
+        runs, rows = ctx.store().prune(datetime.now(UTC) - retention)
     except AuditError as exc:
         _fail(EXIT_FAILED, str(exc))
     click.echo(f"pruned {runs} run(s) and {rows} audit row(s) older than {older_than or retention}")
@@ -732,7 +755,7 @@ def reconcile(
 def explain(ctx: Context, task_id: str, output: str, show_policy: bool) -> None:
     """Explain from the audit log what reaper did to a task, when, why and by which policy."""
     try:
-        store = ctx.store(migrate=False)
+        store = ctx.store()
         rows = list(reversed(store.rows(task_id=task_id, limit=None)))
         runs = {row.run_id: store.run(row.run_id) for row in rows}
     except AuditError as exc:
