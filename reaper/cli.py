@@ -589,6 +589,10 @@ class _BatchReporter:
 # --- audit ------------------------------------------------------------------------------------
 
 
+#: Rows the audit table shows unless --limit says otherwise (json and csv return all).
+TABLE_LIMIT = 100
+
+
 def _since(value: str | None) -> datetime | None:
     if value is None:
         return None
@@ -610,7 +614,11 @@ def _since(value: str | None) -> datetime | None:
 @click.option("--run-id", help="Only rows of this run.")
 @click.option("--outcome", help="Only rows with this outcome (deleted, failed, ...).")
 @click.option("--since", help="Only rows since a duration ago ('7d') or an ISO-8601 time.")
-@click.option("--limit", type=int, default=100, show_default=True)
+@click.option(
+    "--limit",
+    type=click.IntRange(min=0),
+    help=f"At most this many rows (default: all for json and csv, {TABLE_LIMIT} for the table).",
+)
 @click.option(
     "--output", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True
 )
@@ -622,31 +630,56 @@ def audit(
     run_id: str | None,
     outcome: str | None,
     since: str | None,
-    limit: int,
+    limit: int | None,
     output: str,
 ) -> None:
     """Query the audit log (newest first)."""
     if click_ctx.invoked_subcommand is not None:
         return
     ctx: Context = click_ctx.obj
+    filters: dict[str, Any] = {
+        "policy": policy,
+        "task_id": task_id,
+        "run_id": run_id,
+        "outcome": outcome,
+        "since": _since(since),
+    }
     try:
         store = ctx.store()
-        rows = store.rows(
-            policy=policy,
-            task_id=task_id,
-            run_id=run_id,
-            outcome=outcome,
-            since=_since(since),
-            limit=limit,
-        )
     except AuditError as exc:
         _fail(EXIT_FAILED, str(exc))
-    if output == "json":
-        click.echo(audit_json(rows))
-    elif output == "csv":
-        click.echo(audit_csv(rows), nl=False)
-    else:
-        audit_table(rows, ctx.out)
+    try:
+        if output == "table":
+            shown = TABLE_LIMIT if limit is None else limit
+            rows = store.rows(**filters, limit=shown)
+            matching = store.count_rows(**filters) if len(rows) == shown else len(rows)
+        else:
+            # A database error mid-stream leaves the output cut short, and exits 1.
+            writer = audit_json if output == "json" else audit_csv
+            _to_stdout(lambda out: writer(store.stream_rows(**filters, limit=limit), out))
+            return
+    except AuditError as exc:
+        _fail(EXIT_FAILED, str(exc))
+    finally:
+        store.engine.dispose()
+    audit_table(rows, ctx.out)
+    if matching > len(rows):
+        click.echo(
+            f"reaper: showing the newest {len(rows)} of {matching} matching rows; "
+            f"{matching - len(rows)} left out (--limit N, or --output json|csv for all)",
+            err=True,
+        )
+
+
+def _to_stdout(write: Callable[[Any], None]) -> None:
+    """Stream to stdout; a reader that stops early (``| head``) ends the command quietly."""
+    try:
+        write(sys.stdout)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Python would complain again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(EXIT_FAILED)
 
 
 @audit.command("verify")
