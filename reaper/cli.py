@@ -441,6 +441,8 @@ def run(
     mode = Mode.DRY_RUN if dry_run else Mode.RUN
     overrides = GuardOverrides(max_deletions, max_fraction, confirm_anomaly)
     metrics = Metrics()
+    if ctx.settings.pushgateway_url or ctx.settings.metrics_file:
+        _restore_metrics(metrics, store, loaded)
     runs = asyncio.run(
         _run_all(ctx, loaded, store, mode, overrides, slots=slot == "auto", metrics=metrics)
     )
@@ -448,6 +450,16 @@ def run(
     store.engine.dispose()
     _export_metrics(ctx, metrics)
     _report_runs(ctx, runs, output)
+
+
+def _restore_metrics(metrics: Metrics, store: AuditStore, loaded: Sequence[LoadedPolicy]) -> None:
+    """A push (or textfile) replaces the last one: carry over what the staleness alerts use,
+    or a policy whose run fails would lose its last success and never alert."""
+    try:
+        metrics.restore_last_success(store.last_successes())
+    except AuditError as exc:
+        log.warning("last_success_unknown", error=str(exc))
+    metrics.schedule_intervals(loaded)
 
 
 def _export_metrics(ctx: Context, metrics: Metrics) -> None:
