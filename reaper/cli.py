@@ -645,7 +645,7 @@ def audit(
     limit: int | None,
     output: str,
 ) -> None:
-    """Query the audit log (newest first)."""
+    """Query the audit log (newest first); json and csv return every matching row unless --limit."""
     if click_ctx.invoked_subcommand is not None:
         return
     ctx: Context = click_ctx.obj
