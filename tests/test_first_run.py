@@ -25,6 +25,7 @@ from reaper.db import current_revision, ensure_schema, head_revision, make_engin
 from reaper.errors import AuditError
 from reaper.settings import Settings, redact_url
 from reaper.simulators import DataPipelineSimulator
+from reaper.track import track
 
 Start = Callable[..., tuple[DataPipelineSimulator, str]]
 #: A password for the PostgreSQL URL (the test server trusts local logins, so any will do).
@@ -173,6 +174,15 @@ class TestFirstCommand:
         assert result.stdout.startswith(f"registered: gpu:{TOKEN}")
         listed = reaper("track", "list", "--output", "json", env=fresh["env"])
         assert [(e["type"], e["token"]) for e in json.loads(listed.stdout)] == [("gpu", TOKEN)]
+
+    def test_track_from_python_sets_up_an_empty_database(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """`reaper.track()` called by a program first thing on a fresh database registers."""
+        url = f"sqlite:///{tmp_path / 'fresh.db'}"
+        monkeypatch.setenv("REAPER_DATABASE_URL", url)
+        assert track(TOKEN, "cpu").state == "registered"
+        assert revision(url) == head_revision()
 
     def test_apply_sets_up_the_database_a_plan_did_not_need(
         self, data_pipeline: Start, fresh: dict[str, Any]
