@@ -1,4 +1,5 @@
-"""Run every benchmark in turn: ``python -m bench`` (``--quick``: scale at 10k and 100k only)."""
+"""Run every benchmark in turn: ``python -m bench`` (``--quick``: scale and audit export at 10k
+and 100k only)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ BENCHMARKS = [
     ("bench.batching", []),
     ("bench.audit_throughput", []),
     ("bench.scale", []),
+    ("bench.audit_export", []),
 ]
-QUICK = {"bench.scale": ["10000", "100000"]}
+QUICK = {"bench.scale": ["10000", "100000"], "bench.audit_export": ["10000", "100000"]}
 
 if __name__ == "__main__":
     quick = "--quick" in sys.argv[1:]

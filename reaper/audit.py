@@ -14,7 +14,7 @@ import json
 import os
 import socket
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -29,6 +29,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    Select,
     String,
     Table,
     Text,
@@ -660,6 +661,75 @@ class AuditStore:
         limit: int | None = 1000,
     ) -> list[AuditRow]:
         """Audit rows, newest first, filtered."""
+        return list(
+            self.stream_rows(
+                policy=policy,
+                task_id=task_id,
+                run_id=run_id,
+                outcome=outcome,
+                since=since,
+                limit=limit,
+            )
+        )
+
+    def stream_rows(
+        self,
+        *,
+        policy: str | None = None,
+        task_id: str | None = None,
+        run_id: str | None = None,
+        outcome: str | None = None,
+        since: datetime | None = None,
+        limit: int | None = None,
+        chunk: int = 1000,
+    ) -> Iterator[AuditRow]:
+        """Audit rows, newest first, filtered, read ``chunk`` at a time (all of them by default).
+
+        Memory stays bounded however many rows match: PostgreSQL reads through a server-side
+        cursor, SQLite steps its cursor. The connection is held until the iterator is exhausted
+        or closed.
+        """
+        query = self._rows_query(policy, task_id, run_id, outcome, since)
+        if limit is not None:
+            query = query.limit(limit)
+        try:
+            with self.engine.connect() as connection:
+                # Closing the result closes the (server-side) cursor when a reader stops early.
+                with connection.execution_options(yield_per=chunk).execute(query) as result:
+                    for row in result:
+                        yield AuditRow(**row._mapping)
+        except SQLAlchemyError as exc:
+            raise self._fail("reading audit rows", exc) from None
+
+    def count_rows(
+        self,
+        *,
+        policy: str | None = None,
+        task_id: str | None = None,
+        run_id: str | None = None,
+        outcome: str | None = None,
+        since: datetime | None = None,
+    ) -> int:
+        """How many audit rows match the filters of :meth:`stream_rows`."""
+        query = self._rows_query(policy, task_id, run_id, outcome, since).order_by(None)
+        try:
+            with self.engine.connect() as connection:
+                return int(
+                    connection.execute(
+                        select(func.count()).select_from(query.subquery())
+                    ).scalar_one()
+                )
+        except SQLAlchemyError as exc:
+            raise self._fail("counting audit rows", exc) from None
+
+    @staticmethod
+    def _rows_query(
+        policy: str | None,
+        task_id: str | None,
+        run_id: str | None,
+        outcome: str | None,
+        since: datetime | None,
+    ) -> Select[Any]:
         query = select(audit_table).order_by(audit_table.c.id.desc())
         if policy is not None:
             query = query.where(audit_table.c.policy == policy)
@@ -671,13 +741,7 @@ class AuditStore:
             query = query.where(audit_table.c.outcome == outcome)
         if since is not None:
             query = query.where(audit_table.c.recorded_at >= since)
-        if limit is not None:
-            query = query.limit(limit)
-        try:
-            with self.engine.connect() as connection:
-                return [AuditRow(**row._mapping) for row in connection.execute(query)]
-        except SQLAlchemyError as exc:
-            raise self._fail("reading audit rows", exc) from None
+        return query
 
     def recent_eligible(self, policy: str, count: int) -> list[int]:
         """Eligible counts of the policy's last ``count`` completed deleting runs, newest first.

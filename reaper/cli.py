@@ -27,7 +27,7 @@ from reaper import __version__
 from reaper.audit import AuditStore
 from reaper.converters import parse_duration, parse_timestamp
 from reaper.daemon import Daemon, DaemonConfig
-from reaper.db import current_revision, head_revision, make_engine, require_current_schema, upgrade
+from reaper.db import current_revision, ensure_schema, head_revision, make_engine, upgrade
 from reaper.errors import AuditError, ConfigError, PolicyError, ReaperError
 from reaper.execute import BatchEvent
 from reaper.guards import GuardOverrides
@@ -77,10 +77,18 @@ class Context:
         self.err = Console(stderr=True, soft_wrap=True)
 
     def store(self, *, migrate: bool | None = None) -> AuditStore:
+        """The audit store, its schema set up if the database is empty.
+
+        An older schema is migrated only with ``--migrate`` or ``REAPER_DB_AUTO_UPGRADE``.
+        """
         engine = make_engine(self.settings.database())
-        if migrate if migrate is not None else self.settings.db_auto_upgrade:
-            upgrade(engine)
-        require_current_schema(engine)
+        try:
+            ensure_schema(
+                engine, auto_upgrade=self.settings.db_auto_upgrade if migrate is None else migrate
+            )
+        except AuditError:
+            engine.dispose()
+            raise
         return AuditStore(engine)
 
 
@@ -305,6 +313,7 @@ def plan(
 ) -> None:
     """Show what each policy would delete and what it keeps, with reasons. Deletes nothing."""
     loaded = _load(ctx, policies_path, names)
+    _database_for_targets(ctx, loaded)
     saved = {s.policy: s for s in load_saved(diff_path)} if diff_path else {}
     results = asyncio.run(_plan_all(ctx, loaded))
     failed = any(error for _, _, error in results)
@@ -335,6 +344,20 @@ def plan(
         if save is not None:
             ctx.out.print(f"plan saved to {save}; review it, then `reaper apply {save}`")
     sys.exit(EXIT_FAILED if failed else EXIT_OK)
+
+
+def _database_for_targets(ctx: Context, loaded: Sequence[LoadedPolicy]) -> None:
+    """Set up the database before planning when a target keeps its state there.
+
+    A target that reads reaper's database (Aparavi's inventory) reaches it through its
+    ``engine_factory``; other plans never touch the database, so they still work without one.
+    """
+    if not any(hasattr(item.policy.target_class, "engine_factory") for item in loaded):
+        return
+    try:
+        ctx.store().engine.dispose()
+    except AuditError as exc:
+        _fail(EXIT_FAILED, f"{exc}; nothing was listed")
 
 
 async def _plan_all(
@@ -469,6 +492,8 @@ def run(
     mode = Mode.DRY_RUN if dry_run else Mode.RUN
     overrides = GuardOverrides(max_deletions, max_fraction, confirm_anomaly)
     metrics = Metrics()
+    if ctx.settings.pushgateway_url or ctx.settings.metrics_file:
+        _restore_metrics(metrics, store, loaded)
     runs = asyncio.run(
         _run_all(ctx, loaded, store, mode, overrides, slots=slot == "auto", metrics=metrics)
     )
@@ -476,6 +501,16 @@ def run(
     store.engine.dispose()
     _export_metrics(ctx, metrics)
     _report_runs(ctx, runs, output)
+
+
+def _restore_metrics(metrics: Metrics, store: AuditStore, loaded: Sequence[LoadedPolicy]) -> None:
+    """A push (or textfile) replaces the last one: carry over what the staleness alerts use,
+    or a policy whose run fails would lose its last success and never alert."""
+    try:
+        metrics.restore_last_success(store.last_successes())
+    except AuditError as exc:
+        log.warning("last_success_unknown", error=str(exc))
+    metrics.schedule_intervals(loaded)
 
 
 def _export_metrics(ctx: Context, metrics: Metrics) -> None:
@@ -617,6 +652,10 @@ class _BatchReporter:
 # --- audit ------------------------------------------------------------------------------------
 
 
+#: Rows the audit table shows unless --limit says otherwise (json and csv return all).
+TABLE_LIMIT = 100
+
+
 def _since(value: str | None) -> datetime | None:
     if value is None:
         return None
@@ -638,7 +677,11 @@ def _since(value: str | None) -> datetime | None:
 @click.option("--run-id", help="Only rows of this run.")
 @click.option("--outcome", help="Only rows with this outcome (deleted, failed, ...).")
 @click.option("--since", help="Only rows since a duration ago ('7d') or an ISO-8601 time.")
-@click.option("--limit", type=int, default=100, show_default=True)
+@click.option(
+    "--limit",
+    type=click.IntRange(min=0),
+    help=f"At most this many rows (default: all for json and csv, {TABLE_LIMIT} for the table).",
+)
 @click.option(
     "--output", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True
 )
@@ -650,31 +693,56 @@ def audit(
     run_id: str | None,
     outcome: str | None,
     since: str | None,
-    limit: int,
+    limit: int | None,
     output: str,
 ) -> None:
-    """Query the audit log (newest first)."""
+    """Query the audit log (newest first); json and csv return every matching row unless --limit."""
     if click_ctx.invoked_subcommand is not None:
         return
     ctx: Context = click_ctx.obj
+    filters: dict[str, Any] = {
+        "policy": policy,
+        "task_id": task_id,
+        "run_id": run_id,
+        "outcome": outcome,
+        "since": _since(since),
+    }
     try:
-        store = ctx.store(migrate=False)
-        rows = store.rows(
-            policy=policy,
-            task_id=task_id,
-            run_id=run_id,
-            outcome=outcome,
-            since=_since(since),
-            limit=limit,
-        )
+        store = ctx.store()
     except AuditError as exc:
         _fail(EXIT_FAILED, str(exc))
-    if output == "json":
-        click.echo(audit_json(rows))
-    elif output == "csv":
-        click.echo(audit_csv(rows), nl=False)
-    else:
-        audit_table(rows, ctx.out)
+    try:
+        if output == "table":
+            shown = TABLE_LIMIT if limit is None else limit
+            rows = store.rows(**filters, limit=shown)
+            matching = store.count_rows(**filters) if len(rows) == shown else len(rows)
+        else:
+            # A database error mid-stream leaves the output cut short, and exits 1.
+            writer = audit_json if output == "json" else audit_csv
+            _to_stdout(lambda out: writer(store.stream_rows(**filters, limit=limit), out))
+            return
+    except AuditError as exc:
+        _fail(EXIT_FAILED, str(exc))
+    finally:
+        store.engine.dispose()
+    audit_table(rows, ctx.out)
+    if matching > len(rows):
+        click.echo(
+            f"reaper: showing the newest {len(rows)} of {matching} matching rows; "
+            f"{matching - len(rows)} left out (--limit N, or --output json|csv for all)",
+            err=True,
+        )
+
+
+def _to_stdout(write: Callable[[Any], None]) -> None:
+    """Stream to stdout; a reader that stops early (``| head``) ends the command quietly."""
+    try:
+        write(sys.stdout)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Python would complain again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(EXIT_FAILED)
 
 
 @audit.command("verify")
@@ -682,7 +750,7 @@ def audit(
 def audit_verify(ctx: Context) -> None:
     """Check the hash chain of every run: edited or deleted rows are reported (exit 1)."""
     try:
-        store = ctx.store(migrate=False)
+        store = ctx.store()
         problems = store.verify()
         runs = len(store.runs(limit=1_000_000_000))
     except AuditError as exc:
@@ -707,7 +775,7 @@ def audit_prune(ctx: Context, older_than: str | None) -> None:
     if retention is None:
         _fail(EXIT_CONFIG, "give --older-than or set REAPER_AUDIT_RETENTION")
     try:
-        runs, rows = ctx.store(migrate=False).prune(datetime.now(UTC) - retention)
+        runs, rows = ctx.store().prune(datetime.now(UTC) - retention)
     except AuditError as exc:
         _fail(EXIT_FAILED, str(exc))
     click.echo(f"pruned {runs} run(s) and {rows} audit row(s) older than {older_than or retention}")
@@ -783,7 +851,7 @@ def reconcile(
 def explain(ctx: Context, task_id: str, output: str, show_policy: bool) -> None:
     """Explain from the audit log what reaper did to a task, when, why and by which policy."""
     try:
-        store = ctx.store(migrate=False)
+        store = ctx.store()
         rows = list(reversed(store.rows(task_id=task_id, limit=None)))
         runs = {row.run_id: store.run(row.run_id) for row in rows}
     except AuditError as exc:

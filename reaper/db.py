@@ -2,7 +2,10 @@
 
 SQLite (a file) is the embedded default; PostgreSQL (psycopg 3) is the production database. The
 same code serves both. The schema is created and changed only by the migrations in
-``reaper/migrations`` (``reaper db upgrade``), never by ``create_all`` at runtime.
+``reaper/migrations``, never by ``create_all`` at runtime: every command that needs the database
+sets up an *empty* one itself (:func:`ensure_schema`), while a database at an older revision is
+migrated only when asked (``reaper db upgrade`` or ``REAPER_DB_AUTO_UPGRADE``). A database that
+holds other tables, or a revision this reaper does not know, is refused rather than touched.
 """
 
 from __future__ import annotations
@@ -12,11 +15,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import structlog
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import DateTime, Engine, create_engine, event, text
+from sqlalchemy import Connection, DateTime, Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.types import TypeDecorator
@@ -27,6 +31,7 @@ from reaper.settings import redact_url
 __all__ = [
     "UTCDateTime",
     "current_revision",
+    "ensure_schema",
     "head_revision",
     "make_engine",
     "require_current_schema",
@@ -36,8 +41,12 @@ __all__ = [
 ]
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-# Serialises `reaper db upgrade` between replicas on PostgreSQL (an arbitrary constant key).
+# Serialises migrations between replicas on PostgreSQL (an arbitrary constant key).
 _MIGRATION_LOCK_KEY = 0x5245415045520001
+#: Alembic's own bookkeeping table: its presence alone does not make a database "not empty".
+_VERSION_TABLE = "alembic_version"
+
+log = structlog.get_logger("reaper.db")
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -136,24 +145,99 @@ def current_revision(engine: Engine) -> str | None:
 
 
 def upgrade(engine: Engine) -> tuple[str | None, str]:
-    """Apply every pending migration (idempotent); return (revision before, revision after)."""
+    """Apply every pending migration (idempotent); return (revision before, revision after).
+
+    The explicit ``reaper db upgrade``: it also adds reaper's tables to a database that holds
+    other tables (a shared database is the operator's choice), but never migrates a revision this
+    reaper does not know.
+    """
+    return _migrate(engine, setup_foreign=True, upgrade_older=True)
+
+
+def ensure_schema(engine: Engine, *, auto_upgrade: bool = False) -> None:
+    """Make the schema usable by every command: raise AuditError unless it is at head afterwards.
+
+    An empty database is set up; one at an older revision is migrated only with ``auto_upgrade``
+    (``REAPER_DB_AUTO_UPGRADE``, ``--migrate``); one holding other tables, or at a revision this
+    reaper does not know, is refused. Replicas racing to set up the same database are serialised.
+    """
+    # The common case reads one row and takes no lock.
+    if current_revision(engine) == head_revision():
+        return
+    _migrate(engine, setup_foreign=False, upgrade_older=auto_upgrade)
+
+
+def _migrate(engine: Engine, *, setup_foreign: bool, upgrade_older: bool) -> tuple[str | None, str]:
+    url = redact_url(engine.url)
     try:
         with engine.begin() as connection:
-            if connection.dialect.name == "postgresql":
-                connection.execute(
-                    text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY}
-                )
+            _lock(connection)
+            # Read under the lock: a replica that set the database up meanwhile leaves it at head.
             before = MigrationContext.configure(connection).get_current_revision()
-            config = _config()
-            config.attributes["connection"] = connection
-            command.upgrade(config, "head")
+            refused = _refusal(connection, url, before, setup_foreign, upgrade_older)
+            if refused is not None:
+                raise AuditError(refused)
+            if before != head_revision():
+                config = _config()
+                config.attributes["connection"] = connection
+                command.upgrade(config, "head")
             after = MigrationContext.configure(connection).get_current_revision()
     except SQLAlchemyError as exc:
-        raise AuditError(
-            f"migrating the audit database {redact_url(engine.url)} failed: {short_error(exc)}"
-        ) from None
+        raise AuditError(f"migrating the audit database {url} failed: {short_error(exc)}") from None
     assert after is not None
+    if before is None:
+        log.info("database_initialised", database=url, revision=after)
+    elif before != after:
+        log.info("database_upgraded", database=url, revision_before=before, revision=after)
     return before, after
+
+
+def _lock(connection: Connection) -> None:
+    """Hold the database's migration lock until the transaction ends."""
+    if connection.dialect.name == "postgresql":
+        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
+    else:
+        # pysqlite defers BEGIN to the first write, so two processes could both find the file
+        # empty; IMMEDIATE takes the write lock now (waiting out busy_timeout for the other).
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _refusal(
+    connection: Connection, url: str, current: str | None, setup_foreign: bool, upgrade_older: bool
+) -> str | None:
+    head = head_revision()
+    if current == head:
+        return None
+    if current is None:
+        inspector = inspect(connection)
+        tables = sorted(
+            {*inspector.get_table_names(), *inspector.get_view_names()} - {_VERSION_TABLE}
+        )
+        if not tables or setup_foreign:
+            return None
+        shown = ", ".join(tables[:5]) + (f" and {len(tables) - 5} more" if len(tables) > 5 else "")
+        return (
+            f"the audit database {url} is not empty but has no reaper schema (it holds {shown}): "
+            "refusing to set it up implicitly; point REAPER_DATABASE_URL at an empty database, "
+            "or run `reaper db upgrade` to add reaper's tables to this one"
+        )
+    if current not in _known_revisions():
+        return (
+            f"the audit database {url} is at revision {current}, which this reaper does not know "
+            f"(its newest is {head}): it was migrated by a newer reaper or belongs to another "
+            "application; refusing to use it (upgrade reaper, or point REAPER_DATABASE_URL at "
+            "reaper's own database)"
+        )
+    if not upgrade_older:
+        return (
+            f"the audit database {url} is at revision {current}, this reaper needs {head}: "
+            "run `reaper db upgrade` (or set REAPER_DB_AUTO_UPGRADE=true)"
+        )
+    return None
+
+
+def _known_revisions() -> set[str]:
+    return {script.revision for script in ScriptDirectory.from_config(_config()).walk_revisions()}
 
 
 def require_current_schema(engine: Engine) -> None:

@@ -3,13 +3,16 @@
 One registry per process (not the global one, so tests can make their own). ``reaper serve``
 exposes it on ``/metrics`` beside ``/healthz`` (the process is alive) and ``/readyz`` (the audit
 database answers and the policies are loaded). A one-shot ``reaper run`` can push the same
-metrics to a Pushgateway or write them to a file for node_exporter's textfile collector.
+metrics to a Pushgateway or write them to a file for node_exporter's textfile collector. Either
+replaces what the previous run exported, so such a run first restores what the alerts compare
+against: each policy's last success (from the audit) and its schedule interval.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -24,7 +27,9 @@ from prometheus_client import (
     write_to_textfile,
 )
 
+from reaper.policy import LoadedPolicy
 from reaper.runner import PolicyRun, RunStatus
+from reaper.schedule import parse_cron
 
 __all__ = ["HealthServer", "Metrics"]
 
@@ -136,6 +141,26 @@ class Metrics:
             self.duration.labels(policy).observe((run.finished_at - run.started_at).total_seconds())
             if run.status is RunStatus.SUCCEEDED:
                 self.last_success.labels(policy).set(run.finished_at.timestamp())
+
+    def restore_last_success(self, finished: Mapping[str, datetime]) -> None:
+        """Start the last-success gauges from the audit (before runs that may move them on)."""
+        for policy, when in finished.items():
+            self.last_success.labels(policy).set(when.timestamp())
+
+    def schedule_intervals(
+        self, loaded: Iterable[LoadedPolicy], now: datetime | None = None
+    ) -> None:
+        """Set each scheduled policy's interval: the gap between its next two fire times."""
+        now = now or datetime.now(UTC)
+        for item in loaded:
+            policy = item.policy
+            if not policy.schedule:
+                continue
+            schedule = parse_cron(policy.schedule, policy.zone)
+            first = schedule.next_fire_time(now)
+            second = schedule.next_fire_time(first) if first is not None else None
+            if first is not None and second is not None:
+                self.interval.labels(item.name).set((second - first).total_seconds())
 
     def push(self, gateway: str, job: str = "reaper") -> None:
         """Push to a Prometheus Pushgateway (one-shot runs)."""

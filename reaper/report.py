@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import io
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TextIO
 
 from rich.console import Console
 from rich.table import Table
@@ -250,14 +249,20 @@ def explain_text(entry: dict[str, Any], console: Console, show_policy: bool) -> 
         console.print(f"  policy: {entry['policy_json']}")
 
 
-def audit_json(rows: Sequence[AuditRow]) -> str:
-    return json.dumps([row.as_dict() for row in rows], ensure_ascii=False, indent=2)
+def audit_json(rows: Iterable[AuditRow], out: TextIO) -> None:
+    """Write rows as one JSON array (as ``json.dumps(..., indent=2)`` would), a row at a time."""
+    first = True
+    for row in rows:
+        # JSON strings hold no raw newline: re-indenting every line nests the object in the array.
+        item = json.dumps(row.as_dict(), ensure_ascii=False, indent=2).replace("\n", "\n  ")
+        out.write(("[\n  " if first else ",\n  ") + item)
+        first = False
+    out.write("[]\n" if first else "\n]\n")
 
 
-def audit_csv(rows: Sequence[AuditRow]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=[f.name for f in dataclasses.fields(AuditRow)])
+def audit_csv(rows: Iterable[AuditRow], out: TextIO) -> None:
+    """Write rows as CSV with a header row, a row at a time."""
+    writer = csv.DictWriter(out, fieldnames=[f.name for f in dataclasses.fields(AuditRow)])
     writer.writeheader()
     for row in rows:
         writer.writerow(row.as_dict())
-    return buffer.getvalue()

@@ -9,7 +9,8 @@ Three ways in, all idempotent (registering a task twice changes nothing):
 * :func:`track` from Python, right after the program started the task.
 
 ``reaper track list`` shows the inventory; ``reaper track prune --retired-before 90d`` removes
-retired entries, each with an audit row. The database is ``REAPER_DATABASE_URL``.
+retired entries, each with an audit row. The database is ``REAPER_DATABASE_URL``, set up on first
+use if empty (an older schema needs ``reaper db upgrade`` or ``REAPER_DB_AUTO_UPGRADE``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import click
 from sqlalchemy import Engine
 
 from reaper.converters import parse_duration
-from reaper.db import make_engine, require_current_schema
+from reaper.db import ensure_schema, make_engine
 from reaper.errors import AuditError
 from reaper.inventory import Entry, Inventory, Registration
 from reaper.settings import Settings
@@ -71,9 +72,18 @@ class ImportReport:
 def _engine(engine: Engine | None) -> tuple[Engine, bool]:
     if engine is not None:
         return engine, False
-    created = make_engine(Settings().database())
-    require_current_schema(created)
-    return created, True
+    return _settings_engine(Settings()), True
+
+
+def _settings_engine(settings: Settings) -> Engine:
+    """The engine of REAPER_DATABASE_URL, its schema set up if empty (see ensure_schema)."""
+    engine = make_engine(settings.database())
+    try:
+        ensure_schema(engine, auto_upgrade=settings.db_auto_upgrade)
+    except AuditError:
+        engine.dispose()
+        raise
+    return engine
 
 
 def track(
@@ -184,8 +194,7 @@ def _fail(code: int, message: str) -> NoReturn:
 
 def _inventory() -> tuple[Inventory, Engine]:
     try:
-        engine = make_engine(Settings().database())
-        require_current_schema(engine)
+        engine = _settings_engine(Settings())
     except AuditError as exc:
         _fail(EXIT_FAILED, str(exc))
     except (ValueError, OSError) as exc:

@@ -14,7 +14,7 @@ import yaml
 from pgserver import PostgresNotFoundError, PostgresServer, find_pg_bindir
 
 from reaper.audit import AuditStore
-from reaper.db import make_engine, upgrade
+from reaper.db import MIGRATIONS, make_engine, upgrade
 from reaper.logs import reset_logging
 from reaper.policy import LoadedPolicy, load_policy_text
 from reaper.simulators import DataPipelineSimulator, Faults, generate_tasks
@@ -82,6 +82,20 @@ def module_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuditStor
     engine = make_engine(f"sqlite:///{tmp_path_factory.mktemp('db') / 'audit.db'}")
     upgrade(engine)
     yield AuditStore(engine)
+    engine.dispose()
+
+
+def migrate_to(url: str, revision: str) -> None:
+    """Bring a database to an older migration, as an earlier reaper would have left it."""
+    from alembic import command
+    from alembic.config import Config
+
+    engine = make_engine(url)
+    with engine.begin() as connection:
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS))
+        config.attributes["connection"] = connection
+        command.upgrade(config, revision)
     engine.dispose()
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import policy_doc, sim_task
+from conftest import migrate_to, policy_doc, sim_task
 
 from reaper.db import head_revision
 from reaper.simulators import DataPipelineSimulator
@@ -203,8 +203,10 @@ class TestCommands:
         assert len(table) == 3 and table[0]["outcome"] == "dry_run"
 
     def test_run_requires_migrated_database(self, workspace: dict[str, Any]) -> None:
-        """Without `db upgrade` (or --migrate) a run refuses and says what to do."""
+        """At an older revision, without `db upgrade` (or --migrate) a run refuses and says what
+        to do (an empty database is set up instead: tests/test_first_run.py)."""
         write_policy(workspace, policy_doc("http://127.0.0.1:9"))
+        migrate_to(workspace["env"]["REAPER_DATABASE_URL"], "0001")
         result = reaper("run", env=workspace["env"])
         assert result.returncode == 1
         assert "reaper db upgrade" in result.stderr
