@@ -246,6 +246,8 @@ class _PolicyRunner:
         self.run = PolicyRun(self.policy.name, opts.mode, RunStatus.FAILED)
         #: Tasks whose acknowledged deletion this run's listing contradicted.
         self.corrected: set[str] = set()
+        #: When the listing this run plans from began (the re-check looks for later changes).
+        self.listing_started: datetime | None = None
 
     async def execute(self) -> PolicyRun:
         run, policy = self.run, self.policy
@@ -311,6 +313,7 @@ class _PolicyRunner:
         reconciler = await self.audit.call(
             Reconciler.load, self.store, policy.name, exclude_run=run_id
         )
+        self.listing_started = datetime.now(UTC)
         try:
             plan = await plan_policy(
                 self.loaded,
@@ -465,6 +468,7 @@ class _PolicyRunner:
             listing=_list_request(self.loaded, plan.cutoff),
             eligible_statuses=eligible_statuses(self.loaded),
             status_counts=dict(plan.status_counts),
+            listing_started=self.listing_started,
         )
         return SendCheck(
             target,
