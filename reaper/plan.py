@@ -24,11 +24,15 @@ from collections.abc import AsyncIterable, Callable, Collection, Iterable, Itera
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from reaper.converters import format_duration
 from reaper.errors import ListingError
 from reaper.policy import LoadedPolicy, Policy
 from reaper.targets.base import Target, Task
+
+if TYPE_CHECKING:
+    from reaper.clocks import ClockCheck
 
 __all__ = [
     "DEFAULT_FUTURE_TOLERANCE",
@@ -326,6 +330,8 @@ class Plan:
     #: how far ahead the furthest one was.
     future_timestamps: int = 0
     future_furthest: timedelta = timedelta(0)
+    #: What the target's answers said about its clock and zone (set by reaper.runner).
+    clock: ClockCheck | None = None
 
     def __len__(self) -> int:
         return len(self._ids)
