@@ -649,6 +649,9 @@ class _BatchReporter:
                 TimeRemainingColumn(),
                 console=self.console,
                 transient=True,
+                # Log lines written meanwhile go through the console, above the bar: reaper.logs
+                # writes to whatever sys.stderr is, and this swaps in rich's proxy.
+                redirect_stderr=True,
             )
             self.progress.start()
             self.task = self.progress.add_task("deleting", total=plan.eligible)
