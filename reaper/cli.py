@@ -397,6 +397,18 @@ def _clock_notes(plan: Plan) -> list[str]:
     return notes
 
 
+def _clock_fields(run: PolicyRun) -> dict[str, Any]:
+    """What a run's JSON says about the clocks its ages rested on (reaper.clocks)."""
+    s = run.summary
+    return {
+        "future_timestamps": s.future_timestamps,
+        "clock_skew_seconds": None
+        if s.clock_skew_seconds is None
+        else round(s.clock_skew_seconds, 1),
+        "warnings": run.warnings,
+    }
+
+
 def _print_warnings(console: Console, policy: str, warnings: Sequence[str]) -> None:
     for warning in warnings:
         console.print(f"[bold yellow]{policy}: warning:[/bold yellow] {warning}", highlight=False)
@@ -564,7 +576,7 @@ def _auto_prune(ctx: Context, store: AuditStore) -> None:
 
 def _report_runs(ctx: Context, runs: Sequence[PolicyRun], output: str) -> NoReturn:
     if output == "json":
-        documents = [{**run_dict(r), "warnings": r.warnings} for r in runs]
+        documents = [{**run_dict(r), **_clock_fields(r)} for r in runs]
         click.echo(json.dumps(documents, indent=2, ensure_ascii=False))
     else:
         runs_table(runs, ctx.out)

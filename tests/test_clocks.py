@@ -478,6 +478,8 @@ class TestCommandLine:
         [document] = json.loads(result.stdout)
         assert document["status"] == "succeeded"
         assert "is 2h behind this host's" in document["warnings"][0]
+        assert -7201 < document["clock_skew_seconds"] < -7199
+        assert document["future_timestamps"] == 0
         assert sim.deleted_ids == ["task_20260922_120000"]
 
     def test_a_warning_limit_above_the_maximum_is_a_configuration_error(
