@@ -89,7 +89,10 @@ class ClockCheck:
     skew: float | None = None
 
     def log(self) -> None:
-        """One warning event per finding (the guard's refusal is logged by the runner)."""
+        """One warning event per finding; a skew past the maximum too (a run then logs its
+        refusal as guard_tripped, `reaper plan` only this)."""
+        if self.trip is not None:
+            log.warning("clock_skew", message=self.trip.message, skew_seconds=self.skew)
         for warning in self.warnings:
             log.warning(warning.event, message=warning.message, **warning.fields)
 

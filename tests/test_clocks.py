@@ -237,6 +237,9 @@ class TestDateHeader:
         assert result.clock is not None and result.clock.trip is not None
         assert result.clock.trip.guard == "clock_skew"
         assert "1d behind this host's" in result.clock.trip.message
+        [event] = warnings_of(logs, "clock_skew")
+        assert event["log_level"] == "warning"
+        assert event["message"] == result.clock.trip.message
         assert warnings_of(logs, "guard_tripped") == []  # planning is not refused
 
 
