@@ -25,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from reaper import __version__
 from reaper.audit import AuditStore
+from reaper.clocks import ClockLimits
 from reaper.converters import parse_duration, parse_timestamp
 from reaper.daemon import Daemon, DaemonConfig
 from reaper.db import current_revision, ensure_schema, head_revision, make_engine, upgrade
@@ -325,7 +326,10 @@ def plan(
         documents = []
         for item, result, error in results:
             document: dict[str, Any] = (
-                plan_dict(result, examples) if result else {"policy": item.name, "error": error}
+                # `is not None`: a plan with nothing eligible is falsy (its len is 0).
+                {**plan_dict(result, examples), "warnings": _clock_notes(result)}
+                if result is not None
+                else {"policy": item.name, "error": error}
             )
             if result is not None and item.name in saved:
                 document["diff"] = diff_plan(saved[item.name], result).as_dict()
@@ -337,6 +341,7 @@ def plan(
                 ctx.out.print(f"[bold]{item.name}[/bold]: [red]{error}[/red]")
                 continue
             plan_table(result, ctx.out, examples)
+            _print_warnings(ctx.out, item.name, _clock_notes(result))
             if item.name in saved:
                 diff_table(diff_plan(saved[item.name], result), ctx.out, examples)
             elif diff_path is not None:
@@ -367,13 +372,46 @@ async def _plan_all(
     for item in loaded:
         target, client = build_target(item)
         try:
-            result = await plan_policy(item, target, datetime.now(UTC), ctx.settings.min_age)
+            result = await plan_policy(
+                item,
+                target,
+                datetime.now(UTC),
+                ctx.settings.min_age,
+                clock=ClockLimits.from_settings(ctx.settings),
+            )
             results.append((item, result, None))
         except ReaperError as exc:
             results.append((item, None, f"listing failed, nothing would be deleted: {exc}"))
         finally:
             await client.aclose()
     return results
+
+
+def _clock_notes(plan: Plan) -> list[str]:
+    """What ``reaper plan`` says about the clocks behind a plan (a run would refuse it)."""
+    if plan.clock is None:
+        return []
+    notes = [warning.message for warning in plan.clock.warnings]
+    if plan.clock.trip is not None:
+        notes.insert(0, f"`reaper run` would refuse this policy: {plan.clock.trip.message}")
+    return notes
+
+
+def _clock_fields(run: PolicyRun) -> dict[str, Any]:
+    """What a run's JSON says about the clocks its ages rested on (reaper.clocks)."""
+    s = run.summary
+    return {
+        "future_timestamps": s.future_timestamps,
+        "clock_skew_seconds": None
+        if s.clock_skew_seconds is None
+        else round(s.clock_skew_seconds, 1),
+        "warnings": run.warnings,
+    }
+
+
+def _print_warnings(console: Console, policy: str, warnings: Sequence[str]) -> None:
+    for warning in warnings:
+        console.print(f"[bold yellow]{policy}: warning:[/bold yellow] {warning}", highlight=False)
 
 
 @cli.command()
@@ -538,9 +576,12 @@ def _auto_prune(ctx: Context, store: AuditStore) -> None:
 
 def _report_runs(ctx: Context, runs: Sequence[PolicyRun], output: str) -> NoReturn:
     if output == "json":
-        click.echo(json.dumps([run_dict(r) for r in runs], indent=2, ensure_ascii=False))
+        documents = [{**run_dict(r), **_clock_fields(r)} for r in runs]
+        click.echo(json.dumps(documents, indent=2, ensure_ascii=False))
     else:
         runs_table(runs, ctx.out)
+        for r in runs:
+            _print_warnings(ctx.out, r.policy, r.warnings)
     sys.exit(EXIT_OK if all(r.ok for r in runs) else EXIT_FAILED)
 
 
@@ -579,6 +620,7 @@ async def _run_all(
                 approved=(approved or {}).get(item.name),
                 slot=slot,
                 stop=stop,
+                clock=ClockLimits.from_settings(ctx.settings),
             )
         finally:
             reporter.close()
@@ -619,6 +661,9 @@ class _BatchReporter:
                 TimeRemainingColumn(),
                 console=self.console,
                 transient=True,
+                # Log lines written meanwhile go through the console, above the bar: reaper.logs
+                # writes to whatever sys.stderr is, and this swaps in rich's proxy.
+                redirect_stderr=True,
             )
             self.progress.start()
             self.task = self.progress.add_task("deleting", total=plan.eligible)
@@ -915,6 +960,7 @@ def serve(
         grace=settings.shutdown_grace,
         misfire_grace=settings.misfire_grace,
         min_age=settings.min_age,
+        clock=ClockLimits.from_settings(settings),
     )
 
     async def main() -> int:

@@ -19,7 +19,7 @@ import asyncio
 import os
 import signal
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from reaper.audit import AuditStore
+from reaper.clocks import ClockLimits
 from reaper.errors import AuditError, PolicyError
 from reaper.metrics import HealthServer, Metrics
 from reaper.policy import LoadedPolicy, load_policies
@@ -50,6 +51,7 @@ class DaemonConfig:
     grace: timedelta = timedelta(seconds=25)
     misfire_grace: timedelta = timedelta(minutes=5)
     min_age: timedelta = timedelta(hours=1)
+    clock: ClockLimits = field(default_factory=ClockLimits)
 
 
 class Daemon:
@@ -152,7 +154,12 @@ class Daemon:
             return
         slot = parse_cron(policy.schedule, policy.zone).previous_fire_time(now)
         run = await run_policy(
-            loaded, self.store, slot=slot, stop=self.stop, min_age=self.config.min_age
+            loaded,
+            self.store,
+            slot=slot,
+            stop=self.stop,
+            min_age=self.config.min_age,
+            clock=self.config.clock,
         )
         self.metrics.observe(run, policy.target_config.type)
 

@@ -96,6 +96,12 @@ class Metrics:
             ["policy", "target"],
             registry=r,
         )
+        self.future_timestamps = Gauge(
+            "reaper_future_timestamps",
+            "Tasks whose age field lay in the future at the last plan: a zone or clock is wrong.",
+            ["policy"],
+            registry=r,
+        )
         self.policies = Gauge("reaper_policies_loaded", "Policies scheduled.", registry=r)
         self.interval = Gauge(
             "reaper_schedule_interval_seconds",
@@ -135,6 +141,7 @@ class Metrics:
             self.acknowledged_not_deleted.labels(policy, target).inc(s.acknowledged_not_deleted)
         if run.plan is not None:
             self.backlog.labels(policy).set(run.plan.eligible)
+            self.future_timestamps.labels(policy).set(run.plan.future_timestamps)
         if s.reclaimed_bytes:
             self.reclaimed.labels(policy).inc(s.reclaimed_bytes)
         if run.finished_at is not None:

@@ -21,10 +21,11 @@ import httpx
 import structlog
 
 from reaper.audit import AuditEntry, AuditStore, RunRecord, RunSummary
+from reaper.clocks import ClockLimits, check_clocks
 from reaper.converters import Rate
 from reaper.errors import AuditError, ListingError, RunAborted, TargetAuthError, TargetError
 from reaper.execute import AsyncAudit, Batches, BatchEvent, Executor, auto_concurrency
-from reaper.guards import GuardOverrides, check_guards
+from reaper.guards import GuardOverrides, GuardTrip, check_guards
 from reaper.http import HttpStats, RetryPolicy, TargetHttp
 from reaper.locks import PolicyLock
 from reaper.plan import Plan, Verdict, make_plan
@@ -106,6 +107,8 @@ class PolicyRun:
     slot: datetime | None = None
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     finished_at: datetime | None = None
+    #: What the run's output should point out (a clock or zone that looks wrong, reaper.clocks).
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -180,8 +183,10 @@ async def plan_policy(
     *,
     observe: Reconciler | None = None,
     stop: asyncio.Event | None = None,
+    clock: ClockLimits | None = None,
 ) -> Plan:
-    """List the target completely and plan the policy over it.
+    """List the target completely and plan the policy over it, then judge the clocks behind it
+    (``plan.clock``, its warnings logged).
 
     ``observe`` sees every listed task too (reconciliation shares the run's listing).
     """
@@ -191,7 +196,11 @@ async def plan_policy(
         tasks = observe.watch(tasks)
     if stop is not None:
         tasks = _until(stop, tasks)
-    return await make_plan(loaded, target, tasks, now, min_age)
+    clock = clock or ClockLimits()
+    plan = await make_plan(loaded, target, tasks, now, min_age, clock.future_tolerance)
+    plan.clock = check_clocks(loaded.policy, target.http.stats, plan, clock)
+    plan.clock.log()
+    return plan
 
 
 class Interrupted(Exception):
@@ -220,6 +229,7 @@ class RunOptions:
     approved: SavedPlan | None = None
     #: Claim this scheduled slot in the run ledger first; skip if another process has it.
     slot: datetime | None = None
+    clock: ClockLimits = field(default_factory=ClockLimits)
 
 
 async def run_policy(loaded: LoadedPolicy, audit: AuditStore, **options: Any) -> PolicyRun:
@@ -322,6 +332,7 @@ class _PolicyRunner:
                 self.opts.min_age,
                 observe=reconciler,
                 stop=self.opts.stop,
+                clock=self.opts.clock,
             )
         except Interrupted:
             run.status = RunStatus.INTERRUPTED
@@ -367,7 +378,9 @@ class _PolicyRunner:
         history = await self.audit.call(
             self.store.recent_eligible, policy.name, policy.delete.anomaly.history
         )
-        trip = check_guards(policy, plan.eligible, plan.listed, history, self.opts.overrides)
+        trip = self._clock_trip(plan) or check_guards(
+            policy, plan.eligible, plan.listed, history, self.opts.overrides
+        )
         if trip is not None:
             run.status = RunStatus.REFUSED
             run.error = trip.message
@@ -385,6 +398,17 @@ class _PolicyRunner:
                 await self._verify(target, run_id)
         if run.status is RunStatus.FAILED and run.error is None:
             run.status = _final_status(summary)
+
+    def _clock_trip(self, plan: Plan) -> GuardTrip | None:
+        """Note what the plan's clock check found; its guard, if the target's clock is too far
+        from ours to trust any age."""
+        summary = self.run.summary
+        summary.future_timestamps = plan.future_timestamps
+        if plan.clock is None:
+            return None
+        summary.clock_skew_seconds = plan.clock.skew
+        self.run.warnings.extend(warning.message for warning in plan.clock.warnings)
+        return plan.clock.trip
 
     def _verify_now(self, listing_requests: int, target: Target) -> bool:
         """Whether to list again right after deleting: ``delete.verify`` says always, or auto
@@ -593,6 +617,7 @@ async def _finish(run: PolicyRun, audit: AsyncAudit) -> None:
         refused_ids=s.skipped,
         skipped_changed=s.skipped_changed,
         acknowledged_not_deleted=s.acknowledged_not_deleted,
+        future_timestamps=s.future_timestamps,
         dry_run=s.dry_run,
         reclaimed_bytes=s.reclaimed_bytes,
         error=run.error,

@@ -22,6 +22,7 @@ working on it: its ids are ``unknown`` until reconciliation settles them.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -217,8 +218,27 @@ class DataPipelineTarget(Target):
     async def _page(self, url: str, limit: int, offset: int, where: str) -> list[Any]:
         # The query written out (two integers): httpx's params merging costs ~45 us of CPU a
         # request, and a million tasks are 10,000 requests.
+        sent = time.time()
         body = await self.fetch_json(where, "GET", f"{url}?limit={limit}&offset={offset}")
-        return _page_tasks(body, where)
+        tasks = _page_tasks(body, where)
+        self._observe_local_time(body["data"].get("timestamp"), sent, time.time())
+        return tasks
+
+    def _observe_local_time(self, value: Any, sent: float, received: float) -> None:
+        """Note the server's local time (``data.timestamp``, naive) read in the configured
+        zone: a zone that is not the server's shows as an offset of hours (reaper.clocks).
+
+        Informational only: a missing or odd value is ignored, never a listing error."""
+        if not isinstance(value, str):
+            return
+        try:
+            local = datetime.fromisoformat(value)
+        except ValueError:
+            return
+        if local.tzinfo is not None:
+            return  # it says its own offset: there is no zone to get wrong
+        server = local.replace(tzinfo=self.config.zone).timestamp()
+        self.http.stats.local_time_offsets.add(server - received, server - sent)
 
     def error_text(self, body: bytes) -> tuple[str | None, str | None]:
         return _error_text(_json_or_none(body))
