@@ -148,12 +148,11 @@ class TestLiveAtDeleteTime:
             sim.reexecute(tasks[1].task_id)
             sim.finish(tasks[1].task_id, "completed")
 
-        result = run(loaded, store, on_plan=run_again)
+        # Planned at the real time (the simulator's clock): the new completed_at is moments old.
+        result = asyncio.run(run_policy(loaded, store, on_plan=run_again))
         assert tasks[1].task_id not in sim.deleted_ids
         assert len(sim.deleted_ids) == 3
         [row] = [r for r in rows(store) if r["outcome"] == "skipped_changed"]
-        # (These tests plan at NOW, a month before the simulator's clock: the new completed_at
-        # is even younger than the minimum age.)
         assert "kept: younger than" in row["note"]
         assert result.status is RunStatus.SUCCEEDED, result.error
 
