@@ -64,6 +64,12 @@ class Settings(BaseSettings):
     metrics_file: Path | None = Field(
         None, description="`run`: write metrics here (node_exporter textfile collector)."
     )
+    shard_count: int | None = Field(
+        None,
+        ge=1,
+        le=999_999,
+        description="`run --shard auto`: how many shards (the Indexed Job's spec.completions).",
+    )
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
