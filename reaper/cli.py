@@ -33,6 +33,7 @@ from reaper.db import current_revision, ensure_schema, head_revision, make_engin
 from reaper.errors import AuditError, ConfigError, PolicyError, ReaperError
 from reaper.execute import BatchEvent
 from reaper.guards import GuardOverrides
+from reaper.leases import Leases
 from reaper.logs import configure_logging, register_secret
 from reaper.metrics import Metrics
 from reaper.plan import Plan
@@ -1012,7 +1013,8 @@ def serve(
 ) -> None:
     """Run the scheduler: each policy on its cron schedule, until SIGTERM (the systemd service).
 
-    SIGHUP reloads the policy files (kept as they were if any is invalid).
+    SIGHUP reloads the policy files (kept as they were if any is invalid). Replicas on one
+    PostgreSQL share the policies through leases (REAPER_LEASE_TTL).
     """
     settings = ctx.settings
     path = policies_path or settings.policies
@@ -1030,8 +1032,13 @@ def serve(
         min_age=settings.min_age,
     )
 
+    # Replicas on one PostgreSQL share the policies; on SQLite (one host) one process runs all.
+    leases = None
+    if store.engine.dialect.name == "postgresql":
+        leases = Leases(store.engine, settings.lease_ttl)
+
     async def main() -> int:
-        return await Daemon(config, store).serve()
+        return await Daemon(config, store, leases=leases).serve()
 
     try:
         code = asyncio.run(main())
