@@ -594,7 +594,8 @@ def run(
     SIGTERM stops starting batches, lets in-flight ones finish, records the runs as interrupted
     and exits 0; a second signal exits at once.
     """
-    loaded = _load(ctx, policies_path, names, _parse_shard(ctx, shard))
+    selected = _parse_shard(ctx, shard)
+    loaded = _load(ctx, policies_path, names, selected)
     if slot == "auto":
         unscheduled = [item.name for item in loaded if not item.policy.schedule]
         if unscheduled:
@@ -613,7 +614,7 @@ def run(
     )
     _auto_prune(ctx, store)
     store.engine.dispose()
-    _export_metrics(ctx, metrics)
+    _export_metrics(ctx, metrics, selected)
     _report_runs(ctx, runs, output)
 
 
@@ -627,10 +628,11 @@ def _restore_metrics(metrics: Metrics, store: AuditStore, loaded: Sequence[Loade
     metrics.schedule_intervals(loaded)
 
 
-def _export_metrics(ctx: Context, metrics: Metrics) -> None:
+def _export_metrics(ctx: Context, metrics: Metrics, shard: Shard | None = None) -> None:
     try:
         if ctx.settings.pushgateway_url:
-            metrics.push(ctx.settings.pushgateway_url)
+            group = {"shard": str(shard.index)} if shard is not None else None
+            metrics.push(ctx.settings.pushgateway_url, grouping_key=group)
         if ctx.settings.metrics_file:
             metrics.write(str(ctx.settings.metrics_file))
     except OSError as exc:

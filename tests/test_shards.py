@@ -10,6 +10,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from click.testing import CliRunner
 from conftest import sim_task
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_metrics_push import Pushgateway, samples
 
 from reaper import cli as cli_module
 from reaper.errors import ConfigError
@@ -254,3 +257,36 @@ class TestCommandLine:
         assert result.exit_code == 0, result.output
         expected = [n for n in NAMES if n.startswith("fleet[") and sha256sum(n) % 2 == 1]
         assert [run["policy"] for run in json.loads(result.stdout)] == expected
+
+
+class TestMetrics:
+    @pytest.fixture
+    def gateway(self) -> Iterator[Pushgateway]:
+        """test_metrics_push's stand-in Pushgateway, serving on a thread."""
+        server = Pushgateway()
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        yield server
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+    def test_each_shard_pushes_to_its_own_group(
+        self, tmp_path: Path, data_pipeline: Any, gateway: Pushgateway
+    ) -> None:
+        """A push replaces its group: shard K pushes to job/reaper/shard/K, so the shards of one
+        Indexed Job keep each other's metrics."""
+        _, url = data_pipeline([])
+        result = CliRunner().invoke(
+            cli_module.cli,
+            ["run", "--dry-run", "--shard", "1/2", "--policies", str(policies(tmp_path, url))],
+            env={
+                "REAPER_DATABASE_URL": f"sqlite:///{tmp_path / 'audit.db'}",
+                "REAPER_PUSHGATEWAY_URL": gateway.url,
+            },
+        )
+        assert result.exit_code == 0, result.output
+        [(method, path, body)] = gateway.pushes
+        assert (method, path) == ("PUT", "/metrics/job/reaper/shard/1")
+        expected = {n for n in NAMES if sha256sum(n) % 2 == 1}
+        assert set(samples(body, "reaper_runs_total")) == expected
