@@ -687,3 +687,33 @@ class TestRuns:
             first.release()
             second.release()
             engine.dispose()
+
+
+ROOT = Path(__file__).resolve().parent.parent
+PROJECTS = "project_id\n0123456789abcdef0123456789abcdef\nfedcba9876543210fedcba9876543210\n"
+
+
+class TestExamples:
+    """The templates the documentation shows load as they are written."""
+
+    def test_the_commented_example_in_huawei_dcs_yaml(self, tmp_path: Path) -> None:
+        """policies/huawei_dcs.yaml's commented template, uncommented: 2 regions x 2 projects."""
+        text = (ROOT / "policies" / "huawei_dcs.yaml").read_text(encoding="utf-8")
+        block = text[text.index("# - name: dcs-finished-30d") :]
+        policy = "".join(line[2:] + "\n" for line in block.splitlines())
+        write(tmp_path, "projects.csv", PROJECTS)
+        loaded = load_policies([write(tmp_path, "dcs.yaml", policy)])
+        assert (
+            names(loaded)[-1] == "dcs-finished-30d[ap-southeast-1/fedcba9876543210fedcba9876543210]"
+        )
+        assert len(loaded) == 4
+
+    def test_the_readme_example(self, tmp_path: Path) -> None:
+        """README "Fleets": the template under "Templates" expands to 2 x 2 instances."""
+        readme = (ROOT / "README.md").read_text(encoding="utf-8")
+        section = readme[readme.index("### Templates") :]
+        policy = section[section.index("```yaml\n") + 8 : section.index("```\n")]
+        write(tmp_path, "projects.csv", PROJECTS)
+        loaded = load_policies([write(tmp_path, "dcs.yaml", policy)])
+        assert names(loaded)[0] == "dcs-finished-30d[cn-north-4/0123456789abcdef0123456789abcdef]"
+        assert len(loaded) == 4
