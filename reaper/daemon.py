@@ -236,14 +236,13 @@ class Daemon:
             await self._stopping.wait()
         finally:
             pinger.cancel()
-            if renewer is not None:
-                renewer.cancel()
-            await self._shutdown()
+            await self._shutdown(renewer)
         return 0
 
-    async def _shutdown(self) -> None:
+    async def _shutdown(self, renewer: asyncio.Task[None] | None = None) -> None:
         self.scheduler.shutdown(wait=False)
         self.stop.set()
+        self._rebalance.set()  # leases of idle policies go back now; running ones' stay renewed
         if self._active:
             _, pending = await asyncio.wait(
                 set(self._active), timeout=self.config.grace.total_seconds()
@@ -255,6 +254,8 @@ class Daemon:
             if pending:
                 await asyncio.wait(pending, timeout=5)
                 log.warning("runs_abandoned", count=len(pending))
+        if renewer is not None:
+            renewer.cancel()
         if self.leases is not None:
             try:
                 await asyncio.to_thread(self.leases.release)
@@ -290,6 +291,11 @@ class Daemon:
         whose current slot nobody ran yet, if that is still within the misfire grace."""
         assert self.leases is not None
         scheduled = [name for name, item in self.policies.items() if item.policy.schedule]
+        if self.stop.is_set():
+            # Stopping: keep only the leases of runs still going. Until they end, no other
+            # replica schedules those policies; a fire missed meanwhile is caught up by the
+            # replica that takes the lease over.
+            scheduled = [name for name in scheduled if name in self._running]
         started = time.monotonic()
         try:
             state = await asyncio.to_thread(self.leases.tick, scheduled, set(self._running))
@@ -302,6 +308,9 @@ class Daemon:
                 self.install(list(self.policies.values()))
             return
         self._renewed = started
+        if self.stop.is_set():
+            self.held = state.held
+            return
         if state.held == self.held:
             return
         acquired, released = state.held - self.held, self.held - state.held

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+import threading
 import uuid
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
@@ -103,6 +104,10 @@ class Leases:
         self._host = host[:255]
         self._started: datetime | None = None
         self._rows: set[str] = set()
+        # A renewal still queued or running in its thread when shutdown releases must not renew
+        # (nor heartbeat) after it.
+        self._serial = threading.Lock()
+        self._released = False
 
     def _fail(self, action: str, exc: SQLAlchemyError) -> AuditError:
         return AuditError(f"{action} on {redact_url(self.engine.url)} failed: {short_error(exc)}")
@@ -114,8 +119,11 @@ class Leases:
         here now (released last when this replica holds too many).
         """
         try:
-            with self.engine.begin() as connection:
-                return self._tick(connection, sorted(set(policies)), set(busy))
+            with self._serial:
+                if self._released:
+                    return LeaseState(frozenset(), 0, datetime.now(UTC))
+                with self.engine.begin() as connection:
+                    return self._tick(connection, sorted(set(policies)), set(busy))
         except SQLAlchemyError as exc:
             self._rows.clear()  # the rows this transaction inserted were rolled back
             raise self._fail("renewing policy leases", exc) from None
@@ -204,9 +212,10 @@ class Leases:
         self._rows.update(new)
 
     def release(self) -> None:
-        """Give every lease back and leave the replica set (on shutdown)."""
+        """Give every lease back and leave the replica set (on shutdown; renewals end)."""
         try:
-            with self.engine.begin() as connection:
+            with self._serial, self.engine.begin() as connection:
+                self._released = True
                 connection.execute(
                     update(leases_table)
                     .where(leases_table.c.holder == self.replica)

@@ -123,6 +123,16 @@ class TestShares:
         state = a.tick(POLICIES)
         assert (state.held, state.replicas) == (set(POLICIES), 1)
 
+    def test_no_renewal_after_release(self, store: AuditStore, replicas: list[Leases]) -> None:
+        """A renewal that was queued when shutdown released neither renews nor heartbeats."""
+        a = replicas[0]
+        a.tick(POLICIES)
+        a.release()
+        assert a.tick(POLICIES).held == set()
+        assert set(a.holders().values()) == {None}
+        with store.engine.connect() as connection:
+            assert connection.execute(select(replicas_table)).all() == []
+
     def test_a_policy_removed_on_reload_is_released(self, replicas: list[Leases]) -> None:
         """Leases of policies the replica no longer has go back."""
         a = replicas[0]
@@ -260,6 +270,25 @@ class TestDaemon:
         asyncio.run(rounds([b, a, b]))
         assert jobs(b) == {"p1", "p2"}
         assert fired_b == ["p1"]
+
+    def test_a_stopping_replica_keeps_only_its_running_policies(
+        self, store: AuditStore, tmp_path: Path, engines: list[Any]
+    ) -> None:
+        """On SIGTERM the leases of idle policies go back at once; a running policy's lease is
+        renewed until its run ends, so no other replica schedules it meanwhile."""
+        names = {f"p{i}": "15 3 * * *" for i in range(1, 5)}
+        (a, _), _, made = pair_of_daemons(store, tmp_path, names)
+        engines.extend(made)
+        assert a.leases is not None
+        asyncio.run(a.renew_leases())
+        a._running.add("p2")
+        a.stop.set()
+        asyncio.run(a.renew_leases())
+        assert a.held == {"p2"}
+        assert a.leases.holders() == {"p1": None, "p2": "d0", "p3": None, "p4": None}
+        a._running.clear()
+        asyncio.run(a.renew_leases())
+        assert a.held == frozenset()
 
     def test_a_replica_that_cannot_renew_stops_scheduling(
         self,
