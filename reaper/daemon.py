@@ -291,14 +291,17 @@ class Daemon:
         whose current slot nobody ran yet, if that is still within the misfire grace."""
         assert self.leases is not None
         scheduled = [name for name, item in self.policies.items() if item.policy.schedule]
-        if self.stop.is_set():
-            # Stopping: keep only the leases of runs still going. Until they end, no other
-            # replica schedules those policies; a fire missed meanwhile is caught up by the
-            # replica that takes the lease over.
+        stopping = self.stop.is_set()
+        if stopping:
+            # Keep only the leases of runs still going. Until they end, no other replica
+            # schedules those policies; a fire missed meanwhile is caught up by the replica
+            # that takes the lease over.
             scheduled = [name for name in scheduled if name in self._running]
         started = time.monotonic()
         try:
-            state = await asyncio.to_thread(self.leases.tick, scheduled, set(self._running))
+            state = await asyncio.to_thread(
+                self.leases.tick, scheduled, set(self._running), share=not stopping
+            )
         except AuditError as exc:
             log.warning("lease_renewal_failed", error=str(exc))
             if self.held and time.monotonic() - self._renewed > self.leases.ttl.total_seconds():
@@ -308,7 +311,7 @@ class Daemon:
                 self.install(list(self.policies.values()))
             return
         self._renewed = started
-        if self.stop.is_set():
+        if stopping:
             self.held = state.held
             return
         if state.held == self.held:

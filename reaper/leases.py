@@ -112,23 +112,28 @@ class Leases:
     def _fail(self, action: str, exc: SQLAlchemyError) -> AuditError:
         return AuditError(f"{action} on {redact_url(self.engine.url)} failed: {short_error(exc)}")
 
-    def tick(self, policies: Sequence[str], busy: Collection[str] = ()) -> LeaseState:
+    def tick(
+        self, policies: Sequence[str], busy: Collection[str] = (), *, share: bool = True
+    ) -> LeaseState:
         """Heartbeat, renew, then release above or claim up to the fair share.
 
         ``policies`` are the scheduled policies this replica knows; ``busy`` the ones running
-        here now (released last when this replica holds too many).
+        here now (released last when this replica holds too many). ``share=False`` (stopping):
+        renew the held ones among ``policies``, release the others, claim nothing.
         """
         try:
             with self._serial:
                 if self._released:
                     return LeaseState(frozenset(), 0, datetime.now(UTC))
                 with self.engine.begin() as connection:
-                    return self._tick(connection, sorted(set(policies)), set(busy))
+                    return self._tick(connection, sorted(set(policies)), set(busy), share)
         except SQLAlchemyError as exc:
             self._rows.clear()  # the rows this transaction inserted were rolled back
             raise self._fail("renewing policy leases", exc) from None
 
-    def _tick(self, connection: Connection, wanted: list[str], busy: set[str]) -> LeaseState:
+    def _tick(
+        self, connection: Connection, wanted: list[str], busy: set[str], sharing: bool
+    ) -> LeaseState:
         now = _db_now(connection)
         expires = now + self.ttl
         self._heartbeat(connection, now, expires)
@@ -153,7 +158,7 @@ class Leases:
                 .returning(leases_table.c.policy)
             ).scalars()
         )
-        share = math.ceil(len(wanted) / max(1, replicas))
+        share = math.ceil(len(wanted) / max(1, replicas)) if sharing else len(held)
         if len(held) > share:
             extra = sorted(held, key=lambda name: (name in busy, name))[: len(held) - share]
             connection.execute(
