@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 from conftest import sim_task
+from jsonschema import Draft202012Validator
 from sqlalchemy import select
 
 from reaper import cli as cli_module
@@ -25,7 +26,7 @@ from reaper.cli import select_policies
 from reaper.db import make_engine
 from reaper.errors import FieldError, PolicyError
 from reaper.locks import PolicyLock
-from reaper.policy import LoadedPolicy, load_policies, load_policy_text
+from reaper.policy import LoadedPolicy, load_policies, load_policy_text, policy_json_schema
 from reaper.templates import MAX_INSTANCES
 
 # Line numbers in the tests below refer to this text (line 1 is "- name: dcs").
@@ -717,3 +718,33 @@ class TestExamples:
         loaded = load_policies([write(tmp_path, "dcs.yaml", policy)])
         assert names(loaded)[0] == "dcs-finished-30d[cn-north-4/0123456789abcdef0123456789abcdef]"
         assert len(loaded) == 4
+
+
+class TestSchema:
+    """The published JSON Schema (checked by the jsonschema package) knows the template keys."""
+
+    @pytest.mark.parametrize(
+        ("for_each", "valid"),
+        [
+            ({"url": ["http://a.example", "http://b.example"]}, True),
+            ({"url": {"file": "urls.csv", "column": "url"}}, True),
+            ([{"site": "eu", "url": "http://a.example"}], True),
+            ("fleet.csv", True),
+            ("fleet.txt", False),
+            ({"url": []}, False),
+            ({"url": {"file": "urls.csv", "sheet": 1}}, False),
+            ({"2url": ["http://a.example"]}, False),
+            ([], False),
+            (5, False),
+        ],
+    )
+    def test_for_each(self, for_each: Any, valid: bool) -> None:
+        """Matrix, rows and file forms pass; the shapes the loader refuses fail."""
+        policy = {
+            "name": "fleet",
+            "for_each": for_each,
+            "instance_key": "${url}",
+            "target": {"type": "data_pipeline", "base_url": "${url}"},
+            "select": {"status": ["completed"], "older_than": "30d"},
+        }
+        assert Draft202012Validator(policy_json_schema()).is_valid(policy) is valid
