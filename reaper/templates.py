@@ -59,6 +59,8 @@ SUBSTITUTED = (("target",), ("description",), ("delete", "options"))
 MAX_NAME_LENGTH = 128
 #: A matrix multiplies: three lists of 100 would be a million policies.
 MAX_INSTANCES = 10_000
+#: Problems reported per template, beyond which they are counted.
+MAX_PROBLEMS = 20
 
 Scalar = str | int | float | bool
 _VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -207,6 +209,10 @@ def expand(raw: dict[str, Any], base: Path, locate: Callable[[Path_], str]) -> E
             )
             continue
         result.instances.append((instance, document))
+    if len(result.problems) > MAX_PROBLEMS:
+        # A bad column in a file of thousands of rows is one mistake, not thousands.
+        left = len(result.problems) - MAX_PROBLEMS
+        result.problems[MAX_PROBLEMS:] = [(("for_each",), f"... and {left} more like these")]
     return result
 
 

@@ -442,6 +442,15 @@ class TestMistakes:
         assert [(e.field, e.line) for e in errors] == [("for_each", 2)]
         assert errors[0].message.startswith("instance key 'http://a.example/?q=[1]' (values from")
 
+    def test_many_bad_rows_are_counted_not_listed(self, tmp_path: Path) -> None:
+        """A mistake in a column of a long file: the first 20 are named, the rest counted."""
+        rows = "".join(f"{i},http://a{i}.example/?q=[{i}]\n" for i in range(25))
+        write(tmp_path, "fleet.csv", "n,url\n" + rows)
+        errors, _ = errors_of(write(tmp_path, "p.yaml", pipeline("fleet.csv")))
+        assert len(errors) == 21
+        assert errors[0].message.startswith("instance key '0/http://a0.example/?q=[0]'")
+        assert errors[-1].message == "... and 5 more like these"
+
     def test_an_instance_name_longer_than_the_audit_column(self, tmp_path: Path) -> None:
         """reaper_runs.policy holds 128 characters: a longer instance name is refused."""
         long_url = "http://a.example/" + "x" * 120
