@@ -1224,5 +1224,7 @@ def _clip(value: str | None, size: int) -> str | None:
     return value[: size - 1] + "…"
 
 
-# Registers the Aparavi inventory table on `metadata` (migrations are compared against it).
-import reaper.inventory  # noqa: E402, F401
+# Registers the Aparavi inventory and the policy lease tables on `metadata` (migrations are
+# compared against it).
+import reaper.inventory  # noqa: E402
+import reaper.leases  # noqa: E402, F401

@@ -169,9 +169,13 @@ class Metrics:
             if first is not None and second is not None:
                 self.interval.labels(item.name).set((second - first).total_seconds())
 
-    def push(self, gateway: str, job: str = "reaper") -> None:
-        """Push to a Prometheus Pushgateway (one-shot runs)."""
-        push_to_gateway(gateway, job=job, registry=self.registry)
+    def push(
+        self, gateway: str, job: str = "reaper", grouping_key: Mapping[str, str] | None = None
+    ) -> None:
+        """Push to a Prometheus Pushgateway (one-shot runs). A push replaces its group: shards
+        push to a group each (``grouping_key``), or each would erase the others' metrics."""
+        group = dict(grouping_key) if grouping_key is not None else None
+        push_to_gateway(gateway, job=job, registry=self.registry, grouping_key=group)
 
     def write(self, path: str) -> None:
         """Write the text exposition to a file (node_exporter textfile collector)."""

@@ -77,6 +77,16 @@ class Settings(BaseSettings):
     metrics_file: Path | None = Field(
         None, description="`run`: write metrics here (node_exporter textfile collector)."
     )
+    shard_count: int | None = Field(
+        None,
+        ge=1,
+        le=999_999,
+        description="`run --shard auto`: how many shards (the Indexed Job's spec.completions).",
+    )
+    lease_ttl: Duration = Field(
+        timedelta(seconds=30),
+        description="`serve` on PostgreSQL: how long a replica's policy leases outlive it.",
+    )
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -100,6 +110,14 @@ class Settings(BaseSettings):
             raise ValueError("not a database URL; expected e.g. sqlite:///reaper.db") from None
         if url.get_backend_name() not in {"sqlite", "postgresql"}:
             raise ValueError("only sqlite and postgresql audit databases are supported")
+        return value
+
+    @field_validator("lease_ttl")
+    @classmethod
+    def _lease(cls, value: timedelta) -> timedelta:
+        # Renewed every third of it: below a second, a busy event loop would lose its leases.
+        if value < timedelta(seconds=1):
+            raise ValueError("a lease lasts at least 1s")
         return value
 
     def database(self) -> URL:
