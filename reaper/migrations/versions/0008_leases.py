@@ -3,8 +3,8 @@
 ``reaper_leases``: one row per scheduled policy, with the replica holding it and until when.
 ``reaper_replicas``: each live replica's heartbeat (how many replicas share the policies).
 
-Revision ID: 0007
-Revises: 0006
+Revision ID: 0008
+Revises: 0007
 Create Date: 2026-12-06
 """
 
@@ -15,8 +15,8 @@ from alembic import op
 
 from reaper.db import UTCDateTime
 
-revision = "0007"
-down_revision = "0006"
+revision = "0008"
+down_revision = "0007"
 branch_labels = None
 depends_on = None
 
