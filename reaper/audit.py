@@ -135,7 +135,7 @@ audit_table = Table(
     Column("recorded_at", UTCDateTime, nullable=False),
     Column("decided_at", UTCDateTime),
     # Position in the run's hash chain and the hash over this row and the previous one; set when
-    # the row gets its final outcome (pending rows are not yet in the chain).
+    # the row gets its final outcome (pending and unknown rows are not yet in the chain).
     Column("chain_seq", Integer),
     Column("row_hash", String(64)),
     UniqueConstraint("run_id", "task_id"),
@@ -156,8 +156,9 @@ ledger_table = Table(
     Column("pid", Integer, nullable=False),
 )
 
-#: Outcomes a finished deletion row can have.
-FINAL_OUTCOMES = frozenset({Outcome.DELETED, Outcome.ALREADY_GONE, Outcome.FAILED, Outcome.UNKNOWN})
+#: Outcomes a finished deletion row can have (``unknown`` is not among them: reconciliation
+#: settles it, so it joins its run's hash chain only then).
+FINAL_OUTCOMES = frozenset({Outcome.DELETED, Outcome.ALREADY_GONE, Outcome.FAILED})
 
 
 @dataclass(frozen=True)
@@ -594,9 +595,11 @@ class AuditStore:
         now: datetime,
         note: str | None,
     ) -> None:
-        """Resolve ``results``: each row in ``_RESOLVE_FIELDS`` order, chained as it is built."""
+        """Resolve ``results``: each row in ``_RESOLVE_FIELDS`` order, chained as it is built
+        (``unknown`` rows are not: they are settled later)."""
         run_id, policy_hash, decided = chain.run_id, chain.policy_hash, _isoformat(now)
         head, length = chain.head, chain.length
+        unsettled = Outcome.UNKNOWN
         rows: list[_Row] = []
         for result in results:
             result_note = result.note
@@ -607,6 +610,12 @@ class AuditStore:
             result_note = _clip(result_note, 4000)
             task_id, outcome = result.task_id, result.outcome
             http_status, reclaimed = result.http_status, result.reclaimed_bytes
+            if outcome is unsettled:
+                # Not final: reconciliation settles it later, and a row in the chain can never
+                # change again. It joins the chain when it is settled, as a pending row does.
+                values = [task_id, outcome, http_status, code, message, reclaimed]
+                rows.append([*values, result.files_count, result_note, None, None])
+                continue
             length += 1
             # row_hash's content, in its order: the outcome (a StrEnum) serialises as its text.
             head = _link_hash(
