@@ -48,11 +48,6 @@ REDELETE_IS_OURS = pytest.mark.xfail(
     reason="a task corrected by `reaper reconcile` (or settled not_deleted after a 504) and "
     "deleted again is recorded already_gone, though reaper's first request removed its data",
 )
-NOT_TIMESTAMPED = pytest.mark.xfail(
-    strict=True,
-    reason="the re-check re-lists only the live statuses: a re-run ending partial_completed, or "
-    "marked failed by the zombie check, keeps its old completed_at and is not seen",
-)
 
 OLD = timedelta(days=40)
 ZONE = "America/Los_Angeles"  # behind UTC: a naive time read as UTC would be hours off
@@ -308,18 +303,8 @@ class TestNoLongerEligibleAtSendTime:
 
     @pytest.mark.parametrize(
         "verify_total",
-        [
-            pytest.param(True, marks=NOT_TIMESTAMPED),
-            # Without the query endpoint, a fresh completed_at must still be seen.
-            pytest.param(
-                False,
-                marks=pytest.mark.xfail(
-                    strict=True,
-                    reason="with verify_total: false the re-check re-lists only the statuses "
-                    "outside select.status: a completed task's fresh completed_at is not seen",
-                ),
-            ),
-        ],
+        # Without the query endpoint, a fresh completed_at must still be seen.
+        [True, False],
         ids=["query-endpoint", "verify_total-false"],
     )
     def test_rerun_tasks_are_not_sent(self, verify_total: bool, database_url: str) -> None:
