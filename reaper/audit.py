@@ -613,8 +613,8 @@ class AuditStore:
             if outcome is unsettled:
                 # Not final: reconciliation settles it later, and a row in the chain can never
                 # change again. It joins the chain when it is settled, as a pending row does.
-                values = [task_id, outcome, http_status, code, message, reclaimed]
-                rows.append([*values, result.files_count, result_note, None, None])
+                answer = [task_id, outcome, http_status, code, message, reclaimed]
+                rows.append([*answer, result.files_count, result_note, None, None])
                 continue
             length += 1
             # row_hash's content, in its order: the outcome (a StrEnum) serialises as its text.
