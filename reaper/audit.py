@@ -34,8 +34,10 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    exists,
     func,
     insert,
+    or_,
     select,
     text,
     update,
@@ -790,6 +792,36 @@ class AuditStore:
                 return [AuditRow(**row._mapping) for row in connection.execute(query)]
         except SQLAlchemyError as exc:
             raise self._fail("reading unresolved rows", exc) from None
+
+    def contradicted(self, policy: str) -> set[str]:
+        """Tasks whose latest deletion by the policy may have been carried out although a
+        listing still showed them present: their newest row is a ``not_deleted`` correction of
+        an acknowledged deletion, or an ``unknown`` row (a 5xx, a lost answer: it keeps its
+        error) that reconciliation settled ``not_deleted``; and no deletion was recorded since.
+
+        When the target later finds nothing left to delete for such a task, the earlier request
+        did the work and only the target's record of it was lost: the deletion is ours.
+        """
+        later = audit_table.alias("later")
+        query = select(audit_table.c.task_id).where(
+            audit_table.c.policy == policy,
+            audit_table.c.outcome == Outcome.NOT_DELETED.value,
+            or_(
+                audit_table.c.reason == CORRECTION_REASON,
+                audit_table.c.error_message.is_not(None),
+            ),
+            ~exists().where(
+                later.c.policy == policy,
+                later.c.task_id == audit_table.c.task_id,
+                later.c.outcome.in_((Outcome.DELETED.value, Outcome.ALREADY_GONE.value)),
+                later.c.decided_at > audit_table.c.decided_at,
+            ),
+        )
+        try:
+            with self.engine.connect() as connection:
+                return set(connection.execute(query).scalars())
+        except SQLAlchemyError as exc:
+            raise self._fail("reading contradicted deletions", exc) from None
 
     def acknowledged(
         self, policy: str, *, exclude_run: str | None = None, only_run: str | None = None
