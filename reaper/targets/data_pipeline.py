@@ -310,9 +310,9 @@ class DataPipelineTarget(Target):
         but ``completed``, and the tasks completed since the listing began are queried
         (``POST .../tasks/query`` with ``completed_time_start``: usually one page): that sees
         every status change, and every new ``completed_at``. Without the query endpoint
-        (``verify_total: false``) every excluding status is re-listed instead; a policy aging
-        tasks by ``completed_at`` then needs a GET per task, the only other means of seeing a
-        new ``completed_at`` of a task still ``completed``.
+        (``verify_total: false``) every excluding status is re-listed instead, and for a policy
+        aging tasks by ``completed_at`` also ``completed`` and ``failed``: a re-run that ended
+        so again has a new ``completed_at`` under a status the policy may delete.
         """
         excluded = self.known_statuses - request.eligible_statuses
         since = request.listing_started
@@ -320,11 +320,12 @@ class DataPipelineTarget(Target):
             statuses = sorted(excluded - _ALWAYS_TIMESTAMPED)
             pages = _relist_pages(statuses, request.status_counts) + 1
         else:
-            statuses = sorted(excluded)
+            relisted = set(excluded)
+            if request.listing.age_field == "completed_at":
+                relisted |= _COMPLETED_AT_STATUSES
+            statuses = sorted(relisted)
             pages = _relist_pages(statuses, request.status_counts)
             since = None
-            if request.listing.age_field == "completed_at":
-                return await self._get_each(ids, request)
         if pages == 0:
             return Recheck({}, None, means="no status excludes a task")
         if pages > max(request.horizon, len(ids)):
@@ -464,6 +465,9 @@ class DataPipelineTarget(Target):
 #: The statuses the server enters only through update_task_status, which sets completed_at: a
 #: task that entered one since the listing is found by querying completed_time_start.
 _ALWAYS_TIMESTAMPED = frozenset({"completed"})
+#: The statuses update_task_status enters with a new completed_at (failed also comes from the
+#: zombie check, without one).
+_COMPLETED_AT_STATUSES = frozenset({"completed", "failed"})
 
 #: Tasks completed this long before the listing began are queried too: the server's clock (its
 #: database session's) and reaper's may differ a little.
