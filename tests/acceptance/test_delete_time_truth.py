@@ -332,6 +332,32 @@ class TestNoLongerEligibleAtSendTime:
         )
 
 
+class TestVerificationListing:
+    """delete.verify: always lists again right after deleting."""
+
+    def test_noticed_at_once_and_deleted_again_as_ours(self, database_url: str) -> None:
+        """The failed row updates are corrected by the first run's own verification listing; the
+        next run deletes those tasks again and, the server finding nothing left to delete,
+        records them ``deleted``: reaper's first request removed their directories."""
+        not_done = [task_id(2), task_id(5)]
+        server = IndependentServer(ZONE, Behaviour(row_update_fails=dict.fromkeys(not_done, 1)))
+        for n in range(8):
+            server.add(task_id(n), "completed", OLD + timedelta(hours=n))
+        try:
+            first, _ = one_run(server, database_url, delete={"verify": "always"})
+            second, rows = one_run(server, database_url, delete={"verify": "always"})
+        finally:
+            server.stop()
+        assert first.summary.acknowledged_not_deleted == 2
+        assert second.summary.acknowledged_not_deleted == 0
+        assert server.record.acknowledged_not_done() == set(not_done)
+        outcomes = last_outcomes(rows)
+        assert {t: outcomes[t] for t in not_done} == dict.fromkeys(not_done, "deleted")
+        assert {t for t, o in outcomes.items() if o == "deleted"} == set(
+            server.record.directories_removed()
+        )
+
+
 class TestStalenessBound:
     """With target.recheck.max_staleness: 1s, a task re-executed while an earlier slow batch is
     deleted is not sent: its batch leaves more than a second after the change (the server takes
