@@ -38,13 +38,14 @@ import json
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 from zoneinfo import ZoneInfo
 
 PREFIX = "/api/v0/data_pipeline/tasks"
+UTC_ZONE = ZoneInfo("UTC")
 LIVE = ("pending", "in_progress")
 # The database constraint on data_pipeline_tasks.status.
 STATUSES = ("pending", "in_progress", "partial_completed", "completed", "failed")
@@ -332,7 +333,7 @@ class IndependentServer:
                 task_id = path[len(PREFIX) + 1 : -len("/execute")]
                 found = self.execute(task_id)
                 status, body = (
-                    (202, _success("任务执行已启动", {"task_id": task_id}))
+                    (202, _success("任务执行已启动", {"task_id": task_id}, self.zone))
                     if found
                     else (404, _error(f"任务不存在: {task_id}", 404, "resource_not_found"))
                 )
@@ -367,7 +368,7 @@ class IndependentServer:
             tasks = [self._listed(r) for r in page]
             self._after_listing(page)
         data = {"tasks": tasks, "total": len(tasks), "limit": limit, "offset": offset}
-        return 200, _success("获取任务列表成功", data)
+        return 200, _success("获取任务列表成功", data, self.zone)
 
     def _after_listing(self, page: list[Row]) -> None:
         for row in page:
@@ -451,7 +452,7 @@ class IndependentServer:
             "sort_applied": {"sort_by": sort_by, "sort_order": sort_order},
             "query_time": "0.001s",
         }
-        return 200, _success("查询任务列表成功", data)
+        return 200, _success("查询任务列表成功", data, self.zone)
 
     # --- GET /tasks/{id} ----------------------------------------------------------------------
 
@@ -479,7 +480,7 @@ class IndependentServer:
                     for s, v in row.steps.items()
                 ],
             }
-        return 200, _success("获取任务状态成功", data)
+        return 200, _success("获取任务状态成功", data, self.zone)
 
     # --- DELETE /tasks ------------------------------------------------------------------------
 
@@ -587,7 +588,7 @@ class IndependentServer:
             },
             "deleted_at": _iso(self.now()),
         }
-        return _success(message, data)
+        return _success(message, data, self.zone)
 
     def _delete_one(self, number: int, task_id: str, drop_rows: bool) -> dict[str, Any]:
         with self._lock:
@@ -677,12 +678,14 @@ def _flask_int(query: dict[str, list[str]], name: str, default: int) -> int:
         return default
 
 
-def _success(text: str, data: dict[str, Any]) -> dict[str, Any]:
+def _success(text: str, data: dict[str, Any], zone: ZoneInfo = UTC_ZONE) -> dict[str, Any]:
+    # data.timestamp is the Flask host's datetime.now(): naive local time.
+    now = datetime.now(zone).replace(tzinfo=None).isoformat()
     return {
         "code": 200,
         "success": True,
         "message": "操作成功",
-        "data": {**data, "response": text, "timestamp": datetime.now(UTC).isoformat()},
+        "data": {**data, "response": text, "timestamp": now},
     }
 
 
