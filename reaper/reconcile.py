@@ -108,11 +108,23 @@ class Reconciler:
         """Per run, the outcome of each unresolved row. Call only after a complete listing."""
         by_run: dict[str, list[DeleteResult]] = defaultdict(list)
         for row in self.rows:
+            outcome, note = Outcome.DELETED, GONE_NOTE
             if row.task_id in self._present:
-                result = DeleteResult(row.task_id, Outcome.NOT_DELETED, note=PRESENT_NOTE)
-            else:
-                result = DeleteResult(row.task_id, Outcome.DELETED, note=GONE_NOTE)
-            by_run[row.run_id].append(result)
+                outcome, note = Outcome.NOT_DELETED, PRESENT_NOTE
+            # An unknown row keeps what its request was answered (a 504, a lost answer): the
+            # request may have been carried out, and a later deletion relies on knowing it.
+            by_run[row.run_id].append(
+                DeleteResult(
+                    row.task_id,
+                    outcome,
+                    row.http_status,
+                    row.error_code,
+                    row.error_message,
+                    note=note,
+                )
+                if row.outcome == Outcome.UNKNOWN.value
+                else DeleteResult(row.task_id, outcome, note=note)
+            )
         return by_run
 
     def corrections(self, seen_by: str) -> list[Correction]:

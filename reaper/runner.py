@@ -254,7 +254,7 @@ class _PolicyRunner:
         self.store = store
         self.audit = AsyncAudit(store)
         self.run = PolicyRun(self.policy.name, opts.mode, RunStatus.FAILED)
-        #: Tasks whose acknowledged deletion this run's listing contradicted.
+        #: Tasks whose earlier deletion, which may have been carried out, a listing contradicted.
         self.corrected: set[str] = set()
         #: When the listing this run plans from began (the re-check looks for later changes).
         self.listing_started: datetime | None = None
@@ -355,7 +355,11 @@ class _PolicyRunner:
             seen_by=f"the listing of run {run_id}",
         )
         summary.acknowledged_not_deleted = report.acknowledged_not_deleted
-        self.corrected = report.corrected
+        # Contradicted by this listing or by an earlier one (`reaper reconcile`, a verification
+        # listing, a settled 504): a later "nothing to delete" for these is our own deletion.
+        self.corrected = report.corrected | await self.audit.call(
+            self.store.contradicted, policy.name
+        )
         plan = self._restrict(plan)
         run.plan = plan
         summary.listed = plan.listed
