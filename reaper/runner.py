@@ -197,7 +197,8 @@ async def plan_policy(
     if stop is not None:
         tasks = _until(stop, tasks)
     clock = clock or ClockLimits()
-    plan = await make_plan(loaded, target, tasks, now, min_age, clock.future_tolerance)
+    held = observe.held if observe is not None else None
+    plan = await make_plan(loaded, target, tasks, now, min_age, clock.future_tolerance, held)
     plan.clock = check_clocks(loaded.policy, target.http.stats, plan, clock)
     plan.clock.log()
     return plan
@@ -321,7 +322,11 @@ class _PolicyRunner:
         run, policy, summary = self.run, self.policy, self.run.summary
         log.info("run_started", mode=run.mode.value, target=policy.target_config.describe())
         reconciler = await self.audit.call(
-            Reconciler.load, self.store, policy.name, exclude_run=run_id
+            Reconciler.load,
+            self.store,
+            policy.name,
+            exclude_run=run_id,
+            settle_after=target.settle_after(),
         )
         self.listing_started = datetime.now(UTC)
         try:
@@ -651,7 +656,10 @@ async def reconcile_policy(
         if not await audit.call(lock.acquire):
             raise RunAborted(f"policy {loaded.name!r} is running elsewhere; try again later")
         try:
-            reconciler = await audit.call(Reconciler.load, store, loaded.name)
+            settle_after = loaded.policy.target_class.settle_after_for(loaded.policy.target_config)
+            reconciler = await audit.call(
+                Reconciler.load, store, loaded.name, settle_after=settle_after
+            )
             kind = loaded.policy.target_class.kind
             if reconciler:
                 target, client = build_target(loaded, transport=transport)

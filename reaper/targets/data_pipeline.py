@@ -79,6 +79,14 @@ class DataPipelineConfig(TargetConfig):
         True,
         description="Cross-check the listing against the query endpoint's true total.",
     )
+    settle_after: Duration = Field(
+        timedelta(minutes=10),
+        description=(
+            "How long a delete request that timed out (or a gateway answered 502/504) may still "
+            "be running on the server: its tasks are not sent again until it is over."
+        ),
+        json_schema_extra={"default": "10m"},
+    )
     delete_timeout_per_id: Duration = Field(
         timedelta(seconds=1),
         description=(
@@ -159,6 +167,13 @@ class DataPipelineTarget(Target):
     max_batch_size = 1000
 
     config: DataPipelineConfig
+
+    @classmethod
+    def settle_after_for(cls, config: TargetConfig) -> timedelta | None:
+        # The server works through a batch synchronously and keeps going when the client (or a
+        # gateway in front of it) gives up: a second request would overlap the first.
+        assert isinstance(config, DataPipelineConfig)
+        return config.settle_after
 
     def invalid_id_reason(self, task_id: str) -> str | None:
         # fullmatch: '$' would accept a trailing newline.

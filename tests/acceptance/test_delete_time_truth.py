@@ -390,11 +390,6 @@ class TestStalenessBound:
 class TestGatewayTimeout:
     """A slow synchronous batch: the gateway answers 504 while the server keeps deleting."""
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="the next run settles the unknown rows not_deleted from a listing made while the "
-        "server is still working on them, and sends them again: two requests overlap",
-    )
     def test_no_overlap_and_the_audit_catches_up(self, database_url: str) -> None:
         """The batch's ids are ``unknown``; a run started while the server is still working on
         them (a Job retried after exit 1, say) does not send them again, and once the server is
