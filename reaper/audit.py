@@ -1211,7 +1211,3 @@ def _clip(value: str | None, size: int) -> str | None:
     if value is None or len(value) <= size:
         return value
     return value[: size - 1] + "…"
-
-
-# Registers the Aparavi inventory table on `metadata` (migrations are compared against it).
-import reaper.inventory  # noqa: E402, F401

@@ -22,6 +22,7 @@ import structlog
 from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from sqlalchemy import Engine
 
 from reaper import __version__
 from reaper.audit import AuditStore
@@ -55,6 +56,7 @@ from reaper.runner import (
     plan_policy,
     reconcile_policy,
     run_policy,
+    target_state,
 )
 from reaper.schedule import parse_cron
 from reaper.settings import Settings, redact_url
@@ -313,30 +315,38 @@ def plan(
 ) -> None:
     """Show what each policy would delete and what it keeps, with reasons. Deletes nothing."""
     loaded = _load(ctx, policies_path, names)
-    _database_for_targets(ctx, loaded)
+    engine = _database_for_targets(ctx, loaded)
     saved = {s.policy: s for s in load_saved(diff_path)} if diff_path else {}
-    results = asyncio.run(_plan_all(ctx, loaded))
-    failed = any(error for _, _, error in results)
+    try:
+        results = asyncio.run(_plan_all(ctx, loaded, engine))
+    finally:
+        if engine is not None:
+            engine.dispose()
+    failed = any(error for _, _, error, _ in results)
     if save is not None:
         if failed:
             _fail(EXIT_FAILED, "a listing failed: no plan was saved")
-        save_plans(save, [p for _, p, _ in results if p is not None])
+        save_plans(save, [p for _, p, _, _ in results if p is not None])
     if output == "json":
         documents = []
-        for item, result, error in results:
+        for item, result, error, changes in results:
             document: dict[str, Any] = (
                 plan_dict(result, examples) if result else {"policy": item.name, "error": error}
             )
+            if changes:
+                document["state_changes"] = list(changes)
             if result is not None and item.name in saved:
                 document["diff"] = diff_plan(saved[item.name], result).as_dict()
             documents.append(document)
         click.echo(json.dumps(documents, indent=2, ensure_ascii=False))
     else:
-        for item, result, error in results:
+        for item, result, error, changes in results:
             if result is None:
                 ctx.out.print(f"[bold]{item.name}[/bold]: [red]{error}[/red]")
                 continue
             plan_table(result, ctx.out, examples)
+            for change in changes:
+                ctx.out.print(f"  a run would also {change}", highlight=False)
             if item.name in saved:
                 diff_table(diff_plan(saved[item.name], result), ctx.out, examples)
             elif diff_path is not None:
@@ -346,31 +356,32 @@ def plan(
     sys.exit(EXIT_FAILED if failed else EXIT_OK)
 
 
-def _database_for_targets(ctx: Context, loaded: Sequence[LoadedPolicy]) -> None:
-    """Set up the database before planning when a target keeps its state there.
-
-    A target that reads reaper's database (Aparavi's inventory) reaches it through its
-    ``engine_factory``; other plans never touch the database, so they still work without one.
-    """
-    if not any(hasattr(item.policy.target_class, "engine_factory") for item in loaded):
-        return
+def _database_for_targets(ctx: Context, loaded: Sequence[LoadedPolicy]) -> Engine | None:
+    """The database, set up if empty, when a selected policy's target keeps its state there
+    (``Target.keeps_state``: Aparavi's inventory); other plans never touch the database, so
+    they work without one. Planning only reads it."""
+    if not any(item.policy.target_class.keeps_state for item in loaded):
+        return None
     try:
-        ctx.store().engine.dispose()
+        return ctx.store().engine
     except AuditError as exc:
         _fail(EXIT_FAILED, f"{exc}; nothing was listed")
 
 
 async def _plan_all(
-    ctx: Context, loaded: Sequence[LoadedPolicy]
-) -> list[tuple[LoadedPolicy, Plan | None, str | None]]:
-    results: list[tuple[LoadedPolicy, Plan | None, str | None]] = []
+    ctx: Context, loaded: Sequence[LoadedPolicy], engine: Engine | None
+) -> list[tuple[LoadedPolicy, Plan | None, str | None, Sequence[str]]]:
+    """Each policy's plan or why there is none, and what a run would write to its target's
+    state besides deleting."""
+    results: list[tuple[LoadedPolicy, Plan | None, str | None, Sequence[str]]] = []
     for item in loaded:
-        target, client = build_target(item)
+        state = target_state(item, engine) if engine is not None else None
+        target, client = build_target(item, state=state)
         try:
             result = await plan_policy(item, target, datetime.now(UTC), ctx.settings.min_age)
-            results.append((item, result, None))
+            results.append((item, result, None, target.state_changes()))
         except ReaperError as exc:
-            results.append((item, None, f"listing failed, nothing would be deleted: {exc}"))
+            results.append((item, None, f"listing failed, nothing would be deleted: {exc}", ()))
         finally:
             await client.aclose()
     return results

@@ -31,6 +31,7 @@ from reaper.db import (
     upgrade,
 )
 from reaper.errors import AuditError
+from reaper.inventory import inventory_table
 from reaper.targets.base import DeleteResult, Outcome
 
 RECORD = RunRecord("p", "0" * 64, "{}", "data_pipeline", "http://t", "run")
@@ -49,6 +50,7 @@ class TestMigrations:
         """The migrated schema is exactly the declared tables (no drift between the two)."""
         engine = make_engine(database_url)
         upgrade(engine)
+        assert inventory_table.metadata is metadata  # the inventory's table is declared there
         with engine.connect() as connection:
             assert compare_metadata(MigrationContext.configure(connection), metadata) == []
         engine.dispose()

@@ -778,7 +778,7 @@ class TestCommandLine:
         """Record any attempt to reach a target or the audit database."""
         calls: list[str] = []
 
-        def build_target(item: Any) -> Any:
+        def build_target(item: Any, **kwargs: Any) -> Any:
             calls.append(f"build_target {item.name}")
             raise AssertionError("a target was built")
 

@@ -5,6 +5,10 @@ from __future__ import annotations
 from alembic import context
 
 from reaper.audit import metadata
+from reaper.inventory import inventory_table
+
+# reaper's database: the audit's tables and the inventory's, on one MetaData.
+assert inventory_table.metadata is metadata
 
 connection = context.config.attributes.get("connection")
 if connection is None:  # pragma: no cover - reaper always passes a connection
