@@ -60,6 +60,7 @@ from reaper.runner import (
 )
 from reaper.schedule import parse_cron
 from reaper.settings import Settings, redact_url
+from reaper.targets import installed_kinds
 from reaper.track import track_command
 
 __all__ = ["main"]
@@ -280,9 +281,50 @@ def _utc_iso(moment: datetime) -> str:
 
 
 @cli.command()
-def schema() -> None:
-    """Print the JSON Schema of policy files."""
-    click.echo(json.dumps(policy_json_schema(), indent=2, ensure_ascii=False))
+@click.option(
+    "--no-plugins",
+    is_flag=True,
+    help="Only the target kinds reaper ships (what reaper/schema/policy.schema.json holds).",
+)
+def schema(no_plugins: bool) -> None:
+    """Print the JSON Schema of policy files: every installed target kind, plugins' included."""
+    kinds = installed_kinds().builtin_only() if no_plugins else installed_kinds()
+    click.echo(json.dumps(policy_json_schema(kinds), indent=2, ensure_ascii=False))
+
+
+@cli.command()
+@click.option("--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.pass_obj
+def targets(ctx: Context, output: str) -> None:
+    """List the target kinds and the distribution each comes from (reaper's own, or a plugin's
+    entry point in the group reaper.targets). Exits 2 if one cannot be used, saying why."""
+    kinds = installed_kinds()
+    entries = sorted([*kinds.kinds.values(), *kinds.refused], key=lambda k: (k.name, k.source))
+    if output == "json":
+        documents = [
+            {
+                "kind": kind.name,
+                "distribution": kind.distribution,
+                "version": kind.version,
+                "entry_point": kind.source,
+                "builtin": kind.builtin,
+                "error": kind.error,
+            }
+            for kind in entries
+        ]
+        click.echo(json.dumps(documents, indent=2, ensure_ascii=False))
+    else:
+        header = ("KIND", "DISTRIBUTION", "ENTRY POINT")
+        rows = [header] + [
+            (kind.name, f"{kind.distribution} {kind.version}", kind.source) for kind in entries
+        ]
+        widths = [max(len(row[i]) for row in rows) for i in range(3)]
+        for kind, row in zip([None, *entries], rows, strict=True):
+            line = "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+            if kind is not None and kind.error is not None:
+                line += f"  UNUSABLE: {kind.error}"
+            ctx.out.print(line.rstrip(), highlight=False, markup=False)
+    sys.exit(EXIT_CONFIG if kinds.problems() else EXIT_OK)
 
 
 # --- plan / run -------------------------------------------------------------------------------
