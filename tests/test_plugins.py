@@ -8,6 +8,7 @@ directory (a ``.dist-info`` with ``entry_points.txt``, as pip leaves one) and pu
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import json
 import os
@@ -28,9 +29,11 @@ from jsonschema import Draft202012Validator
 from test_cli import reaper
 
 import reaper.targets.registry as registry_module
+from reaper.audit import AuditStore, runs_table
 from reaper.db import make_engine
 from reaper.errors import PolicyError
 from reaper.policy import load_policy_text, policy_json_schema
+from reaper.runner import RunStatus, run_policy
 from reaper.simulators import DataPipelineSimulator
 from reaper.targets import installed_kinds
 from reaper.targets.aparavi import AparaviTarget
@@ -165,15 +168,15 @@ class TestRegistry:
             ),
             pytest.param(
                 "from reaper.targets.data_pipeline import DataPipelineTarget\n"
-                "class Target(DataPipelineTarget): pass\n",
-                "Target.kind is 'data_pipeline', but the entry point names it 'wrong_kind'",
-                id="kind-differs",
+                "class Target(DataPipelineTarget):\n    time_fields = ()\n",
+                "Target.time_fields must name at least one timestamp field",
+                id="no-time-fields",
             ),
             pytest.param(
                 "from reaper.targets.data_pipeline import DataPipelineTarget\n"
-                "class Target(DataPipelineTarget):\n    kind = 'wrong_kind'\n",
-                "DataPipelineConfig.type must be declared Literal['wrong_kind']",
-                id="config-type-not-the-kind",
+                "class Target(DataPipelineTarget):\n    config_model = dict\n",
+                "Target.config_model is not a subclass of reaper.targets.TargetConfig",
+                id="config-not-a-model",
             ),
         ],
     )
@@ -187,6 +190,43 @@ class TestRegistry:
         kinds = installed_with(tmp_path, monkeypatch)
         assert expected in (kinds.unusable("wrong_kind") or "")
         assert set(BUILTINS) <= set(kinds.targets)
+
+    def test_a_subclass_of_a_builtin_needs_only_its_entry_point(
+        self,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+        store: AuditStore,
+        data_pipeline: Start,
+    ) -> None:
+        """An empty subclass of the data_pipeline target, registered as acme_pipeline, is that
+        kind: policies write type: acme_pipeline with data_pipeline's settings, the audit
+        records the kind, and the built-in class is unchanged."""
+        module = f"acme_{tmp_path.name}"
+        source = (
+            "from reaper.targets.data_pipeline import DataPipelineTarget\n"
+            "class AcmePipeline(DataPipelineTarget): pass\n"
+        )
+        entry_point = {"acme_pipeline": f"{module}:AcmePipeline"}
+        write_distribution(tmp_path, "acme-targets", entry_point, {module: source})
+        kinds = installed_with(tmp_path, monkeypatch)
+        monkeypatch.setattr(registry_module, "_current", kinds)
+        acme = kinds.target("acme_pipeline")
+        assert issubclass(acme, importlib.import_module(module).AcmePipeline)
+        assert (acme.kind, DataPipelineTarget.kind) == ("acme_pipeline", "data_pipeline")
+        now = datetime.now(UTC)
+        sim, url = data_pipeline([sim_task("task_20250101_000001", now=now)])
+        document = example_policy(url)
+        document["target"] = {"type": "acme_pipeline", "base_url": url}
+        [loaded] = load_policy_text(yaml.safe_dump(document))
+        assert loaded.policy.target_class is acme
+        result = asyncio.run(run_policy(loaded, store, now=now))
+        assert (result.status, sim.deleted_ids) == (RunStatus.SUCCEEDED, ["task_20250101_000001"])
+        with store.engine.connect() as connection:
+            recorded = connection.execute(sa.select(runs_table.c.target_kind)).scalars().all()
+        assert recorded == ["acme_pipeline"]
+        schema = policy_json_schema()["$defs"]["AcmePipelineConfig"]
+        assert schema["properties"]["type"]["const"] == "acme_pipeline"
+        assert "base_url" in schema["properties"]
 
     def test_a_builtin_kind_cannot_be_replaced(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -27,7 +27,7 @@ __all__ = ["ExamplePipelineConfig", "ExamplePipelineTarget"]
 class ExamplePipelineConfig(DataPipelineConfig):
     """``target:`` settings for ``type: example_pipeline``: data_pipeline's, plus ``id_prefix``."""
 
-    # The kind's name, as policies write it: the registry checks it equals the entry point's.
+    # The kind's name, as policies write it: the entry point's name.
     type: Literal["example_pipeline"]  # type: ignore[assignment]
     id_prefix: Literal["task_", "manual_"] = Field(
         "task_", description="Only tasks whose id starts with this are listed (and deleted)."

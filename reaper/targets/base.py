@@ -6,9 +6,11 @@ deletes ids, answering with one :class:`DeleteResult` per id. It knows its API's
 vocabulary, id format and error bodies; it knows nothing about policies, plans or the audit.
 
 This is a public API: other distributions add kinds by subclassing :class:`Target` and declaring
-an entry point (:mod:`reaper.targets.registry`). A kind **must** set ``kind``, ``config_model``
-(a :class:`TargetConfig` subclass whose ``type`` is ``Literal[kind]``) and ``time_fields``, and
-implement :meth:`Target.list_tasks` and :meth:`Target.delete`. It **may** override the other
+an entry point, whose name is the kind's (:mod:`reaper.targets.registry`). A kind **must** have
+``config_model`` (a :class:`TargetConfig` subclass whose ``type`` is ``Literal[kind]``) and
+``time_fields``, and implement :meth:`Target.list_tasks` and :meth:`Target.delete`; ``kind`` and
+the config's ``type`` are set from the entry point when the class does not set them (a subclass
+of a built-in kind needs nothing else). It **may** override the other
 class attributes (statuses, match fields, batch size, the re-check rails), ``options_model``,
 :meth:`Target.client_auth`, :meth:`Target.invalid_id_reason`, :meth:`Target.recheck`,
 :meth:`Target.error_text`, and, when it keeps state (``keeps_state``),
@@ -258,7 +260,8 @@ class Target(ABC):
     send every request through it) and, for kinds that keep state, a :class:`TargetState`.
     """
 
-    #: The ``target.type`` value in a policy (also the entry point's name). Must be set.
+    #: The ``target.type`` value in a policy: the entry point's name (the registry sets it on a
+    #: subclass when the class does not).
     kind: ClassVar[str]
     #: The model of the policy's ``target:`` section; its ``type`` is ``Literal[kind]``. Must be
     #: set.

@@ -10,6 +10,10 @@ reaper's own kinds are declared the same way in its pyproject.toml, so reaper mu
 (``pip install -e .``, as ``make`` does) for them to be found; a source tree put on ``sys.path``
 without an install has no kinds, and says so.
 
+The entry point's name is the kind's name: a class that does not set ``kind`` and its config's
+``type`` to it is used through a subclass that does (so a subclass of a built-in kind needs no
+more than its entry point).
+
 The entry points are read and their classes imported on first use (loading a policy, printing the
 schema), once per process. An entry point that fails to import, is not a usable ``Target``, or
 takes a name it may not have (a built-in's, or one another distribution declares too) is recorded
@@ -21,14 +25,15 @@ from __future__ import annotations
 
 import inspect
 import re
+import types
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from functools import cached_property
 from importlib.metadata import EntryPoint, entry_points
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, cast, get_args, get_origin
 
 import structlog
-from pydantic import Field, TypeAdapter
+from pydantic import Field, TypeAdapter, create_model
 
 from reaper.targets.base import DeleteOptions, Target, TargetConfig
 
@@ -201,33 +206,29 @@ def _load(name: str, point: EntryPoint) -> Kind:
         loaded = point.load()
     except Exception as exc:  # a plugin's import failure is reported with its name, not raised
         return replace(kind, error=f"importing it failed: {type(exc).__name__}: {exc}")
-    problem = _problem(name, loaded)
+    problem = _problem(loaded)
     if problem is not None:
         return replace(kind, error=problem)
-    return replace(kind, target=loaded)
+    try:
+        target = _named(name, loaded)
+        target.config_model.model_json_schema()  # `reaper schema` publishes it
+    except Exception as exc:  # a plugin's model that cannot be described is reported, not raised
+        config = loaded.config_model.__qualname__
+        return replace(kind, error=f"{config} has no JSON Schema: {type(exc).__name__}: {exc}")
+    return replace(kind, target=target)
 
 
-def _problem(name: str, loaded: Any) -> str | None:
-    """Why ``loaded`` cannot serve as the kind ``name`` (None when it can)."""
+def _problem(loaded: Any) -> str | None:
+    """Why ``loaded`` cannot be a target kind (None when it can)."""
     if not (isinstance(loaded, type) and issubclass(loaded, Target)):
         return f"{loaded!r} is not a subclass of reaper.targets.Target"
     what = loaded.__qualname__
     if inspect.isabstract(loaded):
         missing = ", ".join(sorted(loaded.__abstractmethods__))
         return f"{what} does not implement {missing}"
-    kind = getattr(loaded, "kind", None)
-    if kind != name:
-        return f"{what}.kind is {kind!r}, but the entry point names it {name!r}"
     config = getattr(loaded, "config_model", None)
     if not (isinstance(config, type) and issubclass(config, TargetConfig)):
         return f"{what}.config_model is not a subclass of reaper.targets.TargetConfig"
-    annotation = config.model_fields["type"].annotation
-    if get_origin(annotation) is not Literal or get_args(annotation) != (name,):
-        return f"{config.__qualname__}.type must be declared Literal[{name!r}]: policies name it"
-    try:
-        config.model_json_schema()  # `reaper schema` publishes it
-    except Exception as exc:  # a plugin's model that cannot be described is reported, not raised
-        return f"{config.__qualname__} has no JSON Schema: {type(exc).__name__}: {exc}"
     time_fields = getattr(loaded, "time_fields", None)
     if not isinstance(time_fields, tuple) or not time_fields:
         return f"{what}.time_fields must name at least one timestamp field"
@@ -235,6 +236,33 @@ def _problem(name: str, loaded: Any) -> str | None:
     if not (isinstance(options, type) and issubclass(options, DeleteOptions)):
         return f"{what}.options_model is not a subclass of reaper.targets.DeleteOptions"
     return None
+
+
+def _named(name: str, target: type[Target]) -> type[Target]:
+    """``target`` as the kind ``name``: the entry point's name is the kind.
+
+    A class that already says so (``kind`` and its config's ``type: Literal[name]``) is used as
+    it is. Otherwise a subclass sets both, so a subclass of a built-in registered under a new
+    name needs nothing but its entry point (the class itself is never changed).
+    """
+    config = target.config_model
+    typed = config.model_fields["type"].annotation
+    if getattr(target, "kind", None) == name and (
+        get_origin(typed) is Literal and get_args(typed) == (name,)
+    ):
+        return target
+    if get_origin(typed) is not Literal or get_args(typed) != (name,):
+        literal: Any = Literal[name]
+        config = create_model(
+            "".join(part.title() for part in name.split("_")) + "Config",
+            __base__=config,
+            __module__=target.__module__,
+            __doc__=config.__doc__,
+            type=(literal, ...),
+        )
+    namespace = {"kind": name, "config_model": config, "__module__": target.__module__}
+    named = types.new_class(target.__name__, (target,), exec_body=lambda ns: ns.update(namespace))
+    return cast(type[Target], named)
 
 
 _current: Registry | None = None
