@@ -12,8 +12,13 @@ BENCHMARKS = [
     ("bench.audit_throughput", []),
     ("bench.scale", []),
     ("bench.audit_export", []),
+    ("bench.recheck", []),
 ]
-QUICK = {"bench.scale": ["10000", "100000"], "bench.audit_export": ["10000", "100000"]}
+QUICK = {
+    "bench.scale": ["10000", "100000"],
+    "bench.audit_export": ["10000", "100000"],
+    "bench.recheck": ["20000"],
+}
 
 if __name__ == "__main__":
     quick = "--quick" in sys.argv[1:]

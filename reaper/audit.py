@@ -25,6 +25,7 @@ from sqlalchemy import (
     Column,
     Connection,
     Engine,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -108,6 +109,10 @@ runs_table = Table(
     Column("acknowledged_not_deleted", BigInteger, nullable=False, default=0, server_default="0"),
     # The highest `deleted` audit row id of the policy that this run's listing checked.
     Column("verified_through", BigInteger),
+    # Listed tasks the plan protected because their age field lay in the future, and the
+    # target's clock minus ours (HTTP Date, seconds): what the run's ages were based on.
+    Column("future_timestamps", BigInteger, nullable=False, default=0, server_default="0"),
+    Column("clock_skew_seconds", Float),
     Index(None, "policy", "started_at"),
     Index(None, "started_at"),
 )
@@ -190,6 +195,10 @@ class RunSummary:
     skipped_changed: int = 0
     #: Earlier deletions the target acknowledged but a listing of this run still showed present.
     acknowledged_not_deleted: int = 0
+    #: Tasks protected because their age field lay in the future (a zone or clock is wrong).
+    future_timestamps: int = 0
+    #: The target's clock minus ours, from the HTTP Date of its answers (None: none had one).
+    clock_skew_seconds: float | None = None
 
     def count(self, result: DeleteResult) -> None:
         if result.outcome is Outcome.DELETED:
@@ -473,6 +482,8 @@ class AuditStore:
                         reclaimed_bytes=summary.reclaimed_bytes,
                         skipped_changed=summary.skipped_changed,
                         acknowledged_not_deleted=summary.acknowledged_not_deleted,
+                        future_timestamps=summary.future_timestamps,
+                        clock_skew_seconds=summary.clock_skew_seconds,
                         error=error,
                     )
                 )

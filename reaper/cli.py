@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -21,17 +22,20 @@ import click
 import structlog
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from sqlalchemy import Engine
 
 from reaper import __version__
 from reaper.audit import AuditStore
+from reaper.clocks import ClockLimits
 from reaper.converters import parse_duration, parse_timestamp
 from reaper.daemon import Daemon, DaemonConfig
 from reaper.db import current_revision, ensure_schema, head_revision, make_engine, upgrade
 from reaper.errors import AuditError, ConfigError, PolicyError, ReaperError
 from reaper.execute import BatchEvent
 from reaper.guards import GuardOverrides
+from reaper.leases import Leases
 from reaper.logs import configure_logging, register_secret
 from reaper.metrics import Metrics
 from reaper.plan import Plan
@@ -60,6 +64,7 @@ from reaper.runner import (
 )
 from reaper.schedule import parse_cron
 from reaper.settings import Settings, redact_url
+from reaper.shards import Shard, parse_shard
 from reaper.targets import installed_kinds
 from reaper.track import track_command
 
@@ -159,9 +164,65 @@ def _policies_option(fn: Callable[..., Any]) -> Callable[..., Any]:
         "names",
         multiple=True,
         metavar="NAME",
-        help="Only this policy (repeatable; default: all).",
+        help="Only this policy (repeatable; default: all). A template's name selects its "
+        "instances; * and ? match any characters and one character (brackets are literal: "
+        "'dcs-30d[cn-north-4/*').",
     )(fn)
     return fn
+
+
+def _shard_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--shard",
+        metavar="K/N|auto",
+        help="Only the policies in shard K of N (K from 0 to N-1): those whose sha256(name) "
+        "mod N is K. auto: K from JOB_COMPLETION_INDEX (a Kubernetes Indexed Job), N from "
+        "REAPER_SHARD_COUNT.",
+    )(fn)
+
+
+def _parse_shard(ctx: Context, text: str | None) -> Shard | None:
+    if text is None:
+        return None
+    try:
+        return parse_shard(text, os.environ, ctx.settings.shard_count)
+    except ConfigError as exc:
+        _fail(EXIT_CONFIG, str(exc))
+
+
+def _pattern(text: str) -> re.Pattern[str]:
+    """``--policy`` patterns: ``*`` and ``?`` are wildcards, every other character is itself
+    (fnmatch would read an instance's ``[key]`` as a character class)."""
+    return re.compile(re.escape(text).replace(r"\*", ".*").replace(r"\?", "."), re.DOTALL)
+
+
+def select_policies(
+    loaded: Sequence[LoadedPolicy], names: Sequence[str]
+) -> tuple[list[LoadedPolicy], list[str]]:
+    """The policies ``--policy`` selects, in load order, and the arguments that matched none.
+
+    An argument is a policy's name, a template's name (all its instances), or a pattern.
+    """
+    chosen: set[str] = set()
+    unmatched: list[str] = []
+    for name in names:
+        pattern = _pattern(name)
+        hits = {
+            item.name
+            for item in loaded
+            if item.name == name or item.template == name or pattern.fullmatch(item.name)
+        }
+        if not hits:
+            unmatched.append(name)
+        chosen |= hits
+    return [item for item in loaded if item.name in chosen], unmatched
+
+
+def _known(loaded: Sequence[LoadedPolicy], limit: int = 20) -> str:
+    """The selectable names, templates as ``name[*]``, for an error message."""
+    names = sorted({f"{item.template}[*]" if item.template else item.name for item in loaded})
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def _guard_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -183,21 +244,24 @@ def _guard_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-def _load(ctx: Context, path: Path | None, names: Sequence[str]) -> list[LoadedPolicy]:
+def _load(
+    ctx: Context, path: Path | None, names: Sequence[str], shard: Shard | None = None
+) -> list[LoadedPolicy]:
     try:
         loaded = load_policies([path or ctx.settings.policies])
     except PolicyError as exc:
         _fail(EXIT_CONFIG, f"invalid policy configuration; nothing was run:\n{exc}")
     if names:
-        known = {item.name for item in loaded}
-        unknown = [name for name in names if name not in known]
+        selected, unknown = select_policies(loaded, names)
         if unknown:
             _fail(
                 EXIT_CONFIG,
-                f"no policy named {', '.join(map(repr, unknown))}; "
-                f"known: {', '.join(sorted(known))}",
+                f"no policy named {', '.join(map(repr, unknown))}; known: {_known(loaded)}",
             )
-        loaded = [item for item in loaded if item.name in names]
+        loaded = selected
+    if shard is not None:
+        loaded = shard.select(loaded)
+        log.info("shard_selected", shard=str(shard), policies=[item.name for item in loaded])
     # Secrets are read before anything runs: one missing credential stops the whole invocation
     # (exit 2) instead of failing halfway through the policies.
     missing = []
@@ -222,38 +286,57 @@ def _load(ctx: Context, path: Path | None, names: Sequence[str]) -> list[LoadedP
     metavar="TIME",
     help="List fire times after this ISO-8601 time (naive means UTC) instead of now.",
 )
+@_shard_option
 @click.pass_obj
-def validate(ctx: Context, paths: tuple[Path, ...], output: str, after: str | None) -> None:
+def validate(
+    ctx: Context, paths: tuple[Path, ...], output: str, after: str | None, shard: str | None
+) -> None:
     """Check policy files without touching any target (default: REAPER_POLICIES).
 
     Prints each policy's next fire times: three in the table (in the policy's timezone and in
-    UTC), five in JSON (UTC).
+    UTC), five in JSON (UTC). A template is shown with its instances and their values. --shard
+    shows only the policies that `reaper run --shard` would run.
     """
+    selected = _parse_shard(ctx, shard)
     try:
         loaded = load_policies(list(paths) or [ctx.settings.policies])
     except PolicyError as exc:
         _fail(EXIT_CONFIG, f"invalid policy configuration:\n{exc}")
+    if selected is not None:
+        loaded = selected.select(loaded)
     try:
         start = datetime.now(UTC) if after is None else parse_timestamp(after)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--after") from None
     if output == "json":
-        entries = [
-            {
+        entries = []
+        for item in loaded:
+            entry: dict[str, Any] = {
                 "name": item.name,
                 "schedule": item.policy.schedule,
                 "timezone": item.policy.timezone,
                 "next_runs": [_utc_iso(fire) for fire in _next_runs(item, start, 5)],
             }
-            for item in loaded
-        ]
+            if item.instance is not None:
+                entry |= {"template": item.template, "values": item.instance.values()}
+            entries.append(entry)
         click.echo(json.dumps(entries, indent=2, ensure_ascii=False))
         return
-    for item in loaded:
-        ctx.out.print(
-            f"ok  {item.name}  ({item.path}:{item.line}, {item.policy.target_config.type})",
-            highlight=False,
-        )
+    for group in _by_template(loaded):
+        item = group[0]
+        kind = item.policy.target_config.type
+        if item.instance is None:
+            ctx.out.print(
+                f"ok  {item.name}  ({item.path}:{item.line}, {kind})", markup=False, highlight=False
+            )
+        else:
+            ctx.out.print(
+                f"ok  {item.template}  ({item.path}:{item.line}, {kind}): a template of "
+                f"{len(group)} instance(s)",
+                markup=False,
+                highlight=False,
+            )
+            _print_instances(ctx, group)
         policy = item.policy
         if not policy.schedule:
             ctx.out.print(
@@ -267,6 +350,36 @@ def validate(ctx: Context, paths: tuple[Path, ...], output: str, after: str | No
             if local.utcoffset():
                 line += f"  ({fire:%Y-%m-%d %H:%M} UTC)"
             ctx.out.print(line, highlight=False)
+
+
+def _by_template(loaded: Sequence[LoadedPolicy]) -> list[list[LoadedPolicy]]:
+    """Policies one by one, a template's instances together (they load one after another)."""
+    groups: list[list[LoadedPolicy]] = []
+    for item in loaded:
+        previous = groups[-1][0] if groups else None
+        same = (
+            previous is not None
+            and item.template is not None
+            and (previous.template, previous.path, previous.line)
+            == (item.template, item.path, item.line)
+        )
+        if same:
+            groups[-1].append(item)
+        else:
+            groups.append([item])
+    return groups
+
+
+def _print_instances(ctx: Context, group: Sequence[LoadedPolicy]) -> None:
+    """A template's instances, each with its values and where the values are written."""
+    width = max(len(item.name) for item in group)
+    for item in group:
+        assert item.instance is not None
+        values = "  ".join(f"{name}={value}" for name, value in item.instance.values().items())
+        sources = ", ".join(sorted({b.source for b in item.instance.bindings.values()}))
+        ctx.out.print(
+            f"      {item.name:<{width}}  {values}  ({sources})", markup=False, highlight=False
+        )
 
 
 def _next_runs(item: LoadedPolicy, start: datetime, count: int) -> list[datetime]:
@@ -373,7 +486,10 @@ def plan(
         documents = []
         for item, result, error, changes in results:
             document: dict[str, Any] = (
-                plan_dict(result, examples) if result else {"policy": item.name, "error": error}
+                # `is not None`: a plan with nothing eligible is falsy (its len is 0).
+                {**plan_dict(result, examples), "warnings": _clock_notes(result)}
+                if result is not None
+                else {"policy": item.name, "error": error}
             )
             if changes:
                 document["state_changes"] = list(changes)
@@ -384,11 +500,12 @@ def plan(
     else:
         for item, result, error, changes in results:
             if result is None:
-                ctx.out.print(f"[bold]{item.name}[/bold]: [red]{error}[/red]")
+                ctx.out.print(f"[bold]{escape(item.name)}[/bold]: [red]{escape(error or '')}[/red]")
                 continue
             plan_table(result, ctx.out, examples)
             for change in changes:
-                ctx.out.print(f"  a run would also {change}", highlight=False)
+                ctx.out.print(f"  a run would also {change}", highlight=False, markup=False)
+            _print_warnings(ctx.out, item.name, _clock_notes(result))
             if item.name in saved:
                 diff_table(diff_plan(saved[item.name], result), ctx.out, examples)
             elif diff_path is not None:
@@ -420,13 +537,46 @@ async def _plan_all(
         state = target_state(item, engine) if engine is not None else None
         target, client = build_target(item, state=state)
         try:
-            result = await plan_policy(item, target, datetime.now(UTC), ctx.settings.min_age)
+            result = await plan_policy(
+                item,
+                target,
+                datetime.now(UTC),
+                ctx.settings.min_age,
+                clock=ClockLimits.from_settings(ctx.settings),
+            )
             results.append((item, result, None, target.state_changes()))
         except ReaperError as exc:
             results.append((item, None, f"listing failed, nothing would be deleted: {exc}", ()))
         finally:
             await client.aclose()
     return results
+
+
+def _clock_notes(plan: Plan) -> list[str]:
+    """What ``reaper plan`` says about the clocks behind a plan (a run would refuse it)."""
+    if plan.clock is None:
+        return []
+    notes = [warning.message for warning in plan.clock.warnings]
+    if plan.clock.trip is not None:
+        notes.insert(0, f"`reaper run` would refuse this policy: {plan.clock.trip.message}")
+    return notes
+
+
+def _clock_fields(run: PolicyRun) -> dict[str, Any]:
+    """What a run's JSON says about the clocks its ages rested on (reaper.clocks)."""
+    s = run.summary
+    return {
+        "future_timestamps": s.future_timestamps,
+        "clock_skew_seconds": None
+        if s.clock_skew_seconds is None
+        else round(s.clock_skew_seconds, 1),
+        "warnings": run.warnings,
+    }
+
+
+def _print_warnings(console: Console, policy: str, warnings: Sequence[str]) -> None:
+    for warning in warnings:
+        console.print(f"[bold yellow]{policy}: warning:[/bold yellow] {warning}", highlight=False)
 
 
 @cli.command()
@@ -514,6 +664,7 @@ def apply(
     help="auto: claim the policy's current schedule slot in the run ledger first, so "
     "overlapping CronJob pods or replicas run each slot once (needs a schedule).",
 )
+@_shard_option
 @_guard_options
 @click.pass_obj
 def run(
@@ -524,6 +675,7 @@ def run(
     output: str,
     migrate: bool | None,
     slot: str,
+    shard: str | None,
     max_deletions: int | None,
     max_fraction: float | None,
     confirm_anomaly: bool,
@@ -533,7 +685,8 @@ def run(
     SIGTERM stops starting batches, lets in-flight ones finish, records the runs as interrupted
     and exits 0; a second signal exits at once.
     """
-    loaded = _load(ctx, policies_path, names)
+    selected = _parse_shard(ctx, shard)
+    loaded = _load(ctx, policies_path, names, selected)
     if slot == "auto":
         unscheduled = [item.name for item in loaded if not item.policy.schedule]
         if unscheduled:
@@ -552,7 +705,7 @@ def run(
     )
     _auto_prune(ctx, store)
     store.engine.dispose()
-    _export_metrics(ctx, metrics)
+    _export_metrics(ctx, metrics, selected)
     _report_runs(ctx, runs, output)
 
 
@@ -566,10 +719,11 @@ def _restore_metrics(metrics: Metrics, store: AuditStore, loaded: Sequence[Loade
     metrics.schedule_intervals(loaded)
 
 
-def _export_metrics(ctx: Context, metrics: Metrics) -> None:
+def _export_metrics(ctx: Context, metrics: Metrics, shard: Shard | None = None) -> None:
     try:
         if ctx.settings.pushgateway_url:
-            metrics.push(ctx.settings.pushgateway_url)
+            group = {"shard": str(shard.index)} if shard is not None else None
+            metrics.push(ctx.settings.pushgateway_url, grouping_key=group)
         if ctx.settings.metrics_file:
             metrics.write(str(ctx.settings.metrics_file))
     except OSError as exc:
@@ -591,9 +745,12 @@ def _auto_prune(ctx: Context, store: AuditStore) -> None:
 
 def _report_runs(ctx: Context, runs: Sequence[PolicyRun], output: str) -> NoReturn:
     if output == "json":
-        click.echo(json.dumps([run_dict(r) for r in runs], indent=2, ensure_ascii=False))
+        documents = [{**run_dict(r), **_clock_fields(r)} for r in runs]
+        click.echo(json.dumps(documents, indent=2, ensure_ascii=False))
     else:
         runs_table(runs, ctx.out)
+        for r in runs:
+            _print_warnings(ctx.out, r.policy, r.warnings)
     sys.exit(EXIT_OK if all(r.ok for r in runs) else EXIT_FAILED)
 
 
@@ -632,6 +789,7 @@ async def _run_all(
                 approved=(approved or {}).get(item.name),
                 slot=slot,
                 stop=stop,
+                clock=ClockLimits.from_settings(ctx.settings),
             )
         finally:
             reporter.close()
@@ -666,12 +824,15 @@ class _BatchReporter:
     def plan(self, plan: Plan) -> None:
         if self.console.is_terminal and plan.eligible:
             self.progress = Progress(
-                TextColumn(plan.policy.name),
+                TextColumn(escape(plan.policy.name)),
                 BarColumn(),
                 MofNCompleteColumn(),
                 TimeRemainingColumn(),
                 console=self.console,
                 transient=True,
+                # Log lines written meanwhile go through the console, above the bar: reaper.logs
+                # writes to whatever sys.stderr is, and this swaps in rich's proxy.
+                redirect_stderr=True,
             )
             self.progress.start()
             self.task = self.progress.add_task("deleting", total=plan.eligible)
@@ -886,10 +1047,10 @@ def reconcile(
     else:
         for entry in reports:
             if "error" in entry:
-                ctx.out.print(f"{entry['policy']}: [red]{entry['error']}[/red]")
+                ctx.out.print(f"{escape(entry['policy'])}: [red]{escape(entry['error'])}[/red]")
             else:
                 ctx.out.print(
-                    f"{entry['policy']}: {entry['deleted']} confirmed deleted, "
+                    f"{escape(entry['policy'])}: {entry['deleted']} confirmed deleted, "
                     f"{entry['not_deleted']} not deleted, in {entry['runs']} run(s); "
                     f"{entry['interrupted_runs']} run(s) marked interrupted"
                 )
@@ -952,7 +1113,8 @@ def serve(
 ) -> None:
     """Run the scheduler: each policy on its cron schedule, until SIGTERM (the systemd service).
 
-    SIGHUP reloads the policy files (kept as they were if any is invalid).
+    SIGHUP reloads the policy files (kept as they were if any is invalid). Replicas on one
+    PostgreSQL share the policies through leases (REAPER_LEASE_TTL).
     """
     settings = ctx.settings
     path = policies_path or settings.policies
@@ -968,10 +1130,16 @@ def serve(
         grace=settings.shutdown_grace,
         misfire_grace=settings.misfire_grace,
         min_age=settings.min_age,
+        clock=ClockLimits.from_settings(settings),
     )
 
+    # Replicas on one PostgreSQL share the policies; on SQLite (one host) one process runs all.
+    leases = None
+    if store.engine.dialect.name == "postgresql":
+        leases = Leases(store.engine, settings.lease_ttl)
+
     async def main() -> int:
-        return await Daemon(config, store).serve()
+        return await Daemon(config, store, leases=leases).serve()
 
     try:
         code = asyncio.run(main())

@@ -5,7 +5,8 @@ scheduler's own zone is UTC, never the machine's. The policy files are the sourc
 are built from them at start and on SIGHUP (no pickled job store). Missed runs coalesce into one;
 one run per policy at a time (``max_instances=1`` here, the policy lock across processes). Each
 fire claims its slot in the run ledger (the database clock decides the slot), so replicas and
-CronJob pods never run the same slot twice.
+CronJob pods never run the same slot twice. On PostgreSQL the replicas also share the policies
+(:mod:`reaper.leases`): each schedules only the policies it holds a lease on.
 
 Signals: SIGHUP re-reads and validates every policy and swaps the jobs only if all are valid
 (a run in progress keeps going); SIGTERM/SIGINT stop starting batches, let the in-flight ones
@@ -18,8 +19,9 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,9 @@ import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from reaper.audit import AuditStore
+from reaper.clocks import ClockLimits
 from reaper.errors import AuditError, PolicyError
+from reaper.leases import Leases
 from reaper.metrics import HealthServer, Metrics
 from reaper.policy import LoadedPolicy, load_policies
 from reaper.runner import run_policy
@@ -50,16 +54,29 @@ class DaemonConfig:
     grace: timedelta = timedelta(seconds=25)
     misfire_grace: timedelta = timedelta(minutes=5)
     min_age: timedelta = timedelta(hours=1)
+    clock: ClockLimits = field(default_factory=ClockLimits)
 
 
 class Daemon:
     """The scheduler, its jobs, the health server and the signal handling."""
 
-    def __init__(self, config: DaemonConfig, store: AuditStore, metrics: Metrics | None = None):
+    def __init__(
+        self,
+        config: DaemonConfig,
+        store: AuditStore,
+        metrics: Metrics | None = None,
+        leases: Leases | None = None,
+    ):
         self.config = config
         self.store = store
         self.metrics = metrics or Metrics()
         self.policies: dict[str, LoadedPolicy] = {}
+        #: With leases (PostgreSQL, several replicas), only the held policies are scheduled here.
+        self.leases = leases
+        self.held: frozenset[str] = frozenset()
+        self._renewed = time.monotonic()
+        self._rebalance = asyncio.Event()
+        self._running: set[str] = set()
         self.scheduler = AsyncIOScheduler(
             timezone=UTC,
             job_defaults={
@@ -83,6 +100,8 @@ class Daemon:
     def install(self, loaded: Sequence[LoadedPolicy]) -> None:
         """Replace the job set with one cron job per scheduled policy."""
         wanted = {item.name: item for item in loaded if item.policy.schedule}
+        if self.leases is not None:
+            wanted = {name: item for name, item in wanted.items() if name in self.held}
         for job in self.scheduler.get_jobs():
             if job.id not in wanted:
                 job.remove()
@@ -116,6 +135,7 @@ class Daemon:
             notify("READY=1")
             return False
         self.install(loaded)
+        self._rebalance.set()  # new or removed policies: renew the leases now
         notify("READY=1")
         return True
 
@@ -136,10 +156,12 @@ class Daemon:
         task = asyncio.current_task()
         assert task is not None
         self._active.add(task)
+        self._running.add(name)
         try:
             await self.run_once(loaded)
         finally:
             self._active.discard(task)
+            self._running.discard(name)
 
     async def run_once(self, loaded: LoadedPolicy) -> None:
         """Run one policy for the slot the database clock says it is in."""
@@ -152,7 +174,12 @@ class Daemon:
             return
         slot = parse_cron(policy.schedule, policy.zone).previous_fire_time(now)
         run = await run_policy(
-            loaded, self.store, slot=slot, stop=self.stop, min_age=self.config.min_age
+            loaded,
+            self.store,
+            slot=slot,
+            stop=self.stop,
+            min_age=self.config.min_age,
+            clock=self.config.clock,
         )
         self.metrics.observe(run, policy.target_config.type)
 
@@ -192,6 +219,8 @@ class Daemon:
     async def serve(self) -> int:
         """Run until SIGTERM/SIGINT; return the exit code."""
         self.install(self.load())
+        if self.leases is not None:
+            await self.renew_leases()
         self._restore_last_success()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, self.reload)
@@ -209,16 +238,18 @@ class Daemon:
         )
         notify("READY=1")
         pinger = asyncio.create_task(self._watchdog())
+        renewer = asyncio.create_task(self._lease_loop()) if self.leases is not None else None
         try:
             await self._stopping.wait()
         finally:
             pinger.cancel()
-            await self._shutdown()
+            await self._shutdown(renewer)
         return 0
 
-    async def _shutdown(self) -> None:
+    async def _shutdown(self, renewer: asyncio.Task[None] | None = None) -> None:
         self.scheduler.shutdown(wait=False)
         self.stop.set()
+        self._rebalance.set()  # leases of idle policies go back now; running ones' stay renewed
         if self._active:
             _, pending = await asyncio.wait(
                 set(self._active), timeout=self.config.grace.total_seconds()
@@ -230,6 +261,13 @@ class Daemon:
             if pending:
                 await asyncio.wait(pending, timeout=5)
                 log.warning("runs_abandoned", count=len(pending))
+        if renewer is not None:
+            renewer.cancel()
+        if self.leases is not None:
+            try:
+                await asyncio.to_thread(self.leases.release)
+            except AuditError as exc:
+                log.warning("leases_not_released", error=str(exc), hint="they expire on their own")
         if self.health is not None:
             self.health.stop()
         log.info("stopped")
@@ -241,3 +279,80 @@ class Daemon:
         while True:
             notify("WATCHDOG=1")
             await asyncio.sleep(interval)
+
+    # -- leases (PostgreSQL: replicas share the policies) ---------------------------------------
+
+    async def _lease_loop(self) -> None:
+        assert self.leases is not None
+        interval = self.leases.ttl.total_seconds() / 3
+        while True:
+            try:
+                await asyncio.wait_for(self._rebalance.wait(), interval)
+            except TimeoutError:
+                pass
+            self._rebalance.clear()
+            await self.renew_leases()
+
+    async def renew_leases(self) -> None:
+        """Renew, release or claim leases; schedule what is held, and run a newly held policy
+        whose current slot nobody ran yet, if that is still within the misfire grace."""
+        assert self.leases is not None
+        scheduled = [name for name, item in self.policies.items() if item.policy.schedule]
+        stopping = self.stop.is_set()
+        if stopping:
+            # Keep only the leases of runs still going. Until they end, no other replica
+            # schedules those policies; a fire missed meanwhile is caught up by the replica
+            # that takes the lease over.
+            scheduled = [name for name in scheduled if name in self._running]
+        started = time.monotonic()
+        try:
+            state = await asyncio.to_thread(
+                self.leases.tick, scheduled, set(self._running), share=not stopping
+            )
+        except AuditError as exc:
+            log.warning("lease_renewal_failed", error=str(exc))
+            if self.held and time.monotonic() - self._renewed > self.leases.ttl.total_seconds():
+                # Others may hold these leases by now: stop scheduling them here.
+                log.error("leases_lost", policies=sorted(self.held))
+                self.held = frozenset()
+                self.install(list(self.policies.values()))
+            return
+        self._renewed = started
+        if stopping:
+            self.held = state.held
+            return
+        if state.held == self.held:
+            return
+        acquired, released = state.held - self.held, self.held - state.held
+        self.held = state.held
+        log.info(
+            "leases_changed",
+            held=sorted(state.held),
+            acquired=sorted(acquired),
+            released=sorted(released),
+            replicas=state.replicas,
+        )
+        self.install(list(self.policies.values()))
+        for name in sorted(acquired):
+            await self._catch_up(name, state.now)
+
+    async def _catch_up(self, name: str, now: datetime) -> None:
+        """A policy taken over: run its current slot if no one did and it is not too late."""
+        assert self.leases is not None
+        item = self.policies.get(name)
+        if item is None or not item.policy.schedule or self.stop.is_set():
+            return
+        slot = parse_cron(item.policy.schedule, item.policy.zone).previous_fire_time(now)
+        if slot is None or now - slot > self.config.misfire_grace:
+            return
+        try:
+            if await asyncio.to_thread(self.leases.slot_claimed, name, slot):
+                return
+        except AuditError as exc:
+            log.warning("catch_up_skipped", policy=name, error=str(exc))
+            return
+        log.info("catching_up", policy=name, slot=slot.isoformat())
+        # Kept in _active (as _fire does) so that shutdown waits for it too.
+        task = asyncio.get_running_loop().create_task(self._fire(name))
+        self._active.add(task)
+        task.add_done_callback(self._active.discard)

@@ -41,7 +41,7 @@ from reaper.errors import AuditError, TargetAuthError, TargetError
 from reaper.groupcommit import GroupCommit
 from reaper.http import Stale
 from reaper.plan import Candidate, Plan
-from reaper.recheck import SendCheck
+from reaper.recheck import RecheckTooSlow, SendCheck
 from reaper.targets.base import (
     BatchResult,
     DeleteOptions,
@@ -308,6 +308,9 @@ class Executor:
                     return results + self._unsent(pending, f"the re-check was refused: {exc}")
                 except TargetError as exc:
                     log.error("recheck_failed", error=str(exc), ids=len(pending))
+                    if isinstance(exc, RecheckTooSlow):
+                        # Every further check would take as long: stop starting batches.
+                        self._halt(str(exc))
                     return results + [
                         DeleteResult(
                             c.task_id,

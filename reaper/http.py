@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import json
+import math
 import random
+import statistics
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping
@@ -31,6 +33,7 @@ from reaper.ratelimit import RateLimiter
 
 __all__ = [
     "ACTED_STATUSES",
+    "ClockOffsets",
     "Exchange",
     "RequestFailed",
     "ResponseTooLarge",
@@ -168,6 +171,43 @@ class ResponseTooLarge(TargetError):
     """The response body exceeded the configured maximum and was not read further."""
 
 
+#: Offsets kept for the median: enough to outvote a few odd answers (a cached one, say).
+_OFFSET_SAMPLE = 512
+
+
+@dataclass
+class ClockOffsets:
+    """How far a server's clock read from ours in its answers, in seconds (positive: ahead).
+
+    An answer bounds the offset: the server read its clock at some instant between our sending
+    the request and receiving the answer (and a ``Date`` names the second it fell in). An answer
+    a clock in step with ours could have given counts as 0, whatever the latency; any other as
+    the middle of its bounds. The median speaks for the target; the extremes show how much the
+    answers disagree.
+    """
+
+    count: int = 0
+    smallest: float = math.inf
+    largest: float = -math.inf
+    _sample: list[float] = field(default_factory=list, repr=False)
+
+    def add(self, earliest: float, latest: float) -> None:
+        """One answer: the server's reading lies between ``earliest`` and ``latest`` seconds
+        from our clock."""
+        offset = 0.0 if earliest <= 0 <= latest else (earliest + latest) / 2
+        if len(self._sample) < _OFFSET_SAMPLE:
+            self._sample.append(offset)
+        else:
+            self._sample[self.count % _OFFSET_SAMPLE] = offset
+        self.count += 1
+        self.smallest = min(self.smallest, offset)
+        self.largest = max(self.largest, offset)
+
+    def median(self) -> float | None:
+        """The typical offset, None before any answer."""
+        return statistics.median(self._sample) if self._sample else None
+
+
 @dataclass
 class HttpStats:
     """Counters for reports and metrics."""
@@ -177,6 +217,24 @@ class HttpStats:
     status: Counter[int] = field(default_factory=Counter)
     transport_errors: int = 0
     latencies: list[float] = field(default_factory=list)
+    #: The target's clock, from the ``Date`` header of its answers (those without one ignored).
+    date_offsets: ClockOffsets = field(default_factory=ClockOffsets)
+    #: The target's local wall time where its answers carry one (data_pipeline's
+    #: ``data.timestamp``), read in the configured zone: a zone that disagrees shows here.
+    local_time_offsets: ClockOffsets = field(default_factory=ClockOffsets)
+    _date_cache: tuple[str, float | None] = ("", None)
+
+    def observe_date(self, header: str | None, sent: float, received: float) -> None:
+        """Note an answer's ``Date`` (to the second) against our clock around the exchange."""
+        if not header:
+            return
+        cached, server = self._date_cache
+        if header != cached:
+            # Answers within one second repeat the header: parse each value once.
+            server = _http_date(header)
+            self._date_cache = (header, server)
+        if server is not None:
+            self.date_offsets.add(server - received, server + 1.0 - sent)
 
     def record_latency(self, seconds: float) -> None:
         # A bounded sample is enough to size concurrency from the observed latency.
@@ -212,6 +270,17 @@ def error_fields(body: bytes) -> tuple[str | None, str | None]:
         str(code)[:128] if code is not None else None,
         str(message)[:1024] if message is not None else None,
     )
+
+
+def _http_date(value: str) -> float | None:
+    """An HTTP date as a POSIX timestamp, None when it does not parse."""
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # "-0000": UTC, with no claim about local time (RFC 5322)
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp()
 
 
 def retry_after_seconds(value: str | None, now: datetime | None = None) -> float | None:
@@ -301,6 +370,7 @@ class TargetHttp:
                 )
             self.stats.requests += 1
             started = time.monotonic()
+            sent = time.time()
             try:
                 response, body = await self._exchange(
                     method, url, params, json_body, headers, timeout
@@ -339,6 +409,7 @@ class TargetHttp:
                 continue
 
             self.stats.status[response.status_code] += 1
+            self.stats.observe_date(response.headers.get("Date"), sent, time.time())
             exchange = Exchange(response, body, attempt, tuple(earlier))
             if response.status_code in (401, 403):
                 code, message = error_fields(body)

@@ -74,6 +74,10 @@ class PolicyLock:
             self.held = True  # one process by construction
             return True
         safe = re.sub(r"[^A-Za-z0-9._-]", "_", self.policy)
+        if safe != self.policy:
+            # Template instances ('p[a/b]', 'p[a_b]') would share a file once cleaned up: the
+            # name's own hash keeps their locks apart.
+            safe += "-" + hashlib.sha256(self.policy.encode()).hexdigest()[:16]
         path = Path(f"{database}.{safe}.lock")
         handle = path.open("ab")
         try:

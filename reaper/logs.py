@@ -3,6 +3,11 @@
 Logs go to stderr; command output (tables, JSON) goes to stdout. Secret values registered with
 :func:`register_secret` are replaced by ``***`` in every log line, whatever field they hide in.
 
+A line is written to whatever ``sys.stderr`` is *when it is logged*, as the logging module's own
+last-resort handler does: while rich draws a progress bar it replaces ``sys.stderr`` with a proxy
+that prints each line through its console, above the bar (``Live(redirect_stderr=True)``, rich's
+documented way), so a log line never splits the bar into fragments.
+
 structlog's events and the standard ``logging`` module's records (APScheduler's job errors,
 Alembic's migrations, httpx) leave through one ``logging`` handler whose
 ``structlog.stdlib.ProcessorFormatter`` gives both the same fields, the same redaction and the
@@ -62,13 +67,30 @@ _CHATTY = ("httpx", "httpcore")
 _handler: logging.Handler | None = None
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A StreamHandler on the current ``sys.stderr``, not the one it was created with."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass  # always sys.stderr
+
+
 def configure_logging(
     fmt: Literal["auto", "json", "console"] = "auto",
     level: str = "info",
     stream: Any = None,
 ) -> None:
-    """Send structlog's events and the ``logging`` module's records to ``stream`` (stderr)."""
+    """Send structlog's events and the ``logging`` module's records to ``stream`` (default:
+    whatever ``sys.stderr`` is when a line is written)."""
     global _handler
+    handler = logging.StreamHandler(stream) if stream is not None else _StderrHandler()
     stream = stream or sys.stderr
     use_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
     renderer: Any = (
@@ -89,7 +111,6 @@ def configure_logging(
         logger_factory=structlog.stdlib.LoggerFactory(),
         cache_logger_on_first_use=False,
     )
-    handler = logging.StreamHandler(stream)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             # A foreign record's message (its %-arguments merged in) becomes the event; its

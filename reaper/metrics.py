@@ -96,6 +96,12 @@ class Metrics:
             ["policy", "target"],
             registry=r,
         )
+        self.future_timestamps = Gauge(
+            "reaper_future_timestamps",
+            "Tasks whose age field lay in the future at the last plan: a zone or clock is wrong.",
+            ["policy"],
+            registry=r,
+        )
         self.policies = Gauge("reaper_policies_loaded", "Policies scheduled.", registry=r)
         self.interval = Gauge(
             "reaper_schedule_interval_seconds",
@@ -135,6 +141,7 @@ class Metrics:
             self.acknowledged_not_deleted.labels(policy, target).inc(s.acknowledged_not_deleted)
         if run.plan is not None:
             self.backlog.labels(policy).set(run.plan.eligible)
+            self.future_timestamps.labels(policy).set(run.plan.future_timestamps)
         if s.reclaimed_bytes:
             self.reclaimed.labels(policy).inc(s.reclaimed_bytes)
         if run.finished_at is not None:
@@ -162,9 +169,13 @@ class Metrics:
             if first is not None and second is not None:
                 self.interval.labels(item.name).set((second - first).total_seconds())
 
-    def push(self, gateway: str, job: str = "reaper") -> None:
-        """Push to a Prometheus Pushgateway (one-shot runs)."""
-        push_to_gateway(gateway, job=job, registry=self.registry)
+    def push(
+        self, gateway: str, job: str = "reaper", grouping_key: Mapping[str, str] | None = None
+    ) -> None:
+        """Push to a Prometheus Pushgateway (one-shot runs). A push replaces its group: shards
+        push to a group each (``grouping_key``), or each would erase the others' metrics."""
+        group = dict(grouping_key) if grouping_key is not None else None
+        push_to_gateway(gateway, job=job, registry=self.registry, grouping_key=group)
 
     def write(self, path: str) -> None:
         """Write the text exposition to a file (node_exporter textfile collector)."""

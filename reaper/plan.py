@@ -24,15 +24,21 @@ from collections.abc import AsyncIterable, Callable, Collection, Iterable, Itera
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from reaper.converters import format_duration
 from reaper.errors import ListingError
 from reaper.policy import LoadedPolicy, Policy
 from reaper.targets.base import Target, Task
 
+if TYPE_CHECKING:
+    from reaper.clocks import ClockCheck
+
 __all__ = [
+    "DEFAULT_FUTURE_TOLERANCE",
     "Candidate",
     "Decision",
+    "NotInFuture",
     "Plan",
     "Planner",
     "Rule",
@@ -177,6 +183,34 @@ class NeedsTimestamp:
         return None
 
 
+class NotInFuture:
+    """A task whose age field lies in the future is never eligible: its age cannot be trusted.
+
+    Beyond a small tolerance (clocks are never quite in step), a future timestamp means the
+    zone its value is read in, or a clock, is wrong; and the same mistake then ages every other
+    task wrongly too. The rule counts what it protects and the furthest it saw, for the run's
+    warning (reaper.clocks).
+    """
+
+    def __init__(self, now: datetime, tolerance: timedelta, age_field: str) -> None:
+        self.now = now
+        self.limit = now + tolerance
+        self.passes_before = self.limit
+        self.reason = (
+            f"protected: {age_field} lies more than {format_duration(tolerance)} in the future "
+            "(check the zone of the target's timestamps and the host clock)"
+        )
+        #: How far ahead of ``now`` the furthest protected timestamp lay.
+        self.furthest = timedelta(0)
+
+    def __call__(self, task: Task) -> Decision | None:
+        assert task.timestamp is not None
+        if task.timestamp > self.limit:
+            self.furthest = max(self.furthest, task.timestamp - self.now)
+            return Verdict.PROTECTED, self.reason
+        return None
+
+
 class MinimumAge:
     """No policy deletes a task younger than the process-wide minimum age (default 1h)."""
 
@@ -210,8 +244,15 @@ def _field(task: Task, name: str) -> str:
     return task.id if name == "task_id" else task.fields.get(name, "")
 
 
+#: How far in the future a task's age field may lie before it is suspect (REAPER_FUTURE_TOLERANCE).
+DEFAULT_FUTURE_TOLERANCE = timedelta(minutes=5)
+
+
 def build_rules(
-    policy: Policy, now: datetime, min_age: timedelta = timedelta(hours=1)
+    policy: Policy,
+    now: datetime,
+    min_age: timedelta = timedelta(hours=1),
+    future_tolerance: timedelta = DEFAULT_FUTURE_TOLERANCE,
 ) -> tuple[list[Rule], list[Rule]]:
     """The rules before (selection) and after (aging) the point where a task 'matches'.
 
@@ -235,6 +276,7 @@ def build_rules(
     cutoff = now - policy.select.older_than
     aging: list[Rule] = [
         NeedsTimestamp(policy.age_field),
+        NotInFuture(now, future_tolerance, policy.age_field),
         MinimumAge(now, min_age),
         OlderThan(cutoff, format_duration(policy.select.older_than), policy.age_field),
     ]
@@ -284,6 +326,12 @@ class Plan:
     #: The plan's rules for one task, keep-newest-N aside: None when it is eligible, else the
     #: verdict and reason. The send-time re-check decides fresh records with it.
     decide: Callable[..., Decision | None] | None = field(default=None, repr=False)
+    #: Tasks the policy is about whose age field lay in the future (beyond the tolerance), and
+    #: how far ahead the furthest one was.
+    future_timestamps: int = 0
+    future_furthest: timedelta = timedelta(0)
+    #: What the target's answers said about its clock and zone (set by reaper.runner).
+    clock: ClockCheck | None = None
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -395,13 +443,15 @@ class Planner:
         target: Target,
         now: datetime,
         min_age: timedelta = timedelta(hours=1),
+        future_tolerance: timedelta = DEFAULT_FUTURE_TOLERANCE,
     ) -> None:
         policy = loaded.policy
         self.loaded = loaded
         self.target = target
         self.now = now
         self.cutoff = now - policy.select.older_than
-        self.selection, self.aging = build_rules(policy, now, min_age)
+        self.selection, self.aging = build_rules(policy, now, min_age, future_tolerance)
+        self._future = next((rule for rule in self.aging if isinstance(rule, NotInFuture)), None)
         self.keep_newest = policy.keep.newest
         self.older_than = format_duration(policy.select.older_than)
         self.match = policy.select.match
@@ -582,6 +632,10 @@ class Planner:
             reasons=reasons,
             status_counts=Counter(self._status_counts),
             decide=self.decide,
+            future_timestamps=(
+                self.counts[(Verdict.PROTECTED, self._future.reason)] if self._future else 0
+            ),
+            future_furthest=self._future.furthest if self._future else timedelta(0),
         )
 
 
@@ -591,9 +645,10 @@ async def make_plan(
     tasks: AsyncIterable[Task],
     now: datetime,
     min_age: timedelta = timedelta(hours=1),
+    future_tolerance: timedelta = DEFAULT_FUTURE_TOLERANCE,
 ) -> Plan:
     """Consume a whole listing and plan it; a ListingError from the listing propagates."""
-    planner = Planner(loaded, target, now, min_age)
+    planner = Planner(loaded, target, now, min_age, future_tolerance)
     async for task in tasks:
         planner.add(task)
     return planner.finish()

@@ -41,6 +41,7 @@ from reaper.errors import FieldError, PolicyError
 from reaper.fields import INTEGRAL, Duration, JsonInt, RateValue
 from reaper.schedule import parse_cron
 from reaper.targets import Registry, Target, TargetConfig, installed_kinds
+from reaper.templates import Instance, expand, is_template, template_schema
 from reaper.yamlfile import Document, Path_, YamlError, read_documents
 
 __all__ = [
@@ -255,10 +256,17 @@ class LoadedPolicy:
     policy: Policy
     path: Path | None
     line: int
+    #: The template instance this policy is (None for a policy written out).
+    instance: Instance | None = None
 
     @property
     def name(self) -> str:
         return self.policy.name
+
+    @property
+    def template(self) -> str | None:
+        """The name of the template this policy is an instance of."""
+        return self.instance.template if self.instance is not None else None
 
     @property
     def digest(self) -> str:
@@ -279,6 +287,7 @@ def policy_json_schema(kinds: Registry | None = None) -> dict[str, Any]:
         "A reaper retention policy. A policy file holds one policy, a list of policies, or "
         "several YAML documents."
     )
+    schema["properties"].update(template_schema())
     return schema
 
 
@@ -329,12 +338,37 @@ def load_policies(paths: Sequence[Path]) -> list[LoadedPolicy]:
                     ),
                 )
             )
+    problems.extend(_template_clashes(loaded))
     if not files and not problems:
         where = ", ".join(str(p) for p in paths) or "<none>"
         problems.append((None, FieldError("<policies>", f"no policy files found in {where}")))
     if problems:
         raise _combined(problems)
     return loaded
+
+
+def _template_clashes(loaded: list[LoadedPolicy]) -> list[tuple[Path | None, FieldError]]:
+    """A template may not share its name with a policy written out: ``--policy NAME`` selects
+    a template's instances by the template's name."""
+    plain = {item.name: item for item in loaded if item.instance is None}
+    clashes: dict[str, tuple[Path | None, FieldError]] = {}
+    for item in loaded:
+        if item.template is not None and item.template in plain:
+            first = plain[item.template]
+            clashes.setdefault(
+                item.template,
+                (
+                    item.path,
+                    FieldError(
+                        "name",
+                        f"a template and a policy are both named {item.template!r} (the policy "
+                        f"is defined in {first.path}:{first.line})",
+                        line=item.line,
+                        policy=item.template,
+                    ),
+                ),
+            )
+    return list(clashes.values())
 
 
 def _combined(problems: list[tuple[Path | None, FieldError]]) -> PolicyError:
@@ -367,6 +401,11 @@ def load_policy_text(text: str, path: Path | None = None) -> list[LoadedPolicy]:
         else:
             entries = [((), data)]
         for prefix, raw in entries:
+            if is_template(raw):
+                instances, problems = _load_template(raw, prefix, document, path)
+                loaded.extend(instances)
+                errors.extend(problems)
+                continue
             policy, problems = _validate(raw, prefix, document)
             errors.extend(problems)
             if policy is not None:
@@ -379,21 +418,88 @@ def load_policy_text(text: str, path: Path | None = None) -> list[LoadedPolicy]:
     return loaded
 
 
+def _load_template(
+    raw: dict[str, Any], prefix: Path_, document: Document, path: Path | None
+) -> tuple[list[LoadedPolicy], list[FieldError]]:
+    """Expand a template and validate each instance as a policy of its own."""
+    name = raw.get("name") if isinstance(raw.get("name"), str) else None
+    shown = str(path) if path is not None else "<policy>"
+
+    def locate(inner: Path_) -> str:
+        position = document.position((*prefix, *inner))
+        return f"{shown}:{position[0]}" if position else shown
+
+    expansion = expand(raw, path.parent if path is not None else Path(), locate)
+    if expansion.problems:
+        return [], [
+            _located(document, prefix, where, message, name)
+            for where, message in expansion.problems
+        ]
+    position = document.position(prefix)
+    line = position[0] if position else 1
+    loaded: list[LoadedPolicy] = []
+    found: list[list[FieldError]] = []
+    for instance, doc in expansion.instances:
+        policy, problems = _validate(doc, prefix, document, instance)
+        found.append(problems)
+        if policy is not None:
+            policy = policy.model_copy(update={"name": instance.name})
+            loaded.append(LoadedPolicy(policy, path, line, instance))
+    return loaded, _merge_instance_errors(found, name)
+
+
+def _merge_instance_errors(found: list[list[FieldError]], template: str | None) -> list[FieldError]:
+    """A mistake every instance shares is the template's: reported once, not once per instance."""
+
+    def shared(error: FieldError) -> tuple[Any, ...]:
+        return (error.field, error.line, error.column, error.message)
+
+    counts: dict[tuple[Any, ...], int] = {}
+    for problems in found:
+        for key in {shared(error) for error in problems}:
+            counts[key] = counts.get(key, 0) + 1
+    everywhere = {key for key, count in counts.items() if count == len(found)}
+    merged: list[FieldError] = []
+    reported: set[tuple[Any, ...]] = set()
+    for problems in found:
+        for error in problems:
+            key = shared(error)
+            if key not in everywhere:
+                merged.append(error)
+            elif key not in reported:
+                reported.add(key)
+                merged.append(
+                    FieldError(error.field, error.message, error.line, error.column, template)
+                )
+    return merged
+
+
+def _located(
+    document: Document, prefix: Path_, path: Path_, message: str, name: str | None
+) -> FieldError:
+    position = document.position((*prefix, *path))
+    return FieldError(
+        ".".join(str(p) for p in path) or "<policy>",
+        message,
+        position[0] if position else None,
+        position[1] if position else None,
+        name,
+    )
+
+
 def _validate(
-    raw: Any, prefix: Path_, document: Document
+    raw: Any, prefix: Path_, document: Document, instance: Instance | None = None
 ) -> tuple[Policy | None, list[FieldError]]:
     name = raw.get("name") if isinstance(raw, dict) else None
     name = name if isinstance(name, str) else None
+    if instance is not None:
+        name = instance.name
 
     def located(path: Path_, message: str) -> FieldError:
-        position = document.position((*prefix, *path))
-        return FieldError(
-            ".".join(str(p) for p in path) or "<policy>",
-            message,
-            position[0] if position else None,
-            position[1] if position else None,
-            name,
-        )
+        origin = instance.origin(path) if instance is not None else None
+        if origin is not None:
+            message = f"{message} (the value of {origin})"
+        return _located(document, prefix, path, message, name)
 
     if not isinstance(raw, dict):
         return None, [located((), "a policy must be a mapping of keys to values")]

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from reaper.audit import AuditRow
@@ -86,7 +87,7 @@ def plan_table(plan: Plan, console: Console, examples: int = 5) -> None:
     """Print a plan for review."""
     data = plan_dict(plan, examples)
     console.print(
-        f"[bold]{plan.policy.name}[/bold]: listed {plan.listed}, "
+        f"[bold]{escape(plan.policy.name)}[/bold]: listed {plan.listed}, "
         f"[bold red]delete {plan.eligible}[/bold red], cutoff {data['cutoff']}"
     )
     if data["oldest_to_delete"]:
@@ -165,7 +166,7 @@ def runs_table(runs: Sequence[PolicyRun], console: Console) -> None:
         s = run.summary
         deleted = str(s.deleted if run.mode.value == "run" else f"{s.dry_run} (dry run)")
         table.add_row(
-            run.policy,
+            escape(run.policy),  # template instances' names hold brackets, as markup does
             run.status.value,
             str(s.listed),
             deleted,
@@ -179,7 +180,7 @@ def runs_table(runs: Sequence[PolicyRun], console: Console) -> None:
     console.print(table)
     for run in runs:
         if run.error:
-            console.print(f"[red]{run.policy}[/red]: {run.error}")
+            console.print(f"[red]{escape(run.policy)}[/red]: {escape(run.error)}")
 
 
 _AUDIT_COLUMNS = (
@@ -201,7 +202,9 @@ def audit_table(rows: Sequence[AuditRow], console: Console) -> None:
         table.add_column(name)
     for row in rows:
         values = row.as_dict()
-        table.add_row(*("" if values[c] is None else str(values[c]) for c in _AUDIT_COLUMNS))
+        table.add_row(
+            *("" if values[c] is None else escape(str(values[c])) for c in _AUDIT_COLUMNS)
+        )
     console.print(table)
 
 
@@ -236,7 +239,7 @@ def explain_text(entry: dict[str, Any], console: Console, show_policy: bool) -> 
         answer += f": {entry['error_code'] or ''} {entry['error_message'] or ''}".rstrip()
     console.print(
         f"[bold]{entry['when']}[/bold] {entry['task_id']}: [bold]{entry['outcome']}[/bold] "
-        f"by policy {entry['policy']} (version {str(entry['policy_hash'])[:12]}, "
+        f"by policy {escape(entry['policy'])} (version {str(entry['policy_hash'])[:12]}, "
         f"{entry['mode']} {entry['run_id']})"
     )
     console.print(

@@ -22,10 +22,11 @@ import structlog
 from sqlalchemy import Engine
 
 from reaper.audit import AuditEntry, AuditStore, RunRecord, RunSummary
+from reaper.clocks import ClockLimits, check_clocks
 from reaper.converters import Rate
 from reaper.errors import AuditError, ListingError, RunAborted, TargetAuthError, TargetError
 from reaper.execute import AsyncAudit, Batches, BatchEvent, Executor, auto_concurrency
-from reaper.guards import GuardOverrides, check_guards
+from reaper.guards import GuardOverrides, GuardTrip, check_guards
 from reaper.http import HttpStats, RetryPolicy, TargetHttp
 from reaper.inventory import Inventory
 from reaper.locks import PolicyLock
@@ -110,6 +111,8 @@ class PolicyRun:
     slot: datetime | None = None
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     finished_at: datetime | None = None
+    #: What the run's output should point out (a clock or zone that looks wrong, reaper.clocks).
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -198,8 +201,10 @@ async def plan_policy(
     *,
     observe: Reconciler | None = None,
     stop: asyncio.Event | None = None,
+    clock: ClockLimits | None = None,
 ) -> Plan:
-    """List the target completely and plan the policy over it.
+    """List the target completely and plan the policy over it, then judge the clocks behind it
+    (``plan.clock``, its warnings logged).
 
     ``observe`` sees every listed task too (reconciliation shares the run's listing).
     """
@@ -209,7 +214,11 @@ async def plan_policy(
         tasks = observe.watch(tasks)
     if stop is not None:
         tasks = _until(stop, tasks)
-    return await make_plan(loaded, target, tasks, now, min_age)
+    clock = clock or ClockLimits()
+    plan = await make_plan(loaded, target, tasks, now, min_age, clock.future_tolerance)
+    plan.clock = check_clocks(loaded.policy, target.http.stats, plan, clock)
+    plan.clock.log()
+    return plan
 
 
 class Interrupted(Exception):
@@ -238,6 +247,7 @@ class RunOptions:
     approved: SavedPlan | None = None
     #: Claim this scheduled slot in the run ledger first; skip if another process has it.
     slot: datetime | None = None
+    clock: ClockLimits = field(default_factory=ClockLimits)
 
 
 async def run_policy(loaded: LoadedPolicy, audit: AuditStore, **options: Any) -> PolicyRun:
@@ -264,6 +274,8 @@ class _PolicyRunner:
         self.run = PolicyRun(self.policy.name, opts.mode, RunStatus.FAILED)
         #: Tasks whose acknowledged deletion this run's listing contradicted.
         self.corrected: set[str] = set()
+        #: When the listing this run plans from began (the re-check looks for later changes).
+        self.listing_started: datetime | None = None
 
     async def execute(self) -> PolicyRun:
         run, policy = self.run, self.policy
@@ -333,6 +345,7 @@ class _PolicyRunner:
         reconciler = await self.audit.call(
             Reconciler.load, self.store, policy.name, exclude_run=run_id
         )
+        self.listing_started = datetime.now(UTC)
         try:
             plan = await plan_policy(
                 self.loaded,
@@ -341,6 +354,7 @@ class _PolicyRunner:
                 self.opts.min_age,
                 observe=reconciler,
                 stop=self.opts.stop,
+                clock=self.opts.clock,
             )
         except Interrupted:
             run.status = RunStatus.INTERRUPTED
@@ -390,7 +404,9 @@ class _PolicyRunner:
         history = await self.audit.call(
             self.store.recent_eligible, policy.name, policy.delete.anomaly.history
         )
-        trip = check_guards(policy, plan.eligible, plan.listed, history, self.opts.overrides)
+        trip = self._clock_trip(plan) or check_guards(
+            policy, plan.eligible, plan.listed, history, self.opts.overrides
+        )
         if trip is not None:
             run.status = RunStatus.REFUSED
             run.error = trip.message
@@ -408,6 +424,17 @@ class _PolicyRunner:
                 await self._verify(target, run_id)
         if run.status is RunStatus.FAILED and run.error is None:
             run.status = _final_status(summary)
+
+    def _clock_trip(self, plan: Plan) -> GuardTrip | None:
+        """Note what the plan's clock check found; its guard, if the target's clock is too far
+        from ours to trust any age."""
+        summary = self.run.summary
+        summary.future_timestamps = plan.future_timestamps
+        if plan.clock is None:
+            return None
+        summary.clock_skew_seconds = plan.clock.skew
+        self.run.warnings.extend(warning.message for warning in plan.clock.warnings)
+        return plan.clock.trip
 
     def _verify_now(self, listing_requests: int, target: Target) -> bool:
         """Whether to list again right after deleting: ``delete.verify`` says always, or auto
@@ -491,6 +518,7 @@ class _PolicyRunner:
             listing=_list_request(self.loaded, plan.cutoff),
             eligible_statuses=eligible_statuses(self.loaded),
             status_counts=dict(plan.status_counts),
+            listing_started=self.listing_started,
         )
         return SendCheck(
             target,
@@ -615,6 +643,7 @@ async def _finish(run: PolicyRun, audit: AsyncAudit) -> None:
         refused_ids=s.skipped,
         skipped_changed=s.skipped_changed,
         acknowledged_not_deleted=s.acknowledged_not_deleted,
+        future_timestamps=s.future_timestamps,
         dry_run=s.dry_run,
         reclaimed_bytes=s.reclaimed_bytes,
         error=run.error,

@@ -11,11 +11,12 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
+from reaper.converters import format_duration
 from reaper.fields import Duration
 
 __all__ = ["Settings", "credential_path", "redact_url"]
@@ -46,6 +47,18 @@ class Settings(BaseSettings):
         timedelta(hours=1),
         description="No policy deletes a task younger than this, whatever it says.",
     )
+    future_tolerance: Duration = Field(
+        timedelta(minutes=5),
+        description="A task whose age field lies further than this in the future is protected.",
+    )
+    clock_skew_warn: Duration = Field(
+        timedelta(minutes=5),
+        description="Warn when a target's HTTP Date and this host's clock differ by more.",
+    )
+    max_clock_skew: Duration = Field(
+        timedelta(hours=1),
+        description="Refuse a policy run when they differ by more: no age can be trusted.",
+    )
     audit_retention: Duration | None = Field(
         None, description="Prune runs and audit rows older than this after each `reaper run`."
     )
@@ -64,8 +77,29 @@ class Settings(BaseSettings):
     metrics_file: Path | None = Field(
         None, description="`run`: write metrics here (node_exporter textfile collector)."
     )
+    shard_count: int | None = Field(
+        None,
+        ge=1,
+        le=999_999,
+        description="`run --shard auto`: how many shards (the Indexed Job's spec.completions).",
+    )
+    lease_ttl: Duration = Field(
+        timedelta(seconds=30),
+        description="`serve` on PostgreSQL: how long a replica's policy leases outlive it.",
+    )
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("max_clock_skew")
+    @classmethod
+    def _skew_limits(cls, value: timedelta, info: ValidationInfo) -> timedelta:
+        warn = info.data.get("clock_skew_warn")
+        if isinstance(warn, timedelta) and value < warn:
+            raise ValueError(
+                f"must not be below REAPER_CLOCK_SKEW_WARN ({format_duration(warn)}): a skew "
+                "that refuses the run would never have been warned about"
+            )
+        return value
 
     @field_validator("database_url")
     @classmethod
@@ -76,6 +110,14 @@ class Settings(BaseSettings):
             raise ValueError("not a database URL; expected e.g. sqlite:///reaper.db") from None
         if url.get_backend_name() not in {"sqlite", "postgresql"}:
             raise ValueError("only sqlite and postgresql audit databases are supported")
+        return value
+
+    @field_validator("lease_ttl")
+    @classmethod
+    def _lease(cls, value: timedelta) -> timedelta:
+        # Renewed every third of it: below a second, a busy event loop would lose its leases.
+        if value < timedelta(seconds=1):
+            raise ValueError("a lease lasts at least 1s")
         return value
 
     def database(self) -> URL:

@@ -32,6 +32,7 @@ from reaper.db import (
 )
 from reaper.errors import AuditError
 from reaper.inventory import inventory_table
+from reaper.leases import leases_table, replicas_table
 from reaper.targets.base import DeleteResult, Outcome
 
 RECORD = RunRecord("p", "0" * 64, "{}", "data_pipeline", "http://t", "run")
@@ -50,7 +51,9 @@ class TestMigrations:
         """The migrated schema is exactly the declared tables (no drift between the two)."""
         engine = make_engine(database_url)
         upgrade(engine)
-        assert inventory_table.metadata is metadata  # the inventory's table is declared there
+        # The inventory's and the leases' tables are declared there too.
+        assert inventory_table.metadata is leases_table.metadata is metadata
+        assert replicas_table.metadata is metadata
         with engine.connect() as connection:
             assert compare_metadata(MigrationContext.configure(connection), metadata) == []
         engine.dispose()

@@ -693,11 +693,138 @@ class TestKubernetesManifests:
         assert code == 0, service.logs()
 
 
+def kustomize(directory: Path) -> list[dict[str, Any]]:
+    """What kubectl kustomize renders from a directory."""
+    kubectl = require_tool("kubectl")
+    result = subprocess.run(
+        [kubectl, "kustomize", str(directory)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def render_sharded(tmp_path: Path) -> list[dict[str, Any]]:
+    """The kustomization rendered with the sharded component turned on, as its comment says:
+    the two commented lines uncommented."""
+    copy = tmp_path / "kubernetes"
+    shutil.copytree(KUBERNETES, copy)
+    text = (copy / "kustomization.yaml").read_text(encoding="utf-8")
+    commented = "# components:\n#   - sharded\n"
+    assert text.count(commented) == 1
+    (copy / "kustomization.yaml").write_text(
+        text.replace(commented, "components:\n  - sharded\n"), encoding="utf-8"
+    )
+    return kustomize(copy)
+
+
+#: A fleet for the shards to split: 8 instances of one template against the simulator.
+FLEET = """\
+- name: fleet
+  schedule: "0 3 * * *"
+  for_each:
+    size: [10, 11, 12, 13, 14, 15, 16, 17]
+  target: {type: data_pipeline, base_url: 'URL', page_size: '${size}', timestamps_timezone: UTC}
+  select: {status: [completed], older_than: 30d}
+"""
+
+
+class TestShardedComponent:
+    """deploy/kubernetes/sharded: the CronJob as an Indexed Job, one shard per pod."""
+
+    def test_renders_valid_objects_without_the_scheduler(self, tmp_path: Path) -> None:
+        """With the component every object passes the schemas; the Deployment and its Service
+        are gone; everything else is the base's."""
+        docs = render_sharded(tmp_path)
+        for doc in docs:
+            validate_schema(doc)
+        base = sorted(doc["kind"] for doc in rendered())
+        base.remove("Deployment")
+        base.remove("Service")
+        assert sorted(doc["kind"] for doc in docs) == base
+
+    def test_the_job_is_indexed_and_counts_its_shards(self, tmp_path: Path) -> None:
+        """Indexed, REAPER_SHARD_COUNT equal to completions, --shard auto and --slot auto, no
+        retry per index and no Job-wide limit (a failed shard does not stop the others); the
+        pod is otherwise the base CronJob's."""
+        [cronjob] = [doc for doc in render_sharded(tmp_path) if doc["kind"] == "CronJob"]
+        job = cronjob["spec"]["jobTemplate"]["spec"]
+        assert job["completionMode"] == "Indexed"
+        assert 1 <= job["parallelism"] <= job["completions"]
+        assert job["backoffLimitPerIndex"] == 0
+        assert "backoffLimit" not in job
+        [container] = job["template"]["spec"]["containers"]
+        env = {var["name"]: var.get("value") for var in container["env"]}
+        assert env["REAPER_SHARD_COUNT"] == str(job["completions"])
+        assert "REAPER_SHARD_COUNT" in setting_names()
+        args = container["args"]
+        assert args[0] == "run"
+        assert args[args.index("--shard") + 1] == "auto"
+        assert args[args.index("--slot") + 1] == "auto"
+        # Undo those changes: what is left is the base's CronJob, exactly.
+        [base] = [doc for doc in kustomize(KUBERNETES) if doc["kind"] == "CronJob"]
+        base_job = base["spec"]["jobTemplate"]["spec"]
+        for key in ("completionMode", "completions", "parallelism", "backoffLimitPerIndex"):
+            del job[key]
+        job["backoffLimit"] = base_job["backoffLimit"]
+        [base_container] = base_job["template"]["spec"]["containers"]
+        container["args"] = base_container["args"]
+        container["env"] = [var for var in container["env"] if var["name"] != "REAPER_SHARD_COUNT"]
+        assert cronjob == base
+
+    @pytest.mark.slow
+    def test_every_policy_runs_in_exactly_one_pod(
+        self, tmp_path: Path, data_pipeline: Start
+    ) -> None:
+        """Each index's container, as written, with the JOB_COMPLETION_INDEX Kubernetes sets:
+        between them the pods run every policy once (the policies mount holds the shipped
+        file and a fleet of 8)."""
+        _, url = data_pipeline()
+        docs = render_sharded(tmp_path)
+        [cronjob] = [doc for doc in docs if doc["kind"] == "CronJob"]
+        job = cronjob["spec"]["jobTemplate"]["spec"]
+        configmaps = {doc["metadata"]["name"]: doc for doc in docs if doc["kind"] == "ConfigMap"}
+        pod = Pod(
+            "CronJob", tmp_path / "pod", url, spec=job["template"]["spec"], configmaps=configmaps
+        )
+        (pod.mounts["/etc/reaper/policies"] / "fleet.yaml").write_text(
+            FLEET.replace("URL", url), encoding="utf-8"
+        )
+        ran: list[str] = []
+        for index in range(job["completions"]):
+            result = pod.run({"JOB_COMPLETION_INDEX": str(index)})
+            assert result.returncode == 0, result.stderr
+            shard = [
+                json.loads(line)
+                for line in result.stderr.splitlines()
+                if '"shard_selected"' in line
+            ]
+            assert [entry["shard"] for entry in shard] == [f"{index}/{job['completions']}"]
+            ran.extend(shard[0]["policies"])
+        names = ["pipeline-finished-30d", *(f"fleet[{size}]" for size in range(10, 18))]
+        assert sorted(ran) == sorted(names)
+        assert count_runs(pod.database) == len(names)
+
+
 class Pod:
     """A pod's single container run as a local process: image ENV, envFrom, env and mounts."""
 
-    def __init__(self, kind: str, root: Path, target_url: str) -> None:
-        self.spec = pod_spec(kind)
+    def __init__(
+        self,
+        kind: str,
+        root: Path,
+        target_url: str,
+        *,
+        spec: dict[str, Any] | None = None,
+        configmaps: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
+        """The pod of ``kind`` in the kustomization, or ``spec`` (a rendered pod) whose
+        ConfigMaps are ``configmaps`` (rendered, by their hashed names)."""
+        self.spec = spec if spec is not None else pod_spec(kind)
+        self.configmaps = configmaps if configmaps is not None else generated_configmaps()
         [self.container] = self.spec["containers"]
         self.root = root
         self.database = root / "audit.db"
@@ -714,7 +841,7 @@ class Pod:
 
     def _fill(self, volume: dict[str, Any], here: Path, target_url: str) -> None:
         if "configMap" in volume:
-            data = generated_configmaps()[volume["configMap"]["name"]]["data"]
+            data = self.configmaps[volume["configMap"]["name"]]["data"]
             for name, text in data.items():
                 text = re.sub(r"base_url: \S+", f"base_url: {target_url}", text)
                 (here / name).write_text(text, encoding="utf-8")
@@ -733,7 +860,7 @@ class Pod:
         """The image's ENV, then envFrom, then env; the database URL Secret becomes SQLite."""
         env = dockerfile_env()
         for source in self.container.get("envFrom", []):
-            env |= generated_configmaps()[source["configMapRef"]["name"]]["data"]
+            env |= self.configmaps[source["configMapRef"]["name"]]["data"]
         for var in self.container.get("env", []):
             if "value" in var:
                 env[var["name"]] = var["value"]
@@ -757,10 +884,11 @@ class Pod:
         assert binary == str(VENV_BIN / "reaper")
         return [binary, *command[1:], *self.container["args"]]
 
-    def run(self) -> subprocess.CompletedProcess[str]:
+    def run(self, kubernetes: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        """Run the container; ``kubernetes``: what Kubernetes adds (e.g. JOB_COMPLETION_INDEX)."""
         return subprocess.run(
             self.argv(),
-            env=self.environment(),
+            env=self.environment() | (kubernetes or {}),
             cwd=self.workdir,
             capture_output=True,
             text=True,

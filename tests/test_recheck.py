@@ -272,3 +272,36 @@ class TestServerRefusesLive:
 def test_candidate_timestamps_are_aware() -> None:
     """The window a target re-lists is built from aware UTC timestamps."""
     assert candidate("task_20260901_000001").timestamp.tzinfo is UTC
+
+
+class TestExecutorStopsOnSlowChecks:
+    def test_a_too_slow_check_stops_the_run(self, data_pipeline: Any, store: Any) -> None:
+        """A re-check slower than max_staleness allows fails its batch unsent and stops the run:
+        every further check would be as slow."""
+        from conftest import sim_task
+
+        import reaper.recheck
+        from reaper.runner import RunStatus, run_policy
+
+        tasks = [
+            sim_task(f"task_20260901_{i:06d}", age=timedelta(days=40, minutes=i)) for i in range(30)
+        ]
+        sim, url = data_pipeline(tasks)
+        loaded = make_policy(
+            url,
+            target={"type": "data_pipeline", "base_url": url, "timestamps_timezone": "UTC"},
+            delete={"batch_size": 5, "rate": "200/s", "concurrency": 1},
+        )
+        original = reaper.recheck.SendCheck._check
+
+        async def slow(self: SendCheck, stale: Any, upcoming: Any) -> None:
+            raise RecheckTooSlow("re-checking took 50 s")
+
+        reaper.recheck.SendCheck._check = slow  # type: ignore[method-assign]
+        try:
+            result = asyncio.run(run_policy(loaded, store, now=NOW))
+        finally:
+            reaper.recheck.SendCheck._check = original  # type: ignore[method-assign]
+        assert result.status is RunStatus.ABORTED
+        assert "re-checking took 50 s" in (result.error or "")
+        assert sim.stats["delete_requests"] == 0

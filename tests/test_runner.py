@@ -88,8 +88,9 @@ class TestEndToEnd:
         assert max(sim.delete_requests_by_id.values()) == 1
         assert outcomes(store) == {"deleted": 230}
         # three pages, plus the true total counted before and after, plus the send-time
-        # re-check: one page for each status the policy (completed, failed) does not delete
-        assert sim.stats["list_requests"] == 5 + 3  # pending, in_progress, partial_completed
+        # re-check: a page for each live status (pending, in_progress), and one query for the
+        # tasks completed since the listing began
+        assert sim.stats["list_requests"] == 5 + 2 + 1
 
     def test_concurrent_batches_share_audit_commits(
         self, data_pipeline: Start, store: AuditStore

@@ -87,7 +87,40 @@ def _parser() -> argparse.ArgumentParser:
     faults.add_argument("--drop-before-rate", type=float, default=0.0)
     faults.add_argument("--drop-after-rate", type=float, default=0.0)
     faults.add_argument("--malformed-rate", type=float, default=0.0)
+    faults.add_argument(
+        "--act-then-504-rate", type=float, default=0.0, help="deletes carried out, answered 504"
+    )
+    faults.add_argument(
+        "--ack-without-effect-rate",
+        type=float,
+        default=0.0,
+        help="deletions acknowledged without being carried out",
+    )
+    faults.add_argument(
+        "--reexecute-rate",
+        type=float,
+        default=0.0,
+        help="data_pipeline: finished tasks re-executed right after a listing shows them",
+    )
+    faults.add_argument(
+        "--db-update-failure-rate",
+        type=float,
+        default=0.0,
+        help="data_pipeline: row updates that fail after the directory was removed",
+    )
+    faults.add_argument(
+        "--delete-ms-per-id",
+        type=float,
+        default=0.0,
+        help="data_pipeline: synchronous work per id of a delete request",
+    )
     faults.add_argument("--down", action="store_true", help="close every API connection")
+    parser.add_argument(
+        "--old-live-share",
+        type=float,
+        default=None,
+        help="data_pipeline: share of tasks older than 2h still pending/in progress (0.2)",
+    )
     return parser
 
 
@@ -105,7 +138,13 @@ def _build(args: argparse.Namespace, faults: Faults) -> tuple[SimulatorBase, int
         )
         return aparavi, len(aparavi_tasks)
     span = timedelta(days=args.span_days) if args.span_days is not None else None
-    tasks = generate_tasks(args.tasks, seed=args.seed, timezone=args.timezone, span=span)
+    tasks = generate_tasks(
+        args.tasks,
+        seed=args.seed,
+        timezone=args.timezone,
+        span=span,
+        old_live_share=args.old_live_share,
+    )
     simulator = DataPipelineSimulator(tasks, timezone=args.timezone, faults=faults, seed=args.seed)
     return simulator, len(tasks)
 
@@ -165,6 +204,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             drop_after_rate=args.drop_after_rate,
             malformed_rate=args.malformed_rate,
             partial_failure_rate=args.partial_failure_rate,
+            act_then_504_rate=args.act_then_504_rate,
+            ack_without_effect_rate=args.ack_without_effect_rate,
+            reexecute_rate=args.reexecute_rate,
+            db_update_failure_rate=args.db_update_failure_rate,
+            delete_ms_per_id=args.delete_ms_per_id,
             down=args.down,
         )
     except ValueError as exc:

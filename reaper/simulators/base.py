@@ -88,6 +88,9 @@ class Faults:
     #: data_pipeline: milliseconds of synchronous work per id of a delete request (the real
     #: server walks each directory and opens a database connection per id).
     delete_ms_per_id: float = 0.0
+    #: Seconds added to the HTTP ``Date`` header of every answer (negative: behind): a server
+    #: whose clock disagrees with the client's.
+    clock_skew_s: float = 0.0
     down: bool = False
 
     def __post_init__(self) -> None:
@@ -100,7 +103,7 @@ class Faults:
             # bool is an int: refuse it so that {"error_rate": true} is not silently 1.0.
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ValueError(f"{f.name} must be a number, got {value!r}")
-            if not math.isfinite(value) or value < 0:
+            if not math.isfinite(value) or (value < 0 and f.name != "clock_skew_s"):
                 raise ValueError(f"{f.name} must be a finite number >= 0, got {value!r}")
             if f.name.endswith("_rate") and value > 1:
                 raise ValueError(f"{f.name} must be between 0 and 1, got {value!r}")
@@ -276,6 +279,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         """Stay quiet: simulators run inside test and benchmark output."""
+
+    def date_time_string(self, timestamp: float | None = None) -> str:
+        """The ``Date`` header, shifted by the ``clock_skew_s`` fault."""
+        if timestamp is None:
+            timestamp = time.time() + self.server.simulator.faults.clock_skew_s
+        return super().date_time_string(timestamp)
 
     def do_GET(self) -> None:
         self._serve()

@@ -199,6 +199,7 @@ def generate_tasks(
     *,
     span: timedelta | None = None,
     cleaned_rate: float = 0.0,
+    old_live_share: float | None = None,
 ) -> list[SimTask]:
     """Generate ``n`` realistic tasks, deterministic for a seed and ``now``, oldest first.
 
@@ -298,6 +299,21 @@ def generate_tasks(
                     files_count * (1024 + int(rand() * 400_000)),
                 )
             )
+    if old_live_share is not None:
+        if not 0 <= old_live_share <= 0.2:
+            raise ValueError(f"old_live_share must be between 0 and 0.2, got {old_live_share}")
+        # A separate generator, so the share does not change the other tasks.
+        keep = random.Random(seed + 2).random
+        for task in tasks:
+            if (
+                task.status in LIVE_STATUSES
+                and task.created_at.timestamp() <= recent_ts
+                and keep() >= old_live_share / 0.2
+            ):
+                task.status, task.step_status = "completed", _STEP_STATUS["completed"]
+                task.started_at = task.created_at + timedelta(seconds=5)
+                task.completed_at = task.started_at + timedelta(minutes=5)
+                task.updated_at = task.completed_at
     if cleaned_rate:
         # A separate generator, so the rate does not change the tasks themselves.
         clean = random.Random(seed + 1).random
@@ -487,15 +503,27 @@ class DataPipelineSimulator(SimulatorBase):
 
     def reexecute(self, task_id: str) -> None:
         """Run a task again, as ``POST .../tasks/{task_id}/execute`` does: back to in_progress,
-        its directory recreated (``directory_exists`` is not reset, as on the real server)."""
+        its directory recreated (``directory_exists`` is not reset, as on the real server).
+        ``started_at`` is kept (the server sets it only when it is empty); ``completed_at``
+        stays until the task finishes again (:meth:`finish`)."""
         with self.lock:
             task = self._tasks[task_id]
             now = datetime.now(UTC)
             task.status, task.step_status = "in_progress", _STEP_STATUS["in_progress"]
-            task.started_at, task.completed_at = now, None
+            task.started_at = task.started_at or now
             self._data_gone.discard(task_id)
             self.reexecuted.append(task_id)
             # Status indexes hold the old status; the full index is ordered by creation only.
+            self._indexes = {None: self._indexes[None]} if None in self._indexes else {}
+
+    def finish(self, task_id: str, status: str) -> None:
+        """A running task ends: ``completed``/``failed`` set ``completed_at`` to now (as
+        ``update_task_status`` does); ``partial_completed`` leaves it as it was."""
+        with self.lock:
+            task = self._tasks[task_id]
+            task.status, task.step_status = status, _STEP_STATUS[status]
+            if status in ("completed", "failed"):
+                task.completed_at = datetime.now(UTC)
             self._indexes = {None: self._indexes[None]} if None in self._indexes else {}
 
     def add_tasks_from_json(self, payload: Any) -> int:

@@ -122,6 +122,8 @@ class RecheckRequest:
     horizon: int = 0
     #: The listed age-field value of each id asked about (for re-listing a time window).
     timestamps: Mapping[str, datetime] = field(default_factory=dict)
+    #: When the run's listing began: a change after it is what a re-check looks for.
+    listing_started: datetime | None = None
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,9 @@ working on it: its ids are ``unknown`` until reconciliation settles them.
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Callable, Sequence
-from datetime import timedelta
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from datetime import datetime, timedelta
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
@@ -217,8 +218,27 @@ class DataPipelineTarget(Target):
     async def _page(self, url: str, limit: int, offset: int, where: str) -> list[Any]:
         # The query written out (two integers): httpx's params merging costs ~45 us of CPU a
         # request, and a million tasks are 10,000 requests.
+        sent = time.time()
         body = await self.fetch_json(where, "GET", f"{url}?limit={limit}&offset={offset}")
-        return _page_tasks(body, where)
+        tasks = _page_tasks(body, where)
+        self._observe_local_time(body["data"].get("timestamp"), sent, time.time())
+        return tasks
+
+    def _observe_local_time(self, value: Any, sent: float, received: float) -> None:
+        """Note the server's local time (``data.timestamp``, naive) read in the configured
+        zone: a zone that is not the server's shows as an offset of hours (reaper.clocks).
+
+        Informational only: a missing or odd value is ignored, never a listing error."""
+        if not isinstance(value, str):
+            return
+        try:
+            local = datetime.fromisoformat(value)
+        except ValueError:
+            return
+        if local.tzinfo is not None:
+            return  # it says its own offset: there is no zone to get wrong
+        server = local.replace(tzinfo=self.config.zone).timestamp()
+        self.http.stats.local_time_offsets.add(server - received, server - sent)
 
     def error_text(self, body: bytes) -> tuple[str | None, str | None]:
         return _error_text(_json_or_none(body))
@@ -299,21 +319,75 @@ class DataPipelineTarget(Target):
     async def recheck(
         self, ids: Sequence[str], upcoming: Sequence[str], request: RecheckRequest
     ) -> Recheck:
-        """Re-list the statuses in which a task is no longer deletable (a check that holds for
-        every task), or GET each task when that costs fewer requests than the ids about to go."""
-        excluded = sorted(self.known_statuses - request.eligible_statuses)
-        step = SERVER_PAGE_CAP - RELIST_OVERLAP
-        pages = sum(
-            1 + max(0, request.status_counts.get(status, 0) - SERVER_PAGE_CAP + step) // step
-            for status in excluded
-        )
-        if not excluded:
-            return Recheck({}, None, means="no status excludes a task")
-        if pages <= max(request.horizon, len(ids)):
-            return await self._relist(excluded, request)
-        return await self._get_each(ids, request)
+        """A check that holds for every task, or a GET per task when that costs fewer requests
+        than the ids about to go.
 
-    async def _relist(self, statuses: Sequence[str], request: RecheckRequest) -> Recheck:
+        A finished task changes only by being executed again: it goes back to ``in_progress``,
+        and if it finishes again as completed or failed the server sets ``completed_at`` anew.
+        So re-listing the live statuses and querying the tasks completed since the listing began
+        (``POST .../tasks/query`` with ``completed_time_start``: usually one page) sees every
+        status change but one: a re-execution that ended ``partial_completed``, which the server
+        does not timestamp. Without the query endpoint (``verify_total: false``), every status in
+        which a task is no longer deletable is re-listed instead.
+        """
+        live = sorted(self.live_statuses - request.eligible_statuses)
+        since = request.listing_started
+        if self.config.verify_total and since is not None:
+            statuses = live
+            pages = _relist_pages(statuses, request.status_counts) + 1
+        else:
+            statuses = sorted(self.known_statuses - request.eligible_statuses)
+            pages = _relist_pages(statuses, request.status_counts)
+            since = None
+        if pages == 0:
+            return Recheck({}, None, means="no status excludes a task")
+        if pages > max(request.horizon, len(ids)):
+            return await self._get_each(ids, request)
+        seen = await self._relist(statuses, request)
+        means = f"re-listed statuses {', '.join(statuses)}"
+        if since is not None:
+            finished = await self._finished_since(since, request)
+            seen.update(finished)
+            means += f"; {len(finished)} task(s) finished since the listing began"
+        return Recheck(seen, None, means=means)
+
+    async def _finished_since(self, since: datetime, request: RecheckRequest) -> dict[str, Task]:
+        """Tasks whose completed_at is at or after ``since`` (less a margin for the server's
+        clock), in full, from the query endpoint (completed_at ascending: stable while paging)."""
+        start = (since - _CLOCK_MARGIN).astimezone(self.config.zone).replace(tzinfo=None)
+        read = self._reader(request.listing, self.config.zone)
+        found: dict[str, Task] = {}
+        page = 1
+        while True:
+            where = f"querying tasks completed since {start.isoformat()} (page {page})"
+            exchange = await self.fetch_page(
+                where,
+                "POST",
+                self.config.endpoint() + "/query",
+                json_body={
+                    "page": page,
+                    "page_size": SERVER_PAGE_CAP,
+                    "completed_time_start": start.isoformat(timespec="seconds"),
+                    "sort_by": "completed_at",
+                    "sort_order": "asc",
+                },
+            )
+            body = _json_or_none(exchange.body)
+            data = body.get("data") if isinstance(body, dict) else None
+            pagination = data.get("pagination") if isinstance(data, dict) else None
+            if exchange.status_code != 200 or not isinstance(pagination, dict):
+                raise ListingError(
+                    f"{where}: HTTP {exchange.status_code} without a paginated answer",
+                    http_status=exchange.status_code,
+                )
+            for raw in _page_tasks(body, where):
+                task = read(raw, where)
+                found[task.id] = task
+            if pagination.get("has_next") is not True:
+                return found
+            page += 1
+
+    async def _relist(self, statuses: Sequence[str], request: RecheckRequest) -> dict[str, Task]:
         seen: dict[str, Task] = {}
         read = self._reader(request.listing, self.config.zone)
         for status in statuses:
@@ -328,7 +402,7 @@ class DataPipelineTarget(Target):
                             "than it can be listed"
                         ) from None
             seen.update(found)
-        return Recheck(seen, None, means=f"re-listed statuses {', '.join(statuses)}")
+        return seen
 
     async def _relist_status(
         self, status: str, read: Callable[[Any, str], Task]
@@ -399,6 +473,19 @@ class DataPipelineTarget(Target):
             # This answer carries the status and times, not every field a policy may match on.
             fields=False,
         )
+
+
+#: Tasks completed this long before the listing began are queried too: the server's clock (its
+#: database session's) and reaper's may differ a little.
+_CLOCK_MARGIN = timedelta(minutes=10)
+
+
+def _relist_pages(statuses: Sequence[str], counts: Mapping[str, int]) -> int:
+    """Pages a re-listing of ``statuses`` costs, from the run's listing counts."""
+    step = SERVER_PAGE_CAP - RELIST_OVERLAP
+    return sum(
+        1 + max(0, counts.get(status, 0) - SERVER_PAGE_CAP + step) // step for status in statuses
+    )
 
 
 class _Shifted(Exception):

@@ -801,8 +801,10 @@ class TestRealServerBehaviours:
     def test_reexecuted_right_after_a_listing(
         self, client: httpx.Client, sim: DataPipelineSimulator
     ) -> None:
-        """reexecute_rate: finished tasks on a served page go back to in_progress (no
-        completed_at, directory_exists unchanged); live ones are untouched."""
+        """reexecute_rate: finished tasks on a served page go back to in_progress; started_at,
+        completed_at and directory_exists are kept (update_task_status sets started_at only
+        when empty, and completed_at only on completion); live ones are untouched."""
+        before = {t.task_id: (t.started_at, t.completed_at) for t in sim.tasks}
         sim.set_faults(Faults(reexecute_rate=1.0))
         page = client.get(TASKS, params={"limit": 20, "offset": 100}).json()["data"]["tasks"]
         shown_finished = [
@@ -815,13 +817,24 @@ class TestRealServerBehaviours:
         for task_id in shown_finished:
             task = sim.task(task_id)
             assert task is not None
-            assert (task.status, task.completed_at, task.directory_exists) == (
-                "in_progress",
-                None,
-                True,
-            )
+            assert (task.status, task.directory_exists) == ("in_progress", True)
+            assert (task.started_at, task.completed_at) == before[task_id]
         live = {t["task_id"] for t in list_all(client, status="in_progress")}
         assert set(shown_finished) <= live
+
+    def test_finishing_again_sets_completed_at(self, sim: DataPipelineSimulator) -> None:
+        """A re-executed task that completes or fails gets a new completed_at; one that ends
+        partial_completed keeps the old one (the server sets it for completed/failed only)."""
+        done = [t for t in sim.tasks if t.status == "completed"][:3]
+        old = [t.completed_at for t in done]
+        for task, status in zip(done, ("completed", "failed", "partial_completed"), strict=True):
+            sim.reexecute(task.task_id)
+            sim.finish(task.task_id, status)
+        assert done[0].completed_at is not None and old[0] is not None
+        assert done[0].completed_at > old[0]
+        assert done[1].completed_at is not None and done[1].completed_at > (old[1] or NOW)
+        assert done[2].completed_at == old[2]
+        assert [t.status for t in done] == ["completed", "failed", "partial_completed"]
 
     def test_database_update_failure_is_still_reported_deleted(
         self, client: httpx.Client, sim: DataPipelineSimulator, tasks: list[SimTask]

@@ -551,32 +551,34 @@ class TestStorageSeam:
 
 
 def import_graph() -> dict[str, set[str]]:
-    """Which reaper modules (and sqlalchemy) each module of the package imports, anywhere in
-    it; read from the source, so that the package's ``__init__`` importing everything does not
-    blur it."""
+    """Which reaper modules (and sqlalchemy) each module of the package imports when it runs,
+    anywhere in it (``if TYPE_CHECKING:`` blocks aside); read from the source, so that the
+    package's ``__init__`` importing everything does not blur it."""
     root = Path(reaper.__file__).parent
     modules = {
-        ".".join(path.relative_to(root.parent).with_suffix("").parts).removesuffix(
-            ".__init__"
-        ): path
+        _name(path.relative_to(root.parent)): path
         for path in root.rglob("*.py")
         if "migrations" not in path.parts
     }
     graph: dict[str, set[str]] = {}
     for module, path in modules.items():
-        imported: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.Import):
-                imported.update(alias.name for alias in node.names)
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                imported.add(node.module)
-                imported.update(f"{node.module}.{alias.name}" for alias in node.names)
+        imported = _runtime_imports(ast.parse(path.read_text(encoding="utf-8")))
         graph[module] = {
             name
             for name in imported
             if (name in modules and name not in ("reaper", module)) or name == "sqlalchemy"
         }
     return graph
+
+
+def _runtime_imports(node: ast.AST) -> set[str]:
+    if isinstance(node, ast.If) and ast.unparse(node.test).endswith("TYPE_CHECKING"):
+        return set().union(*(_runtime_imports(child) for child in node.orelse))
+    if isinstance(node, ast.Import):
+        return {alias.name for alias in node.names}
+    if isinstance(node, ast.ImportFrom) and node.module:
+        return {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+    return set().union(*(_runtime_imports(child) for child in ast.iter_child_nodes(node)))
 
 
 def _name(path: Path) -> str:

@@ -109,7 +109,8 @@ class TestLiveAtDeleteTime:
     def test_a_task_moved_to_an_unselected_status_is_not_deleted(
         self, data_pipeline: Start, store: AuditStore
     ) -> None:
-        """Selected: completed only. A task that is failed at send time is not deleted."""
+        """Selected: completed only. A task executed again after the listing, and failed by the
+        time its batch leaves, is not deleted (the server set its completed_at anew)."""
         tasks = old_tasks(5)
         sim, url = data_pipeline(tasks)
         loaded = make_policy(
@@ -119,10 +120,8 @@ class TestLiveAtDeleteTime:
         )
 
         def fail_one(plan: Any) -> None:
-            task = sim.task(tasks[2].task_id)
-            assert task is not None
-            task.status = "failed"
-            sim.reindex()
+            sim.reexecute(tasks[2].task_id)
+            sim.finish(tasks[2].task_id, "failed")
 
         result = run(loaded, store, on_plan=fail_one)
         assert tasks[2].task_id not in sim.deleted_ids
@@ -131,6 +130,59 @@ class TestLiveAtDeleteTime:
         assert row["task_id"] == tasks[2].task_id
         assert "status failed not selected" in row["note"]
         assert result.status is RunStatus.SUCCEEDED, result.error
+
+    def test_a_task_that_ran_again_and_completed_is_judged_on_its_new_age(
+        self, data_pipeline: Start, store: AuditStore
+    ) -> None:
+        """Aged on completed_at: a task re-executed and completed again after the listing is
+        young now (the server set completed_at anew), so it is not deleted."""
+        tasks = old_tasks(4)
+        sim, url = data_pipeline(tasks)
+        loaded = make_policy(
+            url,
+            target={"type": "data_pipeline", "base_url": url, "timestamps_timezone": "UTC"},
+            select={"status": ["completed"], "older_than": "30d", "age_field": "completed_at"},
+        )
+
+        def run_again(plan: Any) -> None:
+            sim.reexecute(tasks[1].task_id)
+            sim.finish(tasks[1].task_id, "completed")
+
+        # Planned at the real time (the simulator's clock): the new completed_at is moments old.
+        result = asyncio.run(run_policy(loaded, store, on_plan=run_again))
+        assert tasks[1].task_id not in sim.deleted_ids
+        assert len(sim.deleted_ids) == 3
+        [row] = [r for r in rows(store) if r["outcome"] == "skipped_changed"]
+        assert "kept: younger than" in row["note"]
+        assert result.status is RunStatus.SUCCEEDED, result.error
+
+    def test_without_the_query_endpoint_every_excluded_status_is_listed_again(
+        self, data_pipeline: Start, store: AuditStore
+    ) -> None:
+        """verify_total: false (no query endpoint): the re-check lists every status the
+        policy does not delete, so a task now failed is seen even without a new completed_at."""
+        tasks = old_tasks(5)
+        sim, url = data_pipeline(tasks)
+        loaded = make_policy(
+            url,
+            target={
+                "type": "data_pipeline",
+                "base_url": url,
+                "timestamps_timezone": "UTC",
+                "verify_total": False,
+            },
+            select={"status": ["completed"], "older_than": "30d"},
+        )
+
+        def flip(plan: Any) -> None:
+            task = sim.task(tasks[0].task_id)
+            assert task is not None
+            task.status = "failed"
+            sim.reindex()
+
+        run(loaded, store, on_plan=flip)
+        assert tasks[0].task_id not in sim.deleted_ids
+        assert len(sim.deleted_ids) == 4
 
     def test_few_ids_and_many_live_tasks_are_checked_one_by_one(
         self, data_pipeline: Start, store: AuditStore
