@@ -35,8 +35,10 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    exists,
     func,
     insert,
+    or_,
     select,
     text,
     update,
@@ -140,7 +142,7 @@ audit_table = Table(
     Column("recorded_at", UTCDateTime, nullable=False),
     Column("decided_at", UTCDateTime),
     # Position in the run's hash chain and the hash over this row and the previous one; set when
-    # the row gets its final outcome (pending rows are not yet in the chain).
+    # the row gets its final outcome (pending and unknown rows are not yet in the chain).
     Column("chain_seq", Integer),
     Column("row_hash", String(64)),
     UniqueConstraint("run_id", "task_id"),
@@ -161,8 +163,9 @@ ledger_table = Table(
     Column("pid", Integer, nullable=False),
 )
 
-#: Outcomes a finished deletion row can have.
-FINAL_OUTCOMES = frozenset({Outcome.DELETED, Outcome.ALREADY_GONE, Outcome.FAILED, Outcome.UNKNOWN})
+#: Outcomes a finished deletion row can have (``unknown`` is not among them: reconciliation
+#: settles it, so it joins its run's hash chain only then).
+FINAL_OUTCOMES = frozenset({Outcome.DELETED, Outcome.ALREADY_GONE, Outcome.FAILED})
 
 
 @dataclass(frozen=True)
@@ -605,9 +608,11 @@ class AuditStore:
         now: datetime,
         note: str | None,
     ) -> None:
-        """Resolve ``results``: each row in ``_RESOLVE_FIELDS`` order, chained as it is built."""
+        """Resolve ``results``: each row in ``_RESOLVE_FIELDS`` order, chained as it is built
+        (``unknown`` rows are not: they are settled later)."""
         run_id, policy_hash, decided = chain.run_id, chain.policy_hash, _isoformat(now)
         head, length = chain.head, chain.length
+        unsettled = Outcome.UNKNOWN
         rows: list[_Row] = []
         for result in results:
             result_note = result.note
@@ -618,6 +623,12 @@ class AuditStore:
             result_note = _clip(result_note, 4000)
             task_id, outcome = result.task_id, result.outcome
             http_status, reclaimed = result.http_status, result.reclaimed_bytes
+            if outcome is unsettled:
+                # Not final: reconciliation settles it later, and a row in the chain can never
+                # change again. It joins the chain when it is settled, as a pending row does.
+                answer = [task_id, outcome, http_status, code, message, reclaimed]
+                rows.append([*answer, result.files_count, result_note, None, None])
+                continue
             length += 1
             # row_hash's content, in its order: the outcome (a StrEnum) serialises as its text.
             head = _link_hash(
@@ -792,6 +803,36 @@ class AuditStore:
                 return [AuditRow(**row._mapping) for row in connection.execute(query)]
         except SQLAlchemyError as exc:
             raise self._fail("reading unresolved rows", exc) from None
+
+    def contradicted(self, policy: str) -> set[str]:
+        """Tasks whose latest deletion by the policy may have been carried out although a
+        listing still showed them present: their newest row is a ``not_deleted`` correction of
+        an acknowledged deletion, or an ``unknown`` row (a 5xx, a lost answer: it keeps its
+        error) that reconciliation settled ``not_deleted``; and no deletion was recorded since.
+
+        When the target later finds nothing left to delete for such a task, the earlier request
+        did the work and only the target's record of it was lost: the deletion is ours.
+        """
+        later = audit_table.alias("later")
+        query = select(audit_table.c.task_id).where(
+            audit_table.c.policy == policy,
+            audit_table.c.outcome == Outcome.NOT_DELETED.value,
+            or_(
+                audit_table.c.reason == CORRECTION_REASON,
+                audit_table.c.error_message.is_not(None),
+            ),
+            ~exists().where(
+                later.c.policy == policy,
+                later.c.task_id == audit_table.c.task_id,
+                later.c.outcome.in_((Outcome.DELETED.value, Outcome.ALREADY_GONE.value)),
+                later.c.decided_at > audit_table.c.decided_at,
+            ),
+        )
+        try:
+            with self.engine.connect() as connection:
+                return set(connection.execute(query).scalars())
+        except SQLAlchemyError as exc:
+            raise self._fail("reading contradicted deletions", exc) from None
 
     def acknowledged(
         self, policy: str, *, exclude_run: str | None = None, only_run: str | None = None

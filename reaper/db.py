@@ -10,7 +10,10 @@ holds other tables, or a revision this reaper does not know, is refused rather t
 
 from __future__ import annotations
 
+import logging
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -133,11 +136,31 @@ def head_revision() -> str:
     return head
 
 
+@contextmanager
+def _quiet_alembic() -> Iterator[None]:
+    """Alembic logs two INFO lines ("Context impl ...", "Will assume ... DDL") whenever it only
+    reads the revision; every command does that, so those lines are held back. The lines of an
+    actual migration ("Running upgrade ...") still show."""
+    logger = logging.getLogger("alembic.runtime.migration")
+    level = logger.level
+    if logger.getEffectiveLevel() > logging.DEBUG:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _revision(connection: Connection) -> str | None:
+    with _quiet_alembic():
+        return MigrationContext.configure(connection).get_current_revision()
+
+
 def current_revision(engine: Engine) -> str | None:
     """The migration the database is at (None for an empty database)."""
     try:
         with engine.connect() as connection:
-            return MigrationContext.configure(connection).get_current_revision()
+            return _revision(connection)
     except SQLAlchemyError as exc:
         raise AuditError(
             f"cannot reach the audit database {redact_url(engine.url)}: {short_error(exc)}"
@@ -173,7 +196,7 @@ def _migrate(engine: Engine, *, setup_foreign: bool, upgrade_older: bool) -> tup
         with engine.begin() as connection:
             _lock(connection)
             # Read under the lock: a replica that set the database up meanwhile leaves it at head.
-            before = MigrationContext.configure(connection).get_current_revision()
+            before = _revision(connection)
             refused = _refusal(connection, url, before, setup_foreign, upgrade_older)
             if refused is not None:
                 raise AuditError(refused)
@@ -181,7 +204,7 @@ def _migrate(engine: Engine, *, setup_foreign: bool, upgrade_older: bool) -> tup
                 config = _config()
                 config.attributes["connection"] = connection
                 command.upgrade(config, "head")
-            after = MigrationContext.configure(connection).get_current_revision()
+            after = _revision(connection)
     except SQLAlchemyError as exc:
         raise AuditError(f"migrating the audit database {url} failed: {short_error(exc)}") from None
     assert after is not None

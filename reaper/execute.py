@@ -183,7 +183,8 @@ class Executor:
     ) -> None:
         self.target = target
         self.check = check
-        #: Tasks whose earlier, acknowledged deletion a listing of this run contradicted.
+        #: Tasks whose earlier deletion, which may have been carried out (acknowledged, or
+        #: answered 5xx), a listing contradicted.
         self.corrected = corrected
         self.audit = audit
         self.run_id = run_id
@@ -408,9 +409,9 @@ def _settle(
     ids: Sequence[str], answer: BatchResult, corrected: Collection[str] = frozenset()
 ) -> list[DeleteResult]:
     """One result per sent id; an 'already gone' after an attempt that may have been carried out
-    (answer lost, or 5xx) was our own deletion, and so is one for a task whose acknowledged
-    deletion had been contradicted by the listing (the earlier request did its work after all,
-    only the target's record of it was missing)."""
+    (answer lost, or 5xx) was our own deletion, and so is one for a task whose earlier deletion
+    (acknowledged, or answered 5xx) had been contradicted by a listing (the earlier request did
+    its work after all, only the target's record of it was missing)."""
     by_id = {result.task_id: result for result in answer.results}
     results = []
     for task_id in ids:
@@ -422,9 +423,9 @@ def _settle(
                 task_id,
                 Outcome.DELETED,
                 result.http_status,
-                note="deleted: the target found nothing left to delete, so the earlier "
-                "acknowledged deletion (see the correction row) had removed the data; the "
-                "target's record of the task is now updated",
+                note="deleted: the target found nothing left to delete, so an earlier request "
+                "of ours, which a listing had contradicted (see this task's earlier rows), had "
+                "removed the data; the target's record of the task is now updated",
             )
         elif result.outcome is Outcome.ALREADY_GONE and answer.earlier:
             # The task was listed as present; an earlier attempt of this same request may have

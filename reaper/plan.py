@@ -20,7 +20,15 @@ import operator
 import re
 from array import array
 from collections import Counter
-from collections.abc import AsyncIterable, Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import (
+    AsyncIterable,
+    Callable,
+    Collection,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -97,6 +105,21 @@ class ProtectIds:
 
     def __call__(self, task: Task) -> Decision | None:
         return (Verdict.PROTECTED, "protected: id listed") if task.id in self.ids else None
+
+
+class StillRunning:
+    """Tasks an earlier delete request may still be working on (it timed out, or a gateway
+    answered 502/504, on a target whose requests outlive their timeouts): not sent again until
+    the target settles it, so that two requests never overlap."""
+
+    reads = frozenset({"id"})
+
+    def __init__(self, held: Mapping[str, str]) -> None:
+        self.held = held
+
+    def __call__(self, task: Task) -> Decision | None:
+        why = self.held.get(task.id)
+        return (Verdict.PROTECTED, why) if why is not None else None
 
 
 class ProtectStatus:
@@ -253,16 +276,20 @@ def build_rules(
     now: datetime,
     min_age: timedelta = timedelta(hours=1),
     future_tolerance: timedelta = DEFAULT_FUTURE_TOLERANCE,
+    held: Mapping[str, str] | None = None,
 ) -> tuple[list[Rule], list[Rule]]:
     """The rules before (selection) and after (aging) the point where a task 'matches'.
 
-    Keep-newest-N counts the tasks that pass the first list, whatever their age.
+    Keep-newest-N counts the tasks that pass the first list, whatever their age. ``held``:
+    tasks an earlier delete request may still be working on, with the reason.
     """
     target = policy.target_class
     protected = set(policy.protect.status)
     if not policy.select.allow_live:
         protected |= target.live_statuses
     selection: list[Rule] = [AlreadyGone()]
+    if held:
+        selection.append(StillRunning(held))
     if policy.protect.ids:
         selection.append(ProtectIds(policy.protect.ids))
     selection.append(ProtectStatus(frozenset(protected)))
@@ -444,13 +471,14 @@ class Planner:
         now: datetime,
         min_age: timedelta = timedelta(hours=1),
         future_tolerance: timedelta = DEFAULT_FUTURE_TOLERANCE,
+        held: Mapping[str, str] | None = None,
     ) -> None:
         policy = loaded.policy
         self.loaded = loaded
         self.target = target
         self.now = now
         self.cutoff = now - policy.select.older_than
-        self.selection, self.aging = build_rules(policy, now, min_age, future_tolerance)
+        self.selection, self.aging = build_rules(policy, now, min_age, future_tolerance, held)
         self._future = next((rule for rule in self.aging if isinstance(rule, NotInFuture)), None)
         self.keep_newest = policy.keep.newest
         self.older_than = format_duration(policy.select.older_than)
@@ -646,9 +674,10 @@ async def make_plan(
     now: datetime,
     min_age: timedelta = timedelta(hours=1),
     future_tolerance: timedelta = DEFAULT_FUTURE_TOLERANCE,
+    held: Mapping[str, str] | None = None,
 ) -> Plan:
     """Consume a whole listing and plan it; a ListingError from the listing propagates."""
-    planner = Planner(loaded, target, now, min_age, future_tolerance)
+    planner = Planner(loaded, target, now, min_age, future_tolerance, held)
     async for task in tasks:
         planner.add(task)
     return planner.finish()

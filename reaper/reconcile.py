@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import structlog
 
@@ -66,10 +66,27 @@ class Reconciler:
         policy: str,
         rows: list[AuditRow],
         acknowledged: Sequence[Acknowledged] = (),
+        *,
+        settle_after: timedelta | None = None,
+        now: datetime | None = None,
     ) -> None:
         self.policy = policy
         self.rows = rows
         self._wanted = {row.task_id for row in rows}
+        #: Tasks whose delete request may still be running on the target (its requests outlive
+        #: their timeouts, and the row is younger than ``settle_after``), with the reason the
+        #: plan gives for not sending them again. Settled from a listing only once gone.
+        self.held: dict[str, str] = {}
+        if settle_after is not None:
+            now = now or datetime.now(UTC)
+            for row in rows:
+                when = row.decided_at or row.recorded_at
+                if when + settle_after > now:
+                    self.held[row.task_id] = (
+                        f"protected: a delete request of run {row.run_id} at {when.isoformat()} "
+                        f"may still be running; not sent again before "
+                        f"{(when + settle_after).isoformat()} (target.settle_after)"
+                    )
         self._present: set[str] = set()
         # The newest acknowledgement per task (a task deleted twice: the later one counts).
         self._acknowledged: dict[str, Acknowledged] = {ack.task_id: ack for ack in acknowledged}
@@ -78,11 +95,19 @@ class Reconciler:
         self._seen_at: datetime | None = None
 
     @classmethod
-    def load(cls, store: AuditStore, policy: str, exclude_run: str | None = None) -> Reconciler:
+    def load(
+        cls,
+        store: AuditStore,
+        policy: str,
+        exclude_run: str | None = None,
+        *,
+        settle_after: timedelta | None = None,
+    ) -> Reconciler:
         return cls(
             policy,
             store.unresolved(policy, exclude_run=exclude_run),
             store.acknowledged(policy, exclude_run=exclude_run),
+            settle_after=settle_after,
         )
 
     def __bool__(self) -> bool:
@@ -108,11 +133,25 @@ class Reconciler:
         """Per run, the outcome of each unresolved row. Call only after a complete listing."""
         by_run: dict[str, list[DeleteResult]] = defaultdict(list)
         for row in self.rows:
+            outcome, note = Outcome.DELETED, GONE_NOTE
             if row.task_id in self._present:
-                result = DeleteResult(row.task_id, Outcome.NOT_DELETED, note=PRESENT_NOTE)
-            else:
-                result = DeleteResult(row.task_id, Outcome.DELETED, note=GONE_NOTE)
-            by_run[row.run_id].append(result)
+                if row.task_id in self.held:
+                    continue  # its request may still be at work: settle it later
+                outcome, note = Outcome.NOT_DELETED, PRESENT_NOTE
+            # An unknown row keeps what its request was answered (a 504, a lost answer): the
+            # request may have been carried out, and a later deletion relies on knowing it.
+            by_run[row.run_id].append(
+                DeleteResult(
+                    row.task_id,
+                    outcome,
+                    row.http_status,
+                    row.error_code,
+                    row.error_message,
+                    note=note,
+                )
+                if row.outcome == Outcome.UNKNOWN.value
+                else DeleteResult(row.task_id, outcome, note=note)
+            )
         return by_run
 
     def corrections(self, seen_by: str) -> list[Correction]:

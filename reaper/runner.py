@@ -215,7 +215,8 @@ async def plan_policy(
     if stop is not None:
         tasks = _until(stop, tasks)
     clock = clock or ClockLimits()
-    plan = await make_plan(loaded, target, tasks, now, min_age, clock.future_tolerance)
+    held = observe.held if observe is not None else None
+    plan = await make_plan(loaded, target, tasks, now, min_age, clock.future_tolerance, held)
     plan.clock = check_clocks(loaded.policy, target.http.stats, plan, clock)
     plan.clock.log()
     return plan
@@ -272,7 +273,7 @@ class _PolicyRunner:
         self.store = store
         self.audit = AsyncAudit(store)
         self.run = PolicyRun(self.policy.name, opts.mode, RunStatus.FAILED)
-        #: Tasks whose acknowledged deletion this run's listing contradicted.
+        #: Tasks whose earlier deletion, which may have been carried out, a listing contradicted.
         self.corrected: set[str] = set()
         #: When the listing this run plans from began (the re-check looks for later changes).
         self.listing_started: datetime | None = None
@@ -343,7 +344,11 @@ class _PolicyRunner:
         run, policy, summary = self.run, self.policy, self.run.summary
         log.info("run_started", mode=run.mode.value, target=policy.target_config.describe())
         reconciler = await self.audit.call(
-            Reconciler.load, self.store, policy.name, exclude_run=run_id
+            Reconciler.load,
+            self.store,
+            policy.name,
+            exclude_run=run_id,
+            settle_after=target.settle_after(),
         )
         self.listing_started = datetime.now(UTC)
         try:
@@ -381,7 +386,11 @@ class _PolicyRunner:
             seen_by=f"the listing of run {run_id}",
         )
         summary.acknowledged_not_deleted = report.acknowledged_not_deleted
-        self.corrected = report.corrected
+        # Contradicted by this listing or by an earlier one (`reaper reconcile`, a verification
+        # listing, a settled 504): a later "nothing to delete" for these is our own deletion.
+        self.corrected = report.corrected | await self.audit.call(
+            self.store.contradicted, policy.name
+        )
         plan = self._restrict(plan)
         run.plan = plan
         summary.listed = plan.listed
@@ -673,7 +682,10 @@ async def reconcile_policy(
         if not await audit.call(lock.acquire):
             raise RunAborted(f"policy {loaded.name!r} is running elsewhere; try again later")
         try:
-            reconciler = await audit.call(Reconciler.load, store, loaded.name)
+            settle_after = loaded.policy.target_class.settle_after_for(loaded.policy.target_config)
+            reconciler = await audit.call(
+                Reconciler.load, store, loaded.name, settle_after=settle_after
+            )
             kind = loaded.policy.target_class.kind
             if reconciler:
                 target, client = build_target(

@@ -33,7 +33,8 @@ from reaper.db import (
 from reaper.errors import AuditError
 from reaper.inventory import inventory_table
 from reaper.leases import leases_table, replicas_table
-from reaper.targets.base import DeleteResult, Outcome
+from reaper.reconcile import Reconciler
+from reaper.targets.base import DeleteResult, Outcome, Task
 
 RECORD = RunRecord("p", "0" * 64, "{}", "data_pipeline", "http://t", "run")
 
@@ -157,6 +158,35 @@ class TestQueries:
         assert len(store.rows(outcome="dry_run", limit=2)) == 2
         future = datetime.now(UTC) + timedelta(hours=1)
         assert store.rows(since=future) == []
+
+    def test_contradicted_deletions(self, store: AuditStore) -> None:
+        """A correction of an acknowledged deletion, and an unknown row (a 504) a listing then
+        settled not_deleted, are deletions of ours that may have been carried out; a pending row
+        settled so (perhaps never sent) is not, nor one deleted again since."""
+        run_id = store.start_run(RECORD)
+        store.record(run_id, [AuditEntry(t, "r", "completed", None) for t in "abcd"])
+        store.resolve(
+            run_id,
+            [
+                DeleteResult("a", Outcome.DELETED, 200),
+                DeleteResult("b", Outcome.UNKNOWN, 504, error_message="HTTP 504"),
+                DeleteResult("d", Outcome.DELETED, 200),
+            ],
+        )
+        listing = [Task(t, "completed", None) for t in "abc"]  # d is gone
+        reconciler = Reconciler("p", store.unresolved("p"), store.acknowledged("p"))
+        for task in listing:
+            reconciler.observe(task)
+        report = reconciler.apply(store, RECORD)
+        assert (report.not_deleted, report.acknowledged_not_deleted) == (2, 1)
+        rows = {r.task_id: r for r in store.rows(run_id=run_id)}
+        assert (rows["b"].outcome, rows["b"].http_status) == ("not_deleted", 504)
+        assert store.contradicted("p") == {"a", "b"}
+        later = store.start_run(RECORD)
+        store.record(later, [AuditEntry("a", "r", "completed", None)])
+        store.resolve(later, [DeleteResult("a", Outcome.DELETED, 200)])
+        assert store.contradicted("p") == {"b"}
+        assert store.contradicted("other") == set()
 
 
 _AWARE_DATETIMES = st.datetimes(

@@ -14,10 +14,18 @@ from hypothesis import given
 from hypothesis import strategies as st
 from sqlalchemy import delete, select, update
 
-from reaper.audit import AuditStore, audit_table, canonical_json, runs_table
+from reaper.audit import (
+    AuditEntry,
+    AuditStore,
+    RunRecord,
+    audit_table,
+    canonical_json,
+    runs_table,
+)
 from reaper.db import make_engine
 from reaper.runner import run_policy
 from reaper.simulators import DataPipelineSimulator, Faults
+from reaper.targets.base import DeleteResult, Outcome
 
 Start = Callable[..., tuple[DataPipelineSimulator, str]]
 
@@ -107,6 +115,27 @@ class TestChain:
                 update(runs_table).where(runs_table.c.id == run_id).values(policy_hash="f" * 64)
             )
         assert len(store.verify()) == 1
+
+    def test_settling_an_unknown_row_keeps_the_chain(self, store: AuditStore) -> None:
+        """An ``unknown`` outcome is not final: reconciliation settles it later, so it joins the
+        chain only then, and the chain verifies before and after (issue 15: every 504 is one)."""
+        run_id = store.start_run(RunRecord("p", "0" * 64, "{}", "data_pipeline", "http://t", "run"))
+        stamp = datetime(2026, 9, 1, tzinfo=UTC)
+        store.record(run_id, [AuditEntry(t, "old", "completed", stamp) for t in "abc"])
+        store.resolve(
+            run_id,
+            [
+                DeleteResult("a", Outcome.DELETED, 200),
+                DeleteResult("b", Outcome.UNKNOWN, 504, error_message="HTTP 504"),
+                DeleteResult("c", Outcome.DELETED, 200),
+            ],
+        )
+        assert store.verify() == []
+        store.resolve(run_id, [DeleteResult("b", Outcome.DELETED, note="confirmed")])
+        assert store.verify() == []
+        rows = {r.task_id: r for r in store.rows(run_id=run_id, limit=None)}
+        assert sorted(r.chain_seq or 0 for r in rows.values()) == [1, 2, 3]
+        assert rows["b"].chain_seq == 3 and rows["b"].outcome == "deleted"
 
 
 class TestPrune:

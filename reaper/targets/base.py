@@ -307,6 +307,17 @@ class Target(ABC):
         self.state = state
 
     @classmethod
+    def settle_after_for(cls, config: TargetConfig) -> timedelta | None:
+        """How long a delete request that timed out (or that a gateway answered 502/504) may
+        still be running on the server: until then its tasks are not sent again, and still being
+        listed does not settle it. None (the default): requests do not outlive their answers."""
+        return None
+
+    def settle_after(self) -> timedelta | None:
+        """:meth:`settle_after_for` of this target's configuration."""
+        return self.settle_after_for(self.config)
+
+    @classmethod
     def client_auth(cls, config: TargetConfig) -> httpx.Auth | None:
         """The auth flow for every request to this target (it may read secrets: a missing one
         is a ConfigError naming the variable or file, never its value)."""

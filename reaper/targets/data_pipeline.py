@@ -79,6 +79,14 @@ class DataPipelineConfig(TargetConfig):
         True,
         description="Cross-check the listing against the query endpoint's true total.",
     )
+    settle_after: Duration = Field(
+        timedelta(minutes=10),
+        description=(
+            "How long a delete request that timed out (or a gateway answered 502/504) may still "
+            "be running on the server: its tasks are not sent again until it is over."
+        ),
+        json_schema_extra={"default": "10m"},
+    )
     delete_timeout_per_id: Duration = Field(
         timedelta(seconds=1),
         description=(
@@ -159,6 +167,13 @@ class DataPipelineTarget(Target):
     max_batch_size = 1000
 
     config: DataPipelineConfig
+
+    @classmethod
+    def settle_after_for(cls, config: TargetConfig) -> timedelta | None:
+        # The server works through a batch synchronously and keeps going when the client (or a
+        # gateway in front of it) gives up: a second request would overlap the first.
+        assert isinstance(config, DataPipelineConfig)
+        return config.settle_after
 
     def invalid_id_reason(self, task_id: str) -> str | None:
         # fullmatch: '$' would accept a trailing newline.
@@ -323,20 +338,27 @@ class DataPipelineTarget(Target):
         than the ids about to go.
 
         A finished task changes only by being executed again: it goes back to ``in_progress``,
-        and if it finishes again as completed or failed the server sets ``completed_at`` anew.
-        So re-listing the live statuses and querying the tasks completed since the listing began
-        (``POST .../tasks/query`` with ``completed_time_start``: usually one page) sees every
-        status change but one: a re-execution that ended ``partial_completed``, which the server
-        does not timestamp. Without the query endpoint (``verify_total: false``), every status in
-        which a task is no longer deletable is re-listed instead.
+        then finishes (``update_task_status``) or is marked ``failed`` by the zombie check. Only
+        ``completed`` is always entered with a new ``completed_at``; ``partial_completed`` never
+        sets one, and neither does the zombie check (which picks a re-executed task at once: it
+        keeps its old ``started_at``). So the statuses that exclude a task are re-listed, all
+        but ``completed``, and the tasks completed since the listing began are queried
+        (``POST .../tasks/query`` with ``completed_time_start``: usually one page): that sees
+        every status change, and every new ``completed_at``. Without the query endpoint
+        (``verify_total: false``) every excluding status is re-listed instead, and for a policy
+        aging tasks by ``completed_at`` also ``completed`` and ``failed``: a re-run that ended
+        so again has a new ``completed_at`` under a status the policy may delete.
         """
-        live = sorted(self.live_statuses - request.eligible_statuses)
+        excluded = self.known_statuses - request.eligible_statuses
         since = request.listing_started
         if self.config.verify_total and since is not None:
-            statuses = live
+            statuses = sorted(excluded - _ALWAYS_TIMESTAMPED)
             pages = _relist_pages(statuses, request.status_counts) + 1
         else:
-            statuses = sorted(self.known_statuses - request.eligible_statuses)
+            relisted = set(excluded)
+            if request.listing.age_field == "completed_at":
+                relisted |= _COMPLETED_AT_STATUSES
+            statuses = sorted(relisted)
             pages = _relist_pages(statuses, request.status_counts)
             since = None
         if pages == 0:
@@ -474,6 +496,13 @@ class DataPipelineTarget(Target):
             fields=False,
         )
 
+
+#: The statuses the server enters only through update_task_status, which sets completed_at: a
+#: task that entered one since the listing is found by querying completed_time_start.
+_ALWAYS_TIMESTAMPED = frozenset({"completed"})
+#: The statuses update_task_status enters with a new completed_at (failed also comes from the
+#: zombie check, without one).
+_COMPLETED_AT_STATUSES = frozenset({"completed", "failed"})
 
 #: Tasks completed this long before the listing began are queried too: the server's clock (its
 #: database session's) and reaper's may differ a little.

@@ -496,6 +496,72 @@ class TestSynchronousServer:
         assert report.deleted == 5
         assert deleted_per_audit(store) == set(sim.deleted_ids)
 
+    def test_a_run_while_the_server_still_works_does_not_send_again(
+        self, data_pipeline: Start, store: AuditStore
+    ) -> None:
+        """The next run, started while the server still works on the timed-out batch, keeps
+        those tasks out (protected: the earlier request may still be running) and leaves their
+        rows unknown; once the server is done, a run settles them deleted."""
+        tasks = old_tasks(4)
+        sim, url = data_pipeline(tasks, faults=Faults(delete_ms_per_id=500))
+        target = {
+            "type": "data_pipeline",
+            "base_url": url,
+            "timestamps_timezone": "UTC",
+            "timeout": "1s",
+            "delete_timeout_per_id": "0s",
+            "retries": {"attempts": 3, "backoff": "0s", "max_backoff": "0s"},
+        }
+        loaded = make_policy(url, target=target, delete={"batch_size": 10, "rate": "200/s"})
+        first = run(loaded, store)
+        assert first.summary.unknown == 4
+        second = run(loaded, store)  # the server is still deleting (4 x 500 ms)
+        assert second.plan is not None
+        held = [
+            reason
+            for (verdict, reason), n in second.plan.counts.items()
+            if "may still be running" in reason
+        ]
+        assert held, second.plan.counts
+        assert sim.stats["delete_requests"] == 1
+        assert sim.overlapping_deletes == 0
+        # Those the server had finished are settled deleted; the others wait (never not_deleted).
+        settled = {r["task_id"]: r["outcome"] for r in rows(store)}
+        assert set(settled.values()) <= {"unknown", "deleted"}
+        assert {t for t, o in settled.items() if o == "deleted"} <= set(sim.deleted_ids)
+        for _ in range(100):
+            if len(sim.deleted_ids) == 4:
+                break
+            asyncio.run(asyncio.sleep(0.05))
+        run(loaded, store)
+        assert deleted_per_audit(store) == {t.task_id for t in tasks} == set(sim.deleted_ids)
+
+    def test_after_settle_after_a_task_still_there_is_eligible_again(
+        self, data_pipeline: Start, store: AuditStore
+    ) -> None:
+        """Past target.settle_after, a task still listed was not deleted: not_deleted, and the
+        run deletes it again."""
+        tasks = old_tasks(2)
+        sim, url = data_pipeline(tasks, faults=Faults(act_then_504_rate=1.0))
+        target = {
+            "type": "data_pipeline",
+            "base_url": url,
+            "timestamps_timezone": "UTC",
+            "settle_after": "1s",
+        }
+        loaded = make_policy(url, target=target)
+        # The gateway answers 504 without the service acting: turn the 504 on, the work off.
+        sim.set_faults(Faults(act_then_504_rate=1.0, ack_without_effect_rate=1.0))
+        first = run(loaded, store)
+        assert first.summary.unknown == 2
+        sim.set_faults(Faults())
+        asyncio.run(asyncio.sleep(1.1))
+        second = run(loaded, store)
+        assert second.summary.deleted == 2
+        outcomes = [r["outcome"] for r in rows(store)]
+        assert outcomes.count("not_deleted") == 2
+        assert set(sim.deleted_ids) == {t.task_id for t in tasks}
+
     def test_the_timeout_grows_with_the_batch(
         self, data_pipeline: Start, store: AuditStore
     ) -> None:
