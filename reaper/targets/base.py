@@ -13,7 +13,8 @@ the config's ``type`` are set from the entry point when the class does not set t
 of a built-in kind needs nothing else). It **may** override the other
 class attributes (statuses, match fields, batch size, the re-check rails), ``options_model``,
 :meth:`Target.client_auth`, :meth:`Target.invalid_id_reason`, :meth:`Target.recheck`,
-:meth:`Target.error_text`, and, when it keeps state (``keeps_state``),
+:meth:`Target.settle_after_for`, :meth:`Target.error_text`, and, when it keeps state
+(``keeps_state``),
 :meth:`Target.state_changes` and :meth:`Target.save_state`. The README's "Writing a target"
 shows how to test one against a simulator.
 """
