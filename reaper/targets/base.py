@@ -10,13 +10,12 @@ an entry point, whose name is the kind's (:mod:`reaper.targets.registry`). A kin
 ``config_model`` (a :class:`TargetConfig` subclass whose ``type`` is ``Literal[kind]``) and
 ``time_fields``, and implement :meth:`Target.list_tasks` and :meth:`Target.delete`; ``kind`` and
 the config's ``type`` are set from the entry point when the class does not set them (a subclass
-of a built-in kind needs nothing else). It **may** override the other
-class attributes (statuses, match fields, batch size, the re-check rails), ``options_model``,
+of a built-in kind needs nothing else). It **may** override the other class attributes
+(statuses, match fields, batch size, the re-check rails), ``options_model``,
 :meth:`Target.client_auth`, :meth:`Target.invalid_id_reason`, :meth:`Target.recheck`,
 :meth:`Target.settle_after_for`, :meth:`Target.error_text`, and, when it keeps state
-(``keeps_state``),
-:meth:`Target.state_changes` and :meth:`Target.save_state`. The README's "Writing a target"
-shows how to test one against a simulator.
+(``keeps_state``), :meth:`Target.state_changes` and :meth:`Target.save_state`. The README's
+"Writing a target" shows how to test one against a simulator.
 """
 
 from __future__ import annotations
