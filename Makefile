@@ -5,10 +5,14 @@ BIN    := $(VENV)/bin
 
 .PHONY: demo test lint typecheck pytest bench clean
 
-$(BIN)/reaper: pyproject.toml
+# The worked example of a target plugin, installed beside reaper: tests run a policy of its kind.
+EXAMPLE_PLUGIN := examples/reaper-example-target
+
+$(BIN)/reaper: pyproject.toml $(EXAMPLE_PLUGIN)/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e $(EXAMPLE_PLUGIN)
 	touch $(BIN)/reaper
 
 ## demo: install, start the data_pipeline simulator, run the example policy against it (SQLite audit)
@@ -19,11 +23,12 @@ demo: $(BIN)/reaper
 test: lint typecheck pytest
 
 lint: $(BIN)/reaper
-	$(BIN)/ruff check reaper tests bench
-	$(BIN)/ruff format --check reaper tests bench
+	$(BIN)/ruff check reaper tests bench examples
+	$(BIN)/ruff format --check reaper tests bench examples
 
 typecheck: $(BIN)/reaper
 	$(BIN)/mypy
+	$(BIN)/mypy --strict $(EXAMPLE_PLUGIN)/reaper_example_target.py
 
 pytest: $(BIN)/reaper
 	$(BIN)/pytest $(PYTEST_ARGS)

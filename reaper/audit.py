@@ -1263,9 +1263,3 @@ def _clip(value: str | None, size: int) -> str | None:
     if value is None or len(value) <= size:
         return value
     return value[: size - 1] + "…"
-
-
-# Registers the Aparavi inventory and the policy lease tables on `metadata` (migrations are
-# compared against it).
-import reaper.inventory  # noqa: E402
-import reaper.leases  # noqa: E402, F401

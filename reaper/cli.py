@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from sqlalchemy import Engine
 
 from reaper import __version__
 from reaper.audit import AuditStore
@@ -59,10 +60,12 @@ from reaper.runner import (
     plan_policy,
     reconcile_policy,
     run_policy,
+    target_state,
 )
 from reaper.schedule import parse_cron
 from reaper.settings import Settings, redact_url
 from reaper.shards import Shard, parse_shard
+from reaper.targets import installed_kinds
 from reaper.track import track_command
 
 __all__ = ["main"]
@@ -391,9 +394,50 @@ def _utc_iso(moment: datetime) -> str:
 
 
 @cli.command()
-def schema() -> None:
-    """Print the JSON Schema of policy files."""
-    click.echo(json.dumps(policy_json_schema(), indent=2, ensure_ascii=False))
+@click.option(
+    "--no-plugins",
+    is_flag=True,
+    help="Only the target kinds reaper ships (what reaper/schema/policy.schema.json holds).",
+)
+def schema(no_plugins: bool) -> None:
+    """Print the JSON Schema of policy files: every installed target kind, plugins' included."""
+    kinds = installed_kinds().builtin_only() if no_plugins else installed_kinds()
+    click.echo(json.dumps(policy_json_schema(kinds), indent=2, ensure_ascii=False))
+
+
+@cli.command()
+@click.option("--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.pass_obj
+def targets(ctx: Context, output: str) -> None:
+    """List the target kinds and the distribution each comes from (reaper's own, or a plugin's
+    entry point in the group reaper.targets). Exits 2 if one cannot be used, saying why."""
+    kinds = installed_kinds()
+    entries = sorted([*kinds.kinds.values(), *kinds.refused], key=lambda k: (k.name, k.source))
+    if output == "json":
+        documents = [
+            {
+                "kind": kind.name,
+                "distribution": kind.distribution,
+                "version": kind.version,
+                "entry_point": kind.source,
+                "builtin": kind.builtin,
+                "error": kind.error,
+            }
+            for kind in entries
+        ]
+        click.echo(json.dumps(documents, indent=2, ensure_ascii=False))
+    else:
+        header = ("KIND", "DISTRIBUTION", "ENTRY POINT")
+        rows = [header] + [
+            (kind.name, f"{kind.distribution} {kind.version}", kind.source) for kind in entries
+        ]
+        widths = [max(len(row[i]) for row in rows) for i in range(3)]
+        for kind, row in zip([None, *entries], rows, strict=True):
+            line = "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+            if kind is not None and kind.error is not None:
+                line += f"  UNUSABLE: {kind.error}"
+            ctx.out.print(line.rstrip(), highlight=False, markup=False)
+    sys.exit(EXIT_CONFIG if kinds.problems() else EXIT_OK)
 
 
 # --- plan / run -------------------------------------------------------------------------------
@@ -426,33 +470,41 @@ def plan(
 ) -> None:
     """Show what each policy would delete and what it keeps, with reasons. Deletes nothing."""
     loaded = _load(ctx, policies_path, names)
-    _database_for_targets(ctx, loaded)
+    engine = _database_for_targets(ctx, loaded)
     saved = {s.policy: s for s in load_saved(diff_path)} if diff_path else {}
-    results = asyncio.run(_plan_all(ctx, loaded))
-    failed = any(error for _, _, error in results)
+    try:
+        results = asyncio.run(_plan_all(ctx, loaded, engine))
+    finally:
+        if engine is not None:
+            engine.dispose()
+    failed = any(error for _, _, error, _ in results)
     if save is not None:
         if failed:
             _fail(EXIT_FAILED, "a listing failed: no plan was saved")
-        save_plans(save, [p for _, p, _ in results if p is not None])
+        save_plans(save, [p for _, p, _, _ in results if p is not None])
     if output == "json":
         documents = []
-        for item, result, error in results:
+        for item, result, error, changes in results:
             document: dict[str, Any] = (
                 # `is not None`: a plan with nothing eligible is falsy (its len is 0).
                 {**plan_dict(result, examples), "warnings": _clock_notes(result)}
                 if result is not None
                 else {"policy": item.name, "error": error}
             )
+            if changes:
+                document["state_changes"] = list(changes)
             if result is not None and item.name in saved:
                 document["diff"] = diff_plan(saved[item.name], result).as_dict()
             documents.append(document)
         click.echo(json.dumps(documents, indent=2, ensure_ascii=False))
     else:
-        for item, result, error in results:
+        for item, result, error, changes in results:
             if result is None:
                 ctx.out.print(f"[bold]{escape(item.name)}[/bold]: [red]{escape(error or '')}[/red]")
                 continue
             plan_table(result, ctx.out, examples)
+            for change in changes:
+                ctx.out.print(f"  a run would also {change}", highlight=False, markup=False)
             _print_warnings(ctx.out, item.name, _clock_notes(result))
             if item.name in saved:
                 diff_table(diff_plan(saved[item.name], result), ctx.out, examples)
@@ -463,26 +515,27 @@ def plan(
     sys.exit(EXIT_FAILED if failed else EXIT_OK)
 
 
-def _database_for_targets(ctx: Context, loaded: Sequence[LoadedPolicy]) -> None:
-    """Set up the database before planning when a target keeps its state there.
-
-    A target that reads reaper's database (Aparavi's inventory) reaches it through its
-    ``engine_factory``; other plans never touch the database, so they still work without one.
-    """
-    if not any(hasattr(item.policy.target_class, "engine_factory") for item in loaded):
-        return
+def _database_for_targets(ctx: Context, loaded: Sequence[LoadedPolicy]) -> Engine | None:
+    """The database, set up if empty, when a selected policy's target keeps its state there
+    (``Target.keeps_state``: Aparavi's inventory); other plans never touch the database, so
+    they work without one. Planning only reads it."""
+    if not any(item.policy.target_class.keeps_state for item in loaded):
+        return None
     try:
-        ctx.store().engine.dispose()
+        return ctx.store().engine
     except AuditError as exc:
         _fail(EXIT_FAILED, f"{exc}; nothing was listed")
 
 
 async def _plan_all(
-    ctx: Context, loaded: Sequence[LoadedPolicy]
-) -> list[tuple[LoadedPolicy, Plan | None, str | None]]:
-    results: list[tuple[LoadedPolicy, Plan | None, str | None]] = []
+    ctx: Context, loaded: Sequence[LoadedPolicy], engine: Engine | None
+) -> list[tuple[LoadedPolicy, Plan | None, str | None, Sequence[str]]]:
+    """Each policy's plan or why there is none, and what a run would write to its target's
+    state besides deleting."""
+    results: list[tuple[LoadedPolicy, Plan | None, str | None, Sequence[str]]] = []
     for item in loaded:
-        target, client = build_target(item)
+        state = target_state(item, engine) if engine is not None else None
+        target, client = build_target(item, state=state)
         try:
             result = await plan_policy(
                 item,
@@ -491,9 +544,9 @@ async def _plan_all(
                 ctx.settings.min_age,
                 clock=ClockLimits.from_settings(ctx.settings),
             )
-            results.append((item, result, None))
+            results.append((item, result, None, target.state_changes()))
         except ReaperError as exc:
-            results.append((item, None, f"listing failed, nothing would be deleted: {exc}"))
+            results.append((item, None, f"listing failed, nothing would be deleted: {exc}", ()))
         finally:
             await client.aclose()
     return results

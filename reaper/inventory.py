@@ -2,15 +2,18 @@
 
 Aparavi has no list endpoint, so the programs that start tasks register them here (``reaper track``,
 :func:`reaper.track.track`, or a JSON Lines/CSV import) and a run reads the active entries back as
-its "listing". The table lives on the audit's MetaData and is created by migration 0004.
+its "listing". :class:`Inventory` is the store behind the
+:class:`~reaper.targets.state.TaskInventory` interface the Aparavi target is handed. Its table is
+defined on the audit's MetaData (the migrations see both) and created by migration 0004.
 
 Inventory rows are never removed without an audit row saying why:
 
 * an entry is *retired* (``retired_at``/``retired_reason`` set, the row kept) only after an audit
   row records that its task is gone: a deletion, an ``already_gone``, or a delete the deployment
-  refused for good. :meth:`Inventory.retire_from_audit` derives retirements from those rows, and
-  :meth:`Inventory.record_gone` first writes such rows (as a run of the pseudo-policy
-  ``<aparavi-inventory>``) for tasks the status call reports as not found;
+  refused for good. :meth:`Inventory.gone_per_audit` finds those rows (reading only),
+  :meth:`Inventory.retire` retires from them, and :meth:`Inventory.record_gone` first writes such
+  rows (as a run of the pseudo-policy ``<aparavi-inventory>``) for tasks the status call reports
+  as not found;
 * rows are deleted physically only by :meth:`Inventory.prune`, which writes one audit row per
   pruned entry first.
 """
@@ -58,27 +61,13 @@ from reaper.settings import redact_url
 from reaper.targets.aparavi import (
     NOT_DELETABLE_NOTE,
     TASK_TYPES,
-    TOKEN_PATTERN,
     check_registration,
     normalize_base_url,
-    parse_task_id,
-    task_id,
 )
 from reaper.targets.base import Outcome
+from reaper.targets.state import TaskInventory, TrackedTask
 
-__all__ = [
-    "INVENTORY_POLICY",
-    "NOT_DELETABLE_NOTE",
-    "TASK_TYPES",
-    "TOKEN_PATTERN",
-    "Entry",
-    "Inventory",
-    "Registration",
-    "inventory_table",
-    "normalize_base_url",
-    "parse_task_id",
-    "task_id",
-]
+__all__ = ["INVENTORY_POLICY", "Inventory", "Registration", "inventory_table"]
 
 #: The pseudo-policy under which inventory housekeeping is audited.
 INVENTORY_POLICY = "<aparavi-inventory>"
@@ -108,36 +97,10 @@ _GONE_OUTCOMES = (Outcome.DELETED.value, Outcome.ALREADY_GONE.value)
 
 
 @dataclass(frozen=True)
-class Entry:
-    """One inventory row."""
-
-    id: int
-    base_url: str
-    token: str
-    type: str
-    name: str | None
-    registered_at: datetime
-    retired_at: datetime | None = None
-    retired_reason: str | None = None
-    last_status: str | None = None
-    last_checked_at: datetime | None = None
-
-    @property
-    def task_id(self) -> str:
-        return task_id(self.type, self.token)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            key: (value.isoformat() if isinstance(value, datetime) else value)
-            for key, value in self.__dict__.items()
-        }
-
-
-@dataclass(frozen=True)
 class Registration:
     """The answer to one registration: the entry, and whether this call created it."""
 
-    entry: Entry
+    entry: TrackedTask
     created: bool
 
     @property
@@ -147,7 +110,7 @@ class Registration:
         return "retired" if self.entry.retired_at is not None else "already tracked"
 
 
-class Inventory:
+class Inventory(TaskInventory):
     """Reads and writes the inventory. Database failures are AuditErrors (fail closed)."""
 
     def __init__(self, engine: Engine, *, clock: Any = None) -> None:
@@ -230,8 +193,8 @@ class Inventory:
         ]
 
     @staticmethod
-    def _find(connection: Any, base: str, keys: Sequence[tuple[str, str]]) -> list[Entry]:
-        entries: list[Entry] = []
+    def _find(connection: Any, base: str, keys: Sequence[tuple[str, str]]) -> list[TrackedTask]:
+        entries: list[TrackedTask] = []
         unique = list(dict.fromkeys(keys))
         for start in range(0, len(unique), _CHUNK):
             chunk = unique[start : start + _CHUNK]
@@ -252,7 +215,7 @@ class Inventory:
         *,
         types: Iterable[str] = TASK_TYPES,
         include_retired: bool = False,
-    ) -> list[Entry]:
+    ) -> list[TrackedTask]:
         """Entries of one deployment (or all), oldest registration first."""
         query = (
             select(inventory_table)
@@ -289,17 +252,17 @@ class Inventory:
 
     # -- retiring -----------------------------------------------------------------------------
 
-    def retire_from_audit(self, base_url: str) -> list[Entry]:
-        """Retire every active entry whose task an audit row records as gone; return them.
+    def gone_per_audit(self, base_url: str) -> list[tuple[TrackedTask, str]]:
+        """Active entries whose task an audit row records as gone, each with the reason to
+        retire it (naming the row). Reads only.
 
         Gone means a ``deleted`` or ``already_gone`` row on this deployment, or a ``failed`` one
-        noting that the deployment refuses to delete the task for good. The reason names the row.
+        noting that the deployment refuses to delete the task for good.
         """
         base = normalize_base_url(base_url)
-        now = self._now()
-        retired: list[Entry] = []
+        found: list[tuple[TrackedTask, str]] = []
         try:
-            with self.engine.begin() as connection:
+            with self.engine.connect() as connection:
                 active = {
                     e.task_id: e
                     for e in (
@@ -314,7 +277,6 @@ class Inventory:
                 }
                 ids = list(active)
                 for start in range(0, len(ids), _CHUNK):
-                    chunk = ids[start : start + _CHUNK]
                     rows = connection.execute(
                         select(
                             audit_table.c.id,
@@ -326,7 +288,7 @@ class Inventory:
                         )
                         .where(
                             audit_table.c.target == base,
-                            audit_table.c.task_id.in_(chunk),
+                            audit_table.c.task_id.in_(ids[start : start + _CHUNK]),
                             (
                                 audit_table.c.outcome.in_(_GONE_OUTCOMES)
                                 | and_(
@@ -340,28 +302,50 @@ class Inventory:
                     for row in rows:
                         entry = active.pop(row.task_id, None)
                         if entry is None:
-                            continue  # an earlier row already retired it
+                            continue  # an earlier row already accounts for it
                         detail = f": {row.error_message}" if row.error_message else ""
                         reason = (
                             f"audit row {row.id} (policy {row.policy}, run {row.run_id}): "
                             f"{row.outcome}{detail}"
                         )[:2000]
-                        connection.execute(
-                            update(inventory_table)
-                            .where(
-                                inventory_table.c.id == entry.id,
-                                inventory_table.c.retired_at.is_(None),
-                            )
-                            .values(retired_at=now, retired_reason=reason)
+                        found.append((entry, reason))
+        except SQLAlchemyError as exc:
+            raise self._fail("reading the audit rows of gone tasks", exc) from None
+        return found
+
+    def retire(self, retirements: Sequence[tuple[TrackedTask, str]]) -> list[TrackedTask]:
+        """Retire entries, each with its reason; returns those this call retired (an entry
+        retired meanwhile keeps its first reason)."""
+        now = self._now()
+        retired: list[TrackedTask] = []
+        try:
+            with self.engine.begin() as connection:
+                for entry, reason in retirements:
+                    result = connection.execute(
+                        update(inventory_table)
+                        .where(
+                            inventory_table.c.id == entry.id,
+                            inventory_table.c.retired_at.is_(None),
                         )
+                        .values(retired_at=now, retired_reason=reason)
+                    )
+                    if result.rowcount:
                         retired.append(replace(entry, retired_at=now, retired_reason=reason))
         except SQLAlchemyError as exc:
             raise self._fail("retiring entries", exc) from None
         return retired
 
+    def retire_from_audit(self, base_url: str) -> list[TrackedTask]:
+        """Retire every active entry whose task an audit row records as gone; return them."""
+        return self.retire(self.gone_per_audit(base_url))
+
     def record_gone(
-        self, base_url: str, gone: Sequence[tuple[Entry, str]], *, store: AuditStore | None = None
-    ) -> list[Entry]:
+        self,
+        base_url: str,
+        gone: Sequence[tuple[TrackedTask, str]],
+        *,
+        store: AuditStore | None = None,
+    ) -> list[TrackedTask]:
         """Audit tasks the target reports as not found, then retire their entries.
 
         One run of the pseudo-policy ``<aparavi-inventory>`` records an ``already_gone`` row per
@@ -405,7 +389,9 @@ class Inventory:
 
     # -- pruning ------------------------------------------------------------------------------
 
-    def prune(self, retired_before: datetime, *, store: AuditStore | None = None) -> list[Entry]:
+    def prune(
+        self, retired_before: datetime, *, store: AuditStore | None = None
+    ) -> list[TrackedTask]:
         """Delete entries retired before ``retired_before``; one audit row per entry first."""
         try:
             with self.engine.connect() as connection:
@@ -423,7 +409,7 @@ class Inventory:
         if not doomed:
             return []
         store = store or AuditStore(self.engine)
-        by_base: dict[str, list[Entry]] = {}
+        by_base: dict[str, list[TrackedTask]] = {}
         for entry in doomed:
             by_base.setdefault(entry.base_url, []).append(entry)
         for base, entries in by_base.items():
@@ -471,8 +457,8 @@ class Inventory:
         return doomed
 
 
-def _entry(row: Any) -> Entry:
-    return Entry(
+def _entry(row: Any) -> TrackedTask:
+    return TrackedTask(
         id=row.id,
         base_url=row.base_url,
         token=row.token,

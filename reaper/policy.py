@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo
 
 from pydantic import (
@@ -23,18 +23,24 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
+    SerializeAsAny,
     StrictBool,
     StrictFloat,
     StrictInt,
     ValidationError,
+    create_model,
     field_validator,
 )
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import core_schema
 
 from reaper.converters import Rate, parse_timezone
 from reaper.errors import FieldError, PolicyError
 from reaper.fields import INTEGRAL, Duration, JsonInt, RateValue
 from reaper.schedule import parse_cron
-from reaper.targets import TARGETS, Target, TargetConfig
+from reaper.targets import Registry, Target, TargetConfig, installed_kinds
 from reaper.templates import Instance, expand, is_template, template_schema
 from reaper.yamlfile import Document, Path_, YamlError, read_documents
 
@@ -159,17 +165,30 @@ class DeleteSettings(_Model):
     )
 
 
-def _target_union() -> Any:
-    configs = tuple(cls.config_model for cls in TARGETS.values())
-    if len(configs) == 1:
-        return Annotated[configs[0], Field(discriminator="type")]
-    return Annotated[Union[configs], Field(discriminator="type")]  # noqa: UP007
+class _TargetSection:
+    """``target:``, validated as the config model of the kind its ``type`` names.
+
+    The kinds come from the registry when a policy is validated (not when this module is
+    imported), so the kinds of plugins installed since count too.
+    """
+
+    @classmethod
+    def __get_pydantic_core_schema__(
+        cls, source: Any, handler: GetCoreSchemaHandler
+    ) -> core_schema.CoreSchema:
+        return core_schema.no_info_plain_validator_function(
+            lambda value: installed_kinds().config_adapter.validate_python(value)
+        )
+
+    @classmethod
+    def __get_pydantic_json_schema__(
+        cls, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        return handler(installed_kinds().config_adapter.core_schema)
 
 
-if TYPE_CHECKING:
-    TargetSettings = TargetConfig
-else:
-    TargetSettings = _target_union()
+#: A policy's ``target``: typed as the base model, serialised as the kind's own.
+TargetSettings = Annotated[SerializeAsAny[TargetConfig], _TargetSection]
 
 _NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 
@@ -211,7 +230,7 @@ class Policy(_Model):
 
     @property
     def target_class(self) -> type[Target]:
-        return TARGETS[self.target_config.type]
+        return installed_kinds().target(self.target_config.type)
 
     @property
     def age_field(self) -> str:
@@ -254,9 +273,14 @@ class LoadedPolicy:
         return self.policy.content_hash()
 
 
-def policy_json_schema() -> dict[str, Any]:
-    """The JSON Schema of one policy document (a file holds one policy or a list of them)."""
-    schema = Policy.model_json_schema()
+def policy_json_schema(kinds: Registry | None = None) -> dict[str, Any]:
+    """The JSON Schema of one policy document (a file holds one policy or a list of them),
+    ``target`` being one of ``kinds`` (default: every installed kind, plugins' included)."""
+    kinds = kinds or installed_kinds()
+    model = create_model(
+        "Policy", __base__=Policy, __doc__=Policy.__doc__, target=(kinds.config_union, ...)
+    )
+    schema = model.model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["$id"] = "https://reaper.invalid/schema/policy.schema.json"
     schema["description"] = (
@@ -491,8 +515,13 @@ def _validate(
 def _error_path(raw: Any, error: Any) -> Path_:
     path = _resolve(raw, error["loc"])
     if error["type"] == "union_tag_invalid":
-        path = (*path, "type")  # the discriminator is the field that is wrong
+        path = (*path, _discriminator(error))  # the discriminator is the field that is wrong
     return path
+
+
+def _discriminator(error: Any) -> str:
+    """The field a discriminated union's error is about (``type`` of ``target``, ``style``...)."""
+    return str(error["ctx"]["discriminator"]).strip("'")
 
 
 def _resolve(raw: Any, loc: tuple[int | str, ...]) -> Path_:
@@ -523,11 +552,15 @@ def _message(error: Any) -> str:
         return "unknown key (check its spelling and indentation)"
     if error["type"] == "missing":
         return "required field is missing"
-    if error["type"] == "union_tag_invalid":
-        kinds = ", ".join(sorted(TARGETS))
-        return f"unknown target type; expected one of: {kinds}"
-    if error["type"] == "union_tag_not_found":
-        return f"target.type is required; one of: {', '.join(sorted(TARGETS))}"
+    if error["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        if tuple(error["loc"]) == ("target",):  # the kind: say which exist, or why it is broken
+            kinds = installed_kinds()
+            if error["type"] == "union_tag_not_found":
+                return f"target.type is required; one of: {', '.join(kinds.targets)}"
+            return kinds.unusable(str(error["ctx"]["tag"])) or kinds.unknown()
+        if error["type"] == "union_tag_not_found":
+            return f"{_discriminator(error)} is required"
+        return f"unknown value; expected one of: {error['ctx']['expected_tags']}"
     return message
 
 
@@ -540,7 +573,7 @@ def _semantic_problems(raw: dict[str, Any]) -> list[tuple[Path_, str]]:
     problems: list[tuple[Path_, str]] = []
     target_raw = _mapping(raw.get("target"))
     kind_raw = target_raw.get("type")
-    target = TARGETS.get(kind_raw) if isinstance(kind_raw, str) else None
+    target = installed_kinds().targets.get(kind_raw) if isinstance(kind_raw, str) else None
     if target is None:
         return problems  # the structural validation names the missing or unknown type
     kind = target.kind

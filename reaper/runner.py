@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 import structlog
+from sqlalchemy import Engine
 
 from reaper.audit import AuditEntry, AuditStore, RunRecord, RunSummary
 from reaper.clocks import ClockLimits, check_clocks
@@ -27,6 +28,7 @@ from reaper.errors import AuditError, ListingError, RunAborted, TargetAuthError,
 from reaper.execute import AsyncAudit, Batches, BatchEvent, Executor, auto_concurrency
 from reaper.guards import GuardOverrides, GuardTrip, check_guards
 from reaper.http import HttpStats, RetryPolicy, TargetHttp
+from reaper.inventory import Inventory
 from reaper.locks import PolicyLock
 from reaper.plan import Plan, Verdict, make_plan
 from reaper.planfile import SavedPlan, not_eligible_now
@@ -35,6 +37,7 @@ from reaper.ratelimit import RateLimiter
 from reaper.recheck import SendCheck
 from reaper.reconcile import Reconciler, ReconcileReport
 from reaper.targets.base import ListRequest, Outcome, RecheckRequest, Target, Task
+from reaper.targets.state import TargetState
 
 __all__ = [
     "Mode",
@@ -46,6 +49,7 @@ __all__ = [
     "reconcile_policy",
     "run_policy",
     "run_record",
+    "target_state",
 ]
 
 log = structlog.get_logger("reaper.runner")
@@ -117,12 +121,26 @@ class PolicyRun:
         return self.status in (RunStatus.SUCCEEDED, RunStatus.SKIPPED, RunStatus.INTERRUPTED)
 
 
+def target_state(loaded: LoadedPolicy, engine: Engine) -> TargetState | None:
+    """The stores in reaper's database a policy's target keeps its state in (None for the
+    kinds that keep none)."""
+    if not loaded.policy.target_class.keeps_state:
+        return None
+    return TargetState(inventory=Inventory(engine))
+
+
 def build_target(
-    loaded: LoadedPolicy, *, transport: httpx.AsyncBaseTransport | None = None
+    loaded: LoadedPolicy,
+    *,
+    transport: httpx.AsyncBaseTransport | None = None,
+    state: TargetState | None = None,
 ) -> tuple[Target, httpx.AsyncClient]:
-    """Create the target for a policy, with its HTTP client, rate limiter and retry policy."""
+    """Create the target for a policy, with its HTTP client, rate limiter and retry policy, and
+    the stores it keeps its state in (``state``: see :func:`target_state`)."""
     policy = loaded.policy
     config = policy.target_config
+    if policy.target_class.keeps_state and state is None:
+        raise ValueError(f"the {config.type} target keeps state: build it with state=")
     # httpx 0.28 deprecates a CA path as `verify`: hand it an SSL context.
     verify: bool | ssl.SSLContext = (
         ssl.create_default_context(cafile=config.ca_bundle)
@@ -159,7 +177,7 @@ def build_target(
         ),
         max_response_bytes=config.max_response_bytes,
     )
-    return policy.target_class(config, http), client
+    return policy.target_class(config, http, state), client
 
 
 def _list_request(loaded: LoadedPolicy, cutoff: datetime) -> ListRequest:
@@ -286,7 +304,11 @@ class _PolicyRunner:
                 log.warning("run_skipped", policy=policy.name, reason=run.error)
                 return self._done()
             stack.push_async_callback(self.audit.call, lock.release)
-            target, client = build_target(self.loaded, transport=self.opts.transport)
+            target, client = build_target(
+                self.loaded,
+                transport=self.opts.transport,
+                state=target_state(self.loaded, self.store.engine),
+            )
             stack.push_async_callback(client.aclose)
             try:
                 run.run_id = await self.audit.call(self.store.start_run, self._record(target))
@@ -350,6 +372,10 @@ class _PolicyRunner:
             run.error = f"listing failed, nothing deleted: {exc}"
             log.error("listing_failed", error=str(exc))
             return
+        if run.mode in (Mode.RUN, Mode.APPLY):
+            # What the listing learnt for the target's own state (Aparavi's inventory) is
+            # written by runs that may delete; plans and dry runs only read.
+            await target.save_state()
         # The listing was complete: earlier runs' unresolved rows can be settled from it, and
         # the deletions acknowledged since the last listing checked against it.
         report = await self.audit.call(
@@ -662,7 +688,9 @@ async def reconcile_policy(
             )
             kind = loaded.policy.target_class.kind
             if reconciler:
-                target, client = build_target(loaded, transport=transport)
+                target, client = build_target(
+                    loaded, transport=transport, state=target_state(loaded, store.engine)
+                )
                 try:
                     cutoff = datetime.now(UTC) - loaded.policy.select.older_than
                     listing = target.list_tasks(_list_request(loaded, cutoff))

@@ -31,7 +31,7 @@ from sqlalchemy import Engine
 from reaper.converters import parse_duration
 from reaper.db import ensure_schema, make_engine
 from reaper.errors import AuditError
-from reaper.inventory import Entry, Inventory, Registration
+from reaper.inventory import Inventory, Registration
 from reaper.settings import Settings
 from reaper.targets.aparavi import (
     DEFAULT_BASE_URL,
@@ -39,6 +39,7 @@ from reaper.targets.aparavi import (
     check_registration,
     normalize_base_url,
 )
+from reaper.targets.state import TrackedTask
 
 __all__ = ["ImportReport", "import_records", "read_records", "track", "track_command"]
 
@@ -296,7 +297,7 @@ def track_list(base_url: str | None, include_retired: bool, output: str) -> None
     click.echo(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}")
 
 
-def _line(entry: Entry) -> str:
+def _line(entry: TrackedTask) -> str:
     state = (
         f"retired {entry.retired_at:%Y-%m-%d}: {entry.retired_reason}"
         if (entry.retired_at)

@@ -31,6 +31,8 @@ from reaper.db import (
     upgrade,
 )
 from reaper.errors import AuditError
+from reaper.inventory import inventory_table
+from reaper.leases import leases_table, replicas_table
 from reaper.reconcile import Reconciler
 from reaper.targets.base import DeleteResult, Outcome, Task
 
@@ -50,6 +52,9 @@ class TestMigrations:
         """The migrated schema is exactly the declared tables (no drift between the two)."""
         engine = make_engine(database_url)
         upgrade(engine)
+        # The inventory's and the leases' tables are declared there too.
+        assert inventory_table.metadata is leases_table.metadata is metadata
+        assert replicas_table.metadata is metadata
         with engine.connect() as connection:
             assert compare_metadata(MigrationContext.configure(connection), metadata) == []
         engine.dispose()

@@ -20,7 +20,7 @@ from reaper.policy import (
     policy_files,
     policy_json_schema,
 )
-from reaper.targets import TARGETS
+from reaper.targets import installed_kinds
 from reaper.targets.data_pipeline import DataPipelineConfig
 from reaper.yamlfile import read_documents
 
@@ -317,7 +317,7 @@ class TestRealisticMistakes:
                 "type: jenkins",
                 "target.type",
                 4,
-                f"unknown target type; expected one of: {', '.join(sorted(TARGETS))}",
+                f"unknown target type; expected one of: {', '.join(installed_kinds().targets)}",
                 id="unknown-target-type",
             ),
             pytest.param(
@@ -442,8 +442,23 @@ class TestRealisticMistakes:
         """A target without ``type`` says which types exist."""
         errors, _ = load_errors(edited("  type: data_pipeline\n", ""))
         assert [(e.field, e.message) for e in errors] == [
-            ("target", f"target.type is required; one of: {', '.join(sorted(TARGETS))}")
+            ("target", f"target.type is required; one of: {', '.join(installed_kinds().targets)}")
         ]
+
+    def test_an_unknown_style_is_not_called_an_unknown_target_type(self) -> None:
+        """A wrong value of a target's own tagged setting (generic_http paging.style) names that
+        field, its line and the values it takes; a missing one names the key it lacks."""
+        text = (EXAMPLES / "generic_http.yaml").read_text(encoding="utf-8")
+        errors, _ = load_errors(edited("style: offset ", "style: offsets ", text))
+        assert [(e.field, e.line, e.message) for e in errors] == [
+            (
+                "target.list.paging.style",
+                20,
+                "unknown value; expected one of: 'offset', 'page', 'cursor', 'link', 'none'",
+            )
+        ]
+        errors, _ = load_errors(edited("style: batch ", "# style: batch ", text))
+        assert [(e.field, e.message) for e in errors] == [("target.delete", "style is required")]
 
     def test_misspelled_section_is_reported_on_its_own_line(self) -> None:
         """`protcet:` is reported on the line where the misspelled key is written."""
@@ -778,7 +793,7 @@ class TestCommandLine:
         """Record any attempt to reach a target or the audit database."""
         calls: list[str] = []
 
-        def build_target(item: Any) -> Any:
+        def build_target(item: Any, **kwargs: Any) -> Any:
             calls.append(f"build_target {item.name}")
             raise AssertionError("a target was built")
 

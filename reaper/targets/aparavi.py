@@ -7,21 +7,24 @@ entry, with bounded concurrency under the policy's rate limit. A task id is ``<t
 
 * Errors come as **HTTP 200** with ``{"status": "Error", "error": {"message"}}``: every answer's
   body is read. ``Task not found`` (or ``Task has already been deleted``) on a status call means
-  the task is gone: it is listed as ``gone``, audited as ``already_gone`` under the pseudo-policy
-  ``<aparavi-inventory>`` and retired. Any other error makes the listing incomplete (nothing is
-  deleted). On a delete it is ``already_gone``; ``Cannot delete completed task`` is recorded as
-  a failure that is never retried (the entry is retired from that audit row).
+  the task is gone: it is listed as ``gone``; a run then audits it as ``already_gone`` under the
+  pseudo-policy ``<aparavi-inventory>`` and retires its entry. Any other error makes the listing
+  incomplete (nothing is deleted). On a delete it is ``already_gone``; ``Cannot delete completed
+  task`` is recorded as a failure that is never retried (the entry is retired from that audit row).
 * 401 (or an ``Unauthorized`` error body) is a configuration error that stops the policy.
 * ``Running`` is the live status. Terminating running tasks (what ``DELETE /task`` does to them)
   needs the policy's ``select.allow_live: true`` *and* the target's ``allow_running: true`` with a
   ``max_runtime``; :meth:`AparaviTarget.delete` refuses, unsent, any running task that has not run
   longer than ``max_runtime``, whatever the plan says.
-* Entries are retired only after an audit row says why: at the start of every listing, entries
-  whose task an earlier run deleted (or found gone) are retired from those rows.
+* Entries are retired only after an audit row says why: entries whose task an earlier run
+  deleted (or found gone) are not listed, and a run retires them from those rows.
 * Before deleting, each task's status is fetched again (its API offers no cheaper means): a task
   no longer in a deletable status, or gone, is not sent.
 
-The inventory lives in reaper's database (``REAPER_DATABASE_URL``, the audit database).
+The inventory is handed in (:class:`~reaper.targets.state.TaskInventory`; reaper's own lives in
+its database, :mod:`reaper.inventory`). Listing only reads it: what a listing learns (entries to
+retire, tasks found gone, statuses) is written by :meth:`AparaviTarget.save_state`, which only a
+run that may delete calls; ``reaper plan`` prints :meth:`AparaviTarget.state_changes` instead.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import re
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import httpx
 import structlog
@@ -45,14 +48,10 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from sqlalchemy import Engine
-from sqlalchemy.pool import NullPool
 
 from reaper.converters import format_duration
-from reaper.db import make_engine
 from reaper.errors import ListingError, TargetAuthError
 from reaper.fields import Duration
-from reaper.settings import Settings
 from reaper.targets.base import (
     BatchResult,
     DeleteOptions,
@@ -68,10 +67,7 @@ from reaper.targets.base import (
 )
 from reaper.targets.httpauth import HeaderAuth
 from reaper.targets.huawei import read_secret
-
-if TYPE_CHECKING:
-    # reaper.inventory imports the audit, which imports this package: import it when used.
-    from reaper.inventory import Entry, Inventory
+from reaper.targets.state import TaskInventory, TrackedTask
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -247,9 +243,16 @@ class _Listed:
     start: datetime | None
 
 
-def _inventory_engine() -> Engine:
-    # NullPool: the target holds no connection between its few inventory calls.
-    return make_engine(Settings().database(), poolclass=NullPool)
+@dataclass(frozen=True)
+class _Learnt:
+    """What one complete listing learnt for the inventory (written by ``save_state``)."""
+
+    #: Entries an audit row records as gone, each with the reason (naming the row).
+    retire: tuple[tuple[TrackedTask, str], ...]
+    #: Tasks the status call reports as not found, each with the service's words.
+    gone: tuple[tuple[TrackedTask, str], ...]
+    #: The status each checked entry had (None: not found).
+    statuses: tuple[tuple[int, str | None], ...]
 
 
 class AparaviTarget(Target):
@@ -263,30 +266,24 @@ class AparaviTarget(Target):
     match_fields = frozenset({"task_id", "name", "type", "token"})
     max_batch_size = 1
 
-    config: AparaviConfig
+    keeps_state = True
 
-    #: How the inventory's database is reached (tests and embedders may replace it).
-    engine_factory: Callable[[], Engine] = staticmethod(_inventory_engine)
+    config: AparaviConfig
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        assert self.state is not None  # keeps_state: the base class refuses None
+        self.inventory: TaskInventory = self.state.inventory
         self.clock: Callable[[], datetime] = lambda: datetime.now(UTC)
         #: What this run's listing said about each id: delete() checks it.
         self.listed: dict[str, _Listed] = {}
-        self._inventory: Inventory | None = None
+        #: What the last complete listing learnt (None while a listing is under way).
+        self.learnt: _Learnt | None = None
 
     @classmethod
     def client_auth(cls, config: TargetConfig) -> httpx.Auth:
         assert isinstance(config, AparaviConfig)
         return config.auth.build()
-
-    @property
-    def inventory(self) -> Inventory:
-        if self._inventory is None:
-            from reaper.inventory import Inventory
-
-            self._inventory = Inventory(self.engine_factory())
-        return self._inventory
 
     def invalid_id_reason(self, task_id: str) -> str | None:
         if not isinstance(task_id, str) or parse_task_id(task_id) is None:
@@ -300,15 +297,22 @@ class AparaviTarget(Target):
 
     async def list_tasks(self, request: ListRequest) -> AsyncIterator[Task]:
         self.listed.clear()
+        self.learnt = None
         base = self.config.root()
         inventory = self.inventory
-        retired = await asyncio.to_thread(inventory.retire_from_audit, base)
-        if retired:
-            log.info("inventory_retired", target=base, retired=len(retired), source="audit")
-        entries = await asyncio.to_thread(inventory.entries, base, types=self.config.task_types)
-        log.info("inventory_read", target=base, active=len(entries))
+        retire = await asyncio.to_thread(inventory.gone_per_audit, base)
+        retiring = {entry.id for entry, _ in retire}
+        entries = [
+            entry
+            for entry in await asyncio.to_thread(
+                inventory.entries, base, types=self.config.task_types
+            )
+            if entry.id not in retiring
+        ]
+        log.info("inventory_read", target=base, active=len(entries), retiring=len(retire))
         limit = asyncio.Semaphore(self.config.status_concurrency)
-        gone: list[tuple[Entry, str]] = []
+        gone: list[tuple[TrackedTask, str]] = []
+        statuses: list[tuple[int, str | None]] = []
         for start in range(0, len(entries), _WINDOW):
             window = entries[start : start + _WINDOW]
             try:
@@ -322,23 +326,50 @@ class AparaviTarget(Target):
             except BaseExceptionGroup as failed:
                 # The first failure is the cause; the other calls were cancelled because of it.
                 raise _first(failed) from None
-            checked: list[tuple[int, str | None]] = []
             for entry, call in zip(window, calls, strict=True):
                 data, gone_message = call.result()
                 if gone_message is not None:
                     gone.append((entry, gone_message))
-                    checked.append((entry.id, None))
+                    statuses.append((entry.id, None))
                     yield Task(entry.task_id, entry.last_status or "NotFound", None, gone=True)
                     continue
                 assert data is not None
                 task = self._task(entry, data, request)
-                checked.append((entry.id, task.status))
+                statuses.append((entry.id, task.status))
                 self.listed[task.id] = _Listed(task.status, _epoch(data.get("startTime")))
                 yield task
-            await asyncio.to_thread(inventory.note_statuses, checked)
-        if gone:
-            await asyncio.to_thread(inventory.record_gone, base, gone)
-            log.info("inventory_retired", target=base, retired=len(gone), source="status")
+        self.learnt = _Learnt(tuple(retire), tuple(gone), tuple(statuses))
+
+    def state_changes(self) -> list[str]:
+        learnt = self.learnt
+        if learnt is None:
+            return []
+        changes = []
+        if learnt.retire:
+            changes.append(
+                f"retire {_entries(len(learnt.retire))} whose task an audit row records as gone"
+            )
+        if learnt.gone:
+            changes.append(
+                f"record {len(learnt.gone)} task(s) the status call reports as not found "
+                "(already_gone, policy <aparavi-inventory>) and retire "
+                + _entries(len(learnt.gone))
+            )
+        return changes
+
+    async def save_state(self) -> None:
+        learnt, base = self.learnt, self.config.root()
+        if learnt is None:
+            return
+        self.learnt = None  # written once
+        inventory = self.inventory
+        if learnt.retire:
+            retired = await asyncio.to_thread(inventory.retire, learnt.retire)
+            log.info("inventory_retired", target=base, retired=len(retired), source="audit")
+        await asyncio.to_thread(inventory.note_statuses, learnt.statuses)
+        if learnt.gone:
+            retired = await asyncio.to_thread(inventory.record_gone, base, learnt.gone)
+            log.info("inventory_retired", target=base, retired=len(retired), source="status")
 
     async def _status(
         self, task_id: str, token: str, task_type: str, limit: asyncio.Semaphore
@@ -372,7 +403,7 @@ class AparaviTarget(Target):
             raise ListingError(f"{where}: the answer has no status")
         return data, None
 
-    def _task(self, entry: Entry, data: dict[str, Any], request: ListRequest) -> Task:
+    def _task(self, entry: TrackedTask, data: dict[str, Any], request: ListRequest) -> Task:
         timestamp = problem = None
         raw = data.get(request.age_field)
         try:
@@ -495,6 +526,10 @@ class AparaviTarget(Target):
         return DeleteResult(
             task_id, Outcome.FAILED, status, error_message=f"HTTP {status} without error body"
         )
+
+
+def _entries(count: int) -> str:
+    return f"{count} inventory entr{'y' if count == 1 else 'ies'}"
 
 
 def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -4,7 +4,18 @@ A target lists tasks as :class:`Task` records (id, status, one aware UTC timesta
 policy may match on), re-checks tasks just before they are deleted (:meth:`Target.recheck`), and
 deletes ids, answering with one :class:`DeleteResult` per id. It knows its API's paging, status
 vocabulary, id format and error bodies; it knows nothing about policies, plans or the audit.
-Adding a target kind means one new module here plus one line in ``reaper/targets/__init__.py``.
+
+This is a public API: other distributions add kinds by subclassing :class:`Target` and declaring
+an entry point, whose name is the kind's (:mod:`reaper.targets.registry`). A kind **must** have
+``config_model`` (a :class:`TargetConfig` subclass whose ``type`` is ``Literal[kind]``) and
+``time_fields``, and implement :meth:`Target.list_tasks` and :meth:`Target.delete`; ``kind`` and
+the config's ``type`` are set from the entry point when the class does not set them (a subclass
+of a built-in kind needs nothing else). It **may** override the other class attributes
+(statuses, match fields, batch size, the re-check rails), ``options_model``,
+:meth:`Target.client_auth`, :meth:`Target.invalid_id_reason`, :meth:`Target.recheck`,
+:meth:`Target.settle_after_for`, :meth:`Target.error_text`, and, when it keeps state
+(``keeps_state``), :meth:`Target.state_changes` and :meth:`Target.save_state`. The README's
+"Writing a target" shows how to test one against a simulator.
 """
 
 from __future__ import annotations
@@ -30,6 +41,7 @@ from reaper.http import (
     TargetHttp,
     error_fields,
 )
+from reaper.targets.state import TargetState
 
 __all__ = [
     "BatchResult",
@@ -243,11 +255,20 @@ class DeleteOptions(BaseModel):
 
 
 class Target(ABC):
-    """One task API: list tasks, delete ids."""
+    """One task API: list tasks, delete ids.
 
-    #: The ``target.type`` value in a policy.
+    Built once per run by the runner with the policy's validated ``config``, a
+    :class:`~reaper.http.TargetHttp` (rate limit, retries, auth and size limits already applied:
+    send every request through it) and, for kinds that keep state, a :class:`TargetState`.
+    """
+
+    #: The ``target.type`` value in a policy: the entry point's name (the registry sets it on a
+    #: subclass when the class does not).
     kind: ClassVar[str]
+    #: The model of the policy's ``target:`` section; its ``type`` is ``Literal[kind]``. Must be
+    #: set.
     config_model: ClassVar[type[TargetConfig]]
+    #: The model of the policy's ``delete.options`` (none by default).
     options_model: ClassVar[type[DeleteOptions]] = DeleteOptions
     #: Statuses of tasks that are still running: protected unless a policy opts in explicitly.
     live_statuses: ClassVar[frozenset[str]] = frozenset()
@@ -271,10 +292,19 @@ class Target(ABC):
     #: finished task never becomes live again: then no re-check is needed before deleting, and
     #: this sentence says why (it is logged and documented).
     server_refuses_live: ClassVar[str | None] = None
+    #: Set by kinds that keep state in reaper's database between runs (Aparavi's inventory of
+    #: tracked tasks): they are handed a :class:`TargetState`, and ``reaper plan`` sets the
+    #: database up before listing them.
+    keeps_state: ClassVar[bool] = False
 
-    def __init__(self, config: TargetConfig, http: TargetHttp) -> None:
+    def __init__(
+        self, config: TargetConfig, http: TargetHttp, state: TargetState | None = None
+    ) -> None:
+        if self.keeps_state and state is None:
+            raise ValueError(f"the {self.kind} target keeps state: it needs state=TargetState")
         self.config = config
         self.http = http
+        self.state = state
 
     @classmethod
     def settle_after_for(cls, config: TargetConfig) -> timedelta | None:
@@ -334,7 +364,14 @@ class Target(ABC):
 
     @abstractmethod
     def list_tasks(self, request: ListRequest) -> AsyncIterator[Task]:
-        """Yield every task, page by page; raise ListingError if the listing is incomplete."""
+        """Yield every task, page by page (an ``async def`` generator).
+
+        Each :class:`Task` carries the id, the status, the request's ``age_field`` as an aware
+        UTC datetime and the requested ``match_fields`` (:func:`task_reader` builds them from
+        JSON records). Raise ListingError whenever the listing may be incomplete (a page
+        failed, repeated or came back malformed): nothing of the policy is deleted then. Send
+        requests with :meth:`fetch_json` or :meth:`fetch_page`.
+        """
 
     @abstractmethod
     async def delete(self, task_ids: Sequence[str], options: DeleteOptions) -> BatchResult:
@@ -359,6 +396,19 @@ class Target(ABC):
             if task.id in wanted:
                 seen[task.id] = task
         return Recheck(seen, wanted, wanted - seen.keys(), means="listed the target again")
+
+    def state_changes(self) -> Sequence[str]:
+        """What the last complete listing learnt that :meth:`save_state` would write, one line
+        each (``reaper plan`` prints them); nothing for kinds without state."""
+        return ()
+
+    async def save_state(self) -> None:
+        """Write what the last complete listing learnt to the target's state.
+
+        Listing itself never writes: the runner calls this after a complete listing in a run
+        that may delete, never for ``reaper plan`` or a dry run. Nothing for kinds without state.
+        """
+        return None
 
     async def delete_each(
         self,

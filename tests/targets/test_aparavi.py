@@ -1,7 +1,9 @@
-"""The aparavi target: inventory tracking and import, status-based listing, deletion rules."""
+"""The aparavi target: inventory tracking and import, status-based listing, deletion rules, the
+inventory handed in through the storage interface, and planning that writes nothing."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import json
 from collections import Counter
@@ -11,25 +13,27 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 import yaml
 from click.testing import CliRunner
 from sqlalchemy import select
 
-import reaper.inventory  # registers the inventory table on the audit metadata
+import reaper
 from reaper.audit import AuditStore, audit_table, runs_table
-from reaper.errors import PolicyError
+from reaper.cli import cli
+from reaper.errors import ListingError, PolicyError
 from reaper.inventory import INVENTORY_POLICY, Inventory
 from reaper.policy import LoadedPolicy, load_policy_text
-from reaper.runner import PolicyRun, RunStatus, run_policy
+from reaper.runner import Mode, PolicyRun, RunStatus, build_target, run_policy
 from reaper.simulators import AparaviSimTask, AparaviSimulator, Faults
+from reaper.targets import ListRequest
 from reaper.targets.aparavi import AparaviTarget
+from reaper.targets.state import TargetState, TaskInventory, TrackedTask
 from reaper.track import import_records, read_records, track, track_command
 
 KEY = "aparavi-test-key-3f9c"
 KEY_ENV = "REAPER_TEST_APARAVI_KEY"
 Sim = Callable[..., tuple[AparaviSimulator, str]]
-
-assert reaper.inventory.inventory_table is not None
 
 
 @pytest.fixture
@@ -70,7 +74,7 @@ def running(token: str, started: timedelta, **kwargs: Any) -> AparaviSimTask:
     return AparaviSimTask(token, "cpu", "Running", now() - started, None, **kwargs)
 
 
-def policy(url: str, *, target: dict[str, Any] | None = None, **sections: Any) -> LoadedPolicy:
+def policy_doc(url: str, *, target: dict[str, Any] | None = None, **sections: Any) -> Any:
     doc: dict[str, Any] = {
         "name": "aparavi-test",
         "target": {
@@ -83,7 +87,11 @@ def policy(url: str, *, target: dict[str, Any] | None = None, **sections: Any) -
         "delete": {"rate": "200/s", "max_fraction": 1.0},
     }
     doc.update(sections)
-    [loaded] = load_policy_text(yaml.safe_dump(doc))
+    return doc
+
+
+def policy(url: str, **options: Any) -> LoadedPolicy:
+    [loaded] = load_policy_text(yaml.safe_dump(policy_doc(url, **options)))
     return loaded
 
 
@@ -403,3 +411,241 @@ class TestPrune:
         audit = rows(env, INVENTORY_POLICY)
         assert [r["reason"][:16] for r in audit] == ["inventory: the s", "inventory prune:"]
         assert env.verify() == []
+
+
+class MemoryInventory(TaskInventory):
+    """A TaskInventory in memory that logs every write: the target needs no database."""
+
+    def __init__(self, entries: list[TrackedTask], gone: list[tuple[TrackedTask, str]]) -> None:
+        self._entries = entries
+        self._gone = gone
+        self.writes: list[tuple[str, Any]] = []
+
+    def entries(
+        self, base_url: str | None = None, *, types: Any, include_retired: bool = False
+    ) -> list[TrackedTask]:
+        return [e for e in self._entries if e.base_url == base_url and e.type in types]
+
+    def gone_per_audit(self, base_url: str) -> list[tuple[TrackedTask, str]]:
+        return [(e, why) for e, why in self._gone if e.base_url == base_url]
+
+    def retire(self, retirements: Any) -> list[TrackedTask]:
+        self.writes.append(("retire", [(e.task_id, why) for e, why in retirements]))
+        return [e for e, _ in retirements]
+
+    def note_statuses(self, checked: Any) -> None:
+        ids = {e.id: e.task_id for e in self._entries}
+        self.writes.append(("note_statuses", sorted((ids[i], status) for i, status in checked)))
+
+    def record_gone(self, base_url: str, gone: Any) -> list[TrackedTask]:
+        self.writes.append(("record_gone", [(e.task_id, why) for e, why in gone]))
+        return [e for e, _ in gone]
+
+
+def entry(number: int, base: str, token: str) -> TrackedTask:
+    return TrackedTask(number, base, token, "cpu", None, now() - timedelta(days=20))
+
+
+def snapshot(engine: sa.Engine) -> dict[str, list[str]]:
+    """Every row of every table in the database, in a stable order."""
+    tables = sa.MetaData()
+    tables.reflect(engine)
+    with engine.connect() as connection:
+        return {
+            name: sorted(repr(tuple(row)) for row in connection.execute(select(table)))
+            for name, table in sorted(tables.tables.items())
+        }
+
+
+class TestStorageSeam:
+    def test_the_target_uses_the_inventory_it_is_handed(self, aparavi: Sim) -> None:
+        """Listing only reads the handed-in inventory (entries an audit row records as gone
+        are not even asked about); save_state then retires, notes statuses, records the gone."""
+        sim, url = aparavi(
+            [completed("done", timedelta(days=9)), running("live", timedelta(hours=1))]
+        )
+        base = url.rstrip("/")
+        done, live, vanished, earlier = (
+            entry(i, base, token) for i, token in enumerate(["done", "live", "vanished", "old"])
+        )
+        inventory = MemoryInventory(
+            [done, live, vanished, earlier], gone=[(earlier, "audit row 7: deleted")]
+        )
+
+        async def main() -> tuple[list[Any], list[str]]:
+            target, client = build_target(policy(url), state=TargetState(inventory))
+            try:
+                listed = [
+                    (t.id, t.status, t.gone)
+                    async for t in target.list_tasks(ListRequest("endTime"))
+                ]
+                assert inventory.writes == []  # listing wrote nothing
+                changes = list(target.state_changes())
+                await target.save_state()
+                return listed, changes
+            finally:
+                await client.aclose()
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv(KEY_ENV, KEY)
+            listed, changes = asyncio.run(main())
+        assert sorted(listed) == [
+            ("cpu:done", "Completed", False),
+            ("cpu:live", "Running", False),
+            ("cpu:vanished", "NotFound", True),
+        ]
+        # None for the entry an audit row records as gone.
+        assert sorted(sim.status_requests) == ["cpu:done", "cpu:live", "cpu:vanished"]
+        assert len(changes) == 2
+        assert "retire 1 inventory entry" in changes[0]
+        assert "1 task(s) the status call reports as not found" in changes[1]
+        assert inventory.writes == [
+            ("retire", [("cpu:old", "audit row 7: deleted")]),
+            (
+                "note_statuses",
+                [("cpu:done", "Completed"), ("cpu:live", "Running"), ("cpu:vanished", None)],
+            ),
+            ("record_gone", [("cpu:vanished", "Task not found")]),
+        ]
+
+    def test_an_incomplete_listing_saves_nothing(self, aparavi: Sim) -> None:
+        """A listing that fails part way leaves nothing to save: the next run starts over."""
+        sim, url = aparavi([completed("a", timedelta(days=9)), completed("b", timedelta(days=9))])
+        sim.broken_tokens.add("b")
+        base = url.rstrip("/")
+        inventory = MemoryInventory([entry(1, base, "a"), entry(2, base, "b")], gone=[])
+
+        async def main() -> list[str]:
+            target, client = build_target(policy(url), state=TargetState(inventory))
+            try:
+                with pytest.raises(ListingError):
+                    async for _ in target.list_tasks(ListRequest("endTime")):
+                        pass
+                await target.save_state()
+                return list(target.state_changes())
+            finally:
+                await client.aclose()
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv(KEY_ENV, KEY)
+            assert asyncio.run(main()) == []
+        assert inventory.writes == []
+
+    def test_a_target_that_keeps_state_is_not_built_without_it(self) -> None:
+        """build_target refuses an aparavi policy without the stores it keeps its state in."""
+        assert AparaviTarget.keeps_state
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv(KEY_ENV, KEY)
+            with pytest.raises(ValueError, match="keeps state"):
+                build_target(policy("http://a.invalid"))
+
+    def test_dependencies_run_one_way(self) -> None:
+        """No module of reaper imports itself back through others (the audit, the inventory and
+        the Aparavi target used to), and no target module imports a store or a database."""
+        graph = import_graph()
+        assert cycles(graph) == []
+        stores = {"reaper.audit", "reaper.inventory", "reaper.db", "reaper.settings", "sqlalchemy"}
+        for module, imported in graph.items():
+            if module.startswith("reaper.targets"):
+                assert imported & stores == set(), module
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Which reaper modules (and sqlalchemy) each module of the package imports when it runs,
+    anywhere in it (``if TYPE_CHECKING:`` blocks aside); read from the source, so that the
+    package's ``__init__`` importing everything does not blur it."""
+    root = Path(reaper.__file__).parent
+    modules = {
+        _name(path.relative_to(root.parent)): path
+        for path in root.rglob("*.py")
+        if "migrations" not in path.parts
+    }
+    graph: dict[str, set[str]] = {}
+    for module, path in modules.items():
+        imported = _runtime_imports(ast.parse(path.read_text(encoding="utf-8")))
+        graph[module] = {
+            name
+            for name in imported
+            if (name in modules and name not in ("reaper", module)) or name == "sqlalchemy"
+        }
+    return graph
+
+
+def _runtime_imports(node: ast.AST) -> set[str]:
+    if isinstance(node, ast.If) and ast.unparse(node.test).endswith("TYPE_CHECKING"):
+        return set().union(*(_runtime_imports(child) for child in node.orelse))
+    if isinstance(node, ast.Import):
+        return {alias.name for alias in node.names}
+    if isinstance(node, ast.ImportFrom) and node.module:
+        return {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+    return set().union(*(_runtime_imports(child) for child in ast.iter_child_nodes(node)))
+
+
+def _name(path: Path) -> str:
+    return ".".join(path.with_suffix("").parts).removesuffix(".__init__")
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The modules that reach themselves again, one path each."""
+    found: list[list[str]] = []
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> None:
+        if module in path:
+            found.append([*path[path.index(module) :], module])
+            return
+        if module in done:
+            return
+        for name in sorted(graph.get(module, ())):
+            visit(name, [*path, module])
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module, [])
+    return found
+
+
+class TestPlanningIsReadOnly:
+    def scenario(self, store: AuditStore, aparavi: Sim, tmp_path: Path) -> tuple[str, Path]:
+        """A task deleted by an earlier run (its entry not retired yet), one registered but
+        unknown to the server, one young: a run would retire two entries and audit one."""
+        old, young = completed("old", timedelta(days=9)), completed("young", timedelta(days=1))
+        sim, url = aparavi([old, young])
+        register(store, url, [old, young])
+        assert run(policy(url), store).status is RunStatus.SUCCEEDED
+        assert sim.deleted_ids == ["cpu:old"]
+        register(store, url, [completed("vanished", timedelta(days=9))])
+        path = tmp_path / "aparavi.yaml"
+        path.write_text(yaml.safe_dump(policy_doc(url)), encoding="utf-8")
+        return url, path
+
+    def test_plan_leaves_the_database_unchanged(
+        self, env: AuditStore, aparavi: Sim, tmp_path: Path
+    ) -> None:
+        """`reaper plan` writes nothing (every table's rows compared before and after) and says
+        what a run would write; the run that follows writes it."""
+        url, path = self.scenario(env, aparavi, tmp_path)
+        before = snapshot(env.engine)
+        as_json = CliRunner().invoke(cli, ["plan", "--policies", str(path), "--output", "json"])
+        as_table = CliRunner().invoke(cli, ["plan", "--policies", str(path)])
+        assert (as_json.exit_code, as_table.exit_code) == (0, 0), as_json.output + as_table.output
+        assert snapshot(env.engine) == before
+        [document] = json.loads(as_json.stdout)
+        changes = document["state_changes"]
+        assert [change.split(" whose")[0] for change in changes[:1]] == ["retire 1 inventory entry"]
+        assert "record 1 task(s) the status call reports as not found" in changes[1]
+        assert f"a run would also {changes[0]}" in as_table.stdout
+        assert run(policy(url), env).status is RunStatus.SUCCEEDED
+        assert snapshot(env.engine) != before
+        retired = Inventory(env.engine).entries(url, include_retired=True)
+        assert sorted(e.task_id for e in retired if e.retired_at) == ["cpu:old", "cpu:vanished"]
+
+    def test_a_dry_run_leaves_the_inventory_unchanged(
+        self, env: AuditStore, aparavi: Sim, tmp_path: Path
+    ) -> None:
+        """A dry run records its own run, and changes no inventory entry."""
+        url, _ = self.scenario(env, aparavi, tmp_path)
+        before = snapshot(env.engine)["reaper_aparavi_inventory"]
+        result = asyncio.run(run_policy(policy(url), env, now=now(), mode=Mode.DRY_RUN))
+        assert result.status is RunStatus.SUCCEEDED, result.error
+        assert snapshot(env.engine)["reaper_aparavi_inventory"] == before
