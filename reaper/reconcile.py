@@ -27,7 +27,7 @@ from datetime import UTC, datetime, timedelta
 import structlog
 
 from reaper.audit import Acknowledged, AuditRow, AuditStore, Correction, RunRecord
-from reaper.targets.base import DeleteResult, Outcome, Task
+from reaper.targets.base import STILL_RUNNING_NOTE, DeleteResult, Outcome, Task
 
 __all__ = ["ReconcileReport", "Reconciler"]
 
@@ -80,6 +80,8 @@ class Reconciler:
         if settle_after is not None:
             now = now or datetime.now(UTC)
             for row in rows:
+                if not (row.note or "").startswith(STILL_RUNNING_NOTE):
+                    continue  # its request is over (answered, or never sent)
                 when = row.decided_at or row.recorded_at
                 if when + settle_after > now:
                     self.held[row.task_id] = (

@@ -44,6 +44,7 @@ from reaper.http import (
 from reaper.targets.state import TargetState
 
 __all__ = [
+    "STILL_RUNNING_NOTE",
     "BatchResult",
     "DeleteResult",
     "ListRequest",
@@ -438,6 +439,11 @@ class Target(ABC):
         return BatchResult(results)
 
 
+#: The note of an ``unknown`` outcome whose request may still be at work on the server (it timed
+#: out after being sent, or a gateway answered 502/504): reconciliation waits for it to settle.
+STILL_RUNNING_NOTE = "the server may still be working on this request"
+
+
 def result_of_error(task_id: str, exc: TargetError) -> DeleteResult:
     """The outcome of an id whose request ended in ``exc``.
 
@@ -465,7 +471,15 @@ def result_of_error(task_id: str, exc: TargetError) -> DeleteResult:
         acted = exc.http_status is None or 200 <= exc.http_status < 300
         outcome = Outcome.UNKNOWN if acted else Outcome.FAILED
     message = exc.error_message or str(exc)
-    return DeleteResult(task_id, outcome, exc.http_status, exc.error_code, message)
+    running = isinstance(exc, RequestFailed) and exc.still_running
+    return DeleteResult(
+        task_id,
+        outcome,
+        exc.http_status,
+        exc.error_code,
+        message,
+        note=STILL_RUNNING_NOTE if running else None,
+    )
 
 
 def gone_result(
