@@ -30,6 +30,9 @@ typecheck: $(BIN)/reaper
 	$(BIN)/mypy
 	$(BIN)/mypy --strict $(EXAMPLE_PLUGIN)/reaper_example_target.py
 
+# Tests run in 4 worker processes (each starts its own throwaway PostgreSQL); `make pytest
+# PYTEST_ARGS="-p no:xdist -s tests/reliability"` runs in one process and prints the fault matrix.
+PYTEST_ARGS ?= -n 4
 pytest: $(BIN)/reaper
 	$(BIN)/pytest $(PYTEST_ARGS)
 
