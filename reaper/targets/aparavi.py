@@ -55,6 +55,7 @@ from reaper.fields import Duration
 from reaper.settings import Settings
 from reaper.targets.base import (
     BatchResult,
+    Credential,
     DeleteOptions,
     DeleteResult,
     ListRequest,
@@ -65,9 +66,10 @@ from reaper.targets.base import (
     TargetConfig,
     Task,
     gone_result,
+    origin_of,
 )
 from reaper.targets.httpauth import HeaderAuth
-from reaper.targets.huawei import read_secret
+from reaper.targets.huawei import read_secret, secret_source
 
 if TYPE_CHECKING:
     # reaper.inventory imports the audit, which imports this package: import it when used.
@@ -180,6 +182,15 @@ class AparaviAuth(BaseModel):
         key = read_secret(self.key_env, self.key_file, "the Aparavi API key").get_secret_value()
         return HeaderAuth("Authorization", f"Bearer {key}" if self.scheme == "bearer" else key)
 
+    def credential(self) -> Credential:
+        """The account: the API key itself."""
+        env, file = self.key_env, self.key_file
+        return Credential(
+            "api key",
+            f"API key from {secret_source(env, file)}",
+            lambda: read_secret(env, file, "the Aparavi API key").get_secret_value(),
+        )
+
 
 class AparaviConfig(TargetConfig):
     """``target:`` settings for ``type: aparavi``."""
@@ -239,6 +250,12 @@ class AparaviConfig(TargetConfig):
 
     def describe(self) -> str:
         return self.root()
+
+    def origin(self) -> str:
+        return origin_of(self.root())
+
+    def credential(self) -> Credential:
+        return self.auth.credential()
 
 
 @dataclass(frozen=True)
