@@ -18,7 +18,10 @@ Workers take the plan's batches in order (oldest tasks first). For each batch a 
    only after the last outcome is durable.
 
 Only ids taken from the plan are ever sent. With ``continue_on_error: false`` no new batch starts
-after the first failure; batches already in flight finish and are recorded.
+after the first failure; batches already in flight finish and are recorded. Nor does one start
+after the ``deadline`` (``delete.max_run_time``) or once the caller's ``stop`` event is set (a
+signal); an executor that halts on its own (failure, refused credentials, the audit) stops only
+itself, never the policies running beside it.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import contextlib
 import math
 import os
 import signal
+import time
 from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -180,6 +184,8 @@ class Executor:
         stop: asyncio.Event | None = None,
         check: SendCheck | None = None,
         corrected: Collection[str] = frozenset(),
+        deadline: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.target = target
         self.check = check
@@ -193,7 +199,15 @@ class Executor:
         self.continue_on_error = continue_on_error
         self.summary = summary
         self.on_batch = on_batch
-        self.stop = stop or asyncio.Event()
+        #: The caller's stop (a signal): read, never set here.
+        self.signal = stop
+        #: This executor's own halt.
+        self.halted = asyncio.Event()
+        #: No batch starts at or after this monotonic instant (``delete.max_run_time``).
+        self.deadline = deadline
+        self.clock = clock
+        #: Batches were left unsent because the deadline had passed.
+        self.time_up = False
         #: Why the executor stopped early (None when it went through the whole plan).
         self.stopped: str | None = None
         self.fatal: BaseException | None = None
@@ -228,7 +242,16 @@ class Executor:
     def _halt(self, reason: str) -> None:
         if self.stopped is None:
             self.stopped = reason
-        self.stop.set()
+        self.halted.set()
+
+    def _stopping(self) -> bool:
+        """No batch may start: halted, the caller said stop, or the time is up."""
+        if self.halted.is_set() or (self.signal is not None and self.signal.is_set()):
+            return True
+        if self.deadline is not None and self.clock() >= self.deadline:
+            self.time_up = True
+            return True
+        return False
 
     async def _worker(self, batches: Batches, total: int) -> None:
         """Send batches one after another, each batch's intents written while the one before
@@ -241,7 +264,7 @@ class Executor:
                 await durable
             except AuditError:
                 return  # not sent; _audit_failed has stopped the others
-            if self.stop.is_set():
+            if self._stopping():
                 batches.done(batch)
                 self._never_sent(batch)
                 return
@@ -254,7 +277,7 @@ class Executor:
 
     def _prepare(self, batches: Batches) -> tuple[int, list[Candidate], asyncio.Task[None]] | None:
         """Take the next batch and hand its ``pending`` intents to the group commit."""
-        if self.stop.is_set():
+        if self._stopping():
             return None
         batch = batches.take()
         if batch is None:
@@ -267,7 +290,7 @@ class Executor:
 
     def _never_sent(self, batch: list[Candidate]) -> None:
         """The run stopped after this batch's intents were written: it was never sent."""
-        note = f"never sent: the run stopped first ({self.stopped or 'stop requested'})"
+        note = f"never sent: the run stopped first ({self._why()})"
         self.journal.settle(
             [DeleteResult(c.task_id, Outcome.NOT_DELETED, note=note) for c in batch]
         )
@@ -329,10 +352,9 @@ class Executor:
                 self.check.forget(ids)
             if not unsent:
                 return results
-            if self.stop.is_set():
+            if self._stopping():
                 return results + self._unsent(
-                    [c for c in pending if c.task_id in set(unsent)],
-                    self.stopped or "stop requested",
+                    [c for c in pending if c.task_id in set(unsent)], self._why()
                 )
             again = set(unsent)
             pending = [c for c in pending if c.task_id in again]
@@ -348,6 +370,11 @@ class Executor:
             )
             for c in pending
         ]
+
+    def _why(self) -> str:
+        if self.stopped is not None:
+            return self.stopped
+        return "delete.max_run_time was up" if self.time_up else "stop requested"
 
     def _unsent(self, batch: Sequence[Candidate], why: str) -> list[DeleteResult]:
         note = f"never sent: the run stopped first ({why})"

@@ -84,6 +84,13 @@ class Metrics:
             ["policy"],
             registry=r,
         )
+        self.remaining = Gauge(
+            "reaper_eligible_remaining",
+            "Eligible tasks the last run did not get to (its max_run_time was up, it was "
+            "stopped, or a guard refused): left for the next run.",
+            ["policy"],
+            registry=r,
+        )
         self.reclaimed = Counter(
             "reaper_reclaimed_bytes",
             "Space the targets reported reclaimed.",
@@ -135,6 +142,8 @@ class Metrics:
             self.acknowledged_not_deleted.labels(policy, target).inc(s.acknowledged_not_deleted)
         if run.plan is not None:
             self.backlog.labels(policy).set(run.plan.eligible)
+        if run.remaining is not None:
+            self.remaining.labels(policy).set(run.remaining)
         if s.reclaimed_bytes:
             self.reclaimed.labels(policy).inc(s.reclaimed_bytes)
         if run.finished_at is not None:

@@ -145,6 +145,13 @@ class DeleteSettings(_Model):
         description="Guard: a larger share of the listed tasks than this and nothing is deleted.",
     )
     anomaly: Anomaly = Field(default_factory=Anomaly)
+    max_run_time: Duration | None = Field(
+        None,
+        description=(
+            "No batch starts once the run has lasted this long (listing included): the run is "
+            "partial and the next run deletes the rest."
+        ),
+    )
     verify: Literal["auto", "always", "never"] = Field(
         "auto",
         description=(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -21,7 +22,8 @@ import httpx
 import structlog
 
 from reaper.audit import AuditEntry, AuditStore, RunRecord, RunSummary
-from reaper.converters import Rate
+from reaper.budgets import EndpointBudgets
+from reaper.converters import format_duration
 from reaper.errors import AuditError, ListingError, RunAborted, TargetAuthError, TargetError
 from reaper.execute import AsyncAudit, Batches, BatchEvent, Executor, auto_concurrency
 from reaper.guards import GuardOverrides, check_guards
@@ -106,18 +108,35 @@ class PolicyRun:
     slot: datetime | None = None
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     finished_at: datetime | None = None
+    #: Eligible tasks the run did not get to (its time was up, it was stopped, a guard refused):
+    #: the next run's. None when the run made no plan.
+    remaining: int | None = None
+    #: The run stopped starting batches at ``delete.max_run_time``.
+    time_up: bool = False
 
     @property
     def ok(self) -> bool:
         """Exit code 0: everything eligible was deleted, or another process ran it, or the run
-        was stopped by a signal and recorded so (it resumes next time)."""
+        was stopped by a signal or at its ``max_run_time`` and recorded so, with no deletion
+        failed (the rest is left for the next run)."""
+        if self.status is RunStatus.PARTIAL and self.time_up:
+            s = self.summary
+            return not (s.failed or s.unknown or s.skipped)
         return self.status in (RunStatus.SUCCEEDED, RunStatus.SKIPPED, RunStatus.INTERRUPTED)
 
 
 def build_target(
-    loaded: LoadedPolicy, *, transport: httpx.AsyncBaseTransport | None = None
+    loaded: LoadedPolicy,
+    *,
+    transport: httpx.AsyncBaseTransport | None = None,
+    budgets: EndpointBudgets | None = None,
 ) -> tuple[Target, httpx.AsyncClient]:
-    """Create the target for a policy, with its HTTP client, rate limiter and retry policy."""
+    """Create the target for a policy, with its HTTP client, rate limiter and retry policy.
+
+    With ``budgets`` its requests share the rate limiter and in-flight limit of its endpoint
+    with every other policy reaching it (:mod:`reaper.budgets`); without, it has its own
+    limiter at its own rate.
+    """
     policy = loaded.policy
     config = policy.target_config
     # httpx 0.28 deprecates a CA path as `verify`: hand it an SSL context.
@@ -144,18 +163,25 @@ def build_target(
         headers={"User-Agent": "reaper/0.1"},
         limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
     )
-    rate: Rate = policy.delete.rate
     retries = config.retries
-    http = TargetHttp(
-        client,
-        RateLimiter(rate, policy.delete.burst),
-        RetryPolicy(
-            attempts=retries.attempts,
-            backoff=retries.backoff.total_seconds(),
-            max_backoff=retries.max_backoff.total_seconds(),
-        ),
-        max_response_bytes=config.max_response_bytes,
+    retry = RetryPolicy(
+        attempts=retries.attempts,
+        backoff=retries.backoff.total_seconds(),
+        max_backoff=retries.max_backoff.total_seconds(),
     )
+    if budgets is None:
+        limiter = RateLimiter(policy.delete.rate, policy.delete.burst)
+        http = TargetHttp(client, limiter, retry, max_response_bytes=config.max_response_bytes)
+    else:
+        budget = budgets.budget(loaded)
+        http = TargetHttp(
+            client,
+            budget.limiter,
+            retry,
+            max_response_bytes=config.max_response_bytes,
+            inflight=budget.inflight,
+            pace=budgets.pace(loaded, budget),
+        )
     return policy.target_class(config, http), client
 
 
@@ -220,6 +246,11 @@ class RunOptions:
     approved: SavedPlan | None = None
     #: Claim this scheduled slot in the run ledger first; skip if another process has it.
     slot: datetime | None = None
+    #: The request budgets of the process's endpoints, shared with the policies running beside
+    #: this one (None: the run has a limiter of its own).
+    budgets: EndpointBudgets | None = None
+    #: Monotonic seconds, for ``delete.max_run_time`` (tests replace it).
+    clock: Callable[[], float] = time.monotonic
 
 
 async def run_policy(loaded: LoadedPolicy, audit: AuditStore, **options: Any) -> PolicyRun:
@@ -241,6 +272,11 @@ class _PolicyRunner:
         self.policy = loaded.policy
         self.opts = opts
         self.now = opts.now or datetime.now(UTC)
+        max_run_time = self.policy.delete.max_run_time
+        #: When no further batch may start (monotonic), from ``delete.max_run_time``.
+        self.deadline = (
+            opts.clock() + max_run_time.total_seconds() if max_run_time is not None else None
+        )
         self.store = store
         self.audit = AsyncAudit(store)
         self.run = PolicyRun(self.policy.name, opts.mode, RunStatus.FAILED)
@@ -273,7 +309,9 @@ class _PolicyRunner:
                 log.warning("run_skipped", policy=policy.name, reason=run.error)
                 return self._done()
             stack.push_async_callback(self.audit.call, lock.release)
-            target, client = build_target(self.loaded, transport=self.opts.transport)
+            target, client = build_target(
+                self.loaded, transport=self.opts.transport, budgets=self.opts.budgets
+            )
             stack.push_async_callback(client.aclose)
             try:
                 run.run_id = await self.audit.call(self.store.start_run, self._record(target))
@@ -352,6 +390,7 @@ class _PolicyRunner:
             if verdict in (Verdict.KEEP, Verdict.PROTECTED)
         )
         summary.skipped = len(plan.invalid)
+        run.remaining = plan.eligible
         if self.opts.on_plan is not None:
             self.opts.on_plan(plan)
         log.info(
@@ -375,6 +414,9 @@ class _PolicyRunner:
             await _record_dry_run(plan, self.audit, run_id, summary)
             run.status = RunStatus.SUCCEEDED
             return
+        if plan.eligible and self._time_up():
+            await self._out_of_time(plan)
+            return
         if plan.eligible:
             listing_requests = target.http.stats.requests
             await self._delete(plan, target, run_id)
@@ -383,12 +425,30 @@ class _PolicyRunner:
         if run.status is RunStatus.FAILED and run.error is None:
             run.status = _final_status(summary)
 
+    def _time_up(self) -> bool:
+        return self.deadline is not None and self.opts.clock() >= self.deadline
+
+    async def _out_of_time(self, plan: Plan) -> None:
+        """``max_run_time`` was up before the first batch: nothing is sent this time."""
+        run = self.run
+        run.time_up = True
+        run.status = RunStatus.PARTIAL
+        run.error = (
+            f"delete.max_run_time ({self._max_run_time()}) was up before deleting started; "
+            f"all {plan.eligible} eligible task(s) are left for the next run"
+        )
+        log.warning("max_run_time_reached", done=0, remaining=plan.eligible)
+
+    def _max_run_time(self) -> str:
+        limit = self.policy.delete.max_run_time
+        return format_duration(limit) if limit is not None else "none"
+
     def _verify_now(self, listing_requests: int, target: Target) -> bool:
         """Whether to list again right after deleting: ``delete.verify`` says always, or auto
         and a listing costs at most a tenth of the requests the deletions took."""
         setting = self.policy.delete.verify
         stop = self.opts.stop
-        if setting == "never" or (stop is not None and stop.is_set()):
+        if setting == "never" or (stop is not None and stop.is_set()) or self._time_up():
             return False
         if setting == "always":
             return True
@@ -477,8 +537,11 @@ class _PolicyRunner:
 
     async def _delete(self, plan: Plan, target: Target, run_id: str) -> None:
         run, policy = self.run, self.policy
+        # The endpoint's budget may be slower than the policy (shared with others): workers
+        # beyond what it allows would only wait.
+        rate = min(policy.delete.rate.per_second, target.http.limiter.rate.per_second)
         concurrency = policy.delete.concurrency or auto_concurrency(
-            policy.delete.rate.per_second, target.http.stats.latency_p90()
+            rate, target.http.stats.latency_p90()
         )
         batches = Batches(plan, policy.batch_size)
         check = self._send_check(plan, target, batches)
@@ -497,6 +560,8 @@ class _PolicyRunner:
             stop=self.opts.stop,
             check=check,
             corrected=self.corrected if target.gone_after_acknowledged_is_ours else frozenset(),
+            deadline=self.deadline,
+            clock=self.opts.clock,
         )
         log.info(
             "deleting",
@@ -512,6 +577,11 @@ class _PolicyRunner:
             run.status = RunStatus.ABORTED
             run.error = f"the target refused our credentials; stopped: {exc}"
             return
+        finally:
+            s = run.summary
+            run.remaining = plan.eligible - (
+                s.deleted + s.already_gone + s.failed + s.unknown + s.skipped_changed
+            )
         if check.checks:
             log.info(
                 "recheck_summary",
@@ -532,6 +602,19 @@ class _PolicyRunner:
                     "the rest is left for the next run"
                 )
                 log.warning("run_interrupted", phase="deleting", done=done, of=plan.eligible)
+        elif executor.time_up and run.remaining:
+            run.time_up = True
+            run.status = RunStatus.PARTIAL
+            run.error = (
+                f"delete.max_run_time ({self._max_run_time()}) was up after "
+                f"{plan.eligible - run.remaining} of {plan.eligible} deletions; "
+                f"{run.remaining} left for the next run"
+            )
+            log.warning(
+                "max_run_time_reached",
+                done=plan.eligible - run.remaining,
+                remaining=run.remaining,
+            )
 
 
 def eligible_statuses(loaded: LoadedPolicy) -> frozenset[str]:
