@@ -25,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from reaper import __version__
 from reaper.audit import AuditStore
+from reaper.budgets import EndpointBudgets, rate_conflicts
 from reaper.converters import parse_duration, parse_timestamp
 from reaper.daemon import Daemon, DaemonConfig
 from reaper.db import current_revision, ensure_schema, head_revision, make_engine, upgrade
@@ -33,6 +34,7 @@ from reaper.execute import BatchEvent
 from reaper.guards import GuardOverrides
 from reaper.logs import configure_logging, register_secret
 from reaper.metrics import Metrics
+from reaper.parallel import run_spread
 from reaper.plan import Plan
 from reaper.planfile import SavedPlan, diff_plan, load_saved, refusal, save_plans
 from reaper.policy import LoadedPolicy, load_policies, policy_json_schema
@@ -234,6 +236,7 @@ def validate(ctx: Context, paths: tuple[Path, ...], output: str, after: str | No
         start = datetime.now(UTC) if after is None else parse_timestamp(after)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--after") from None
+    _warn_rate_conflicts(ctx, loaded)
     if output == "json":
         entries = [
             {
@@ -264,6 +267,22 @@ def validate(ctx: Context, paths: tuple[Path, ...], output: str, after: str | No
             if local.utcoffset():
                 line += f"  ({fire:%Y-%m-%d %H:%M} UTC)"
             ctx.out.print(line, highlight=False)
+
+
+def _warn_rate_conflicts(ctx: Context, loaded: Sequence[LoadedPolicy]) -> None:
+    """Warn (stderr) where policies sharing an endpoint's budget declare different rates."""
+    for conflict in rate_conflicts(loaded, ctx.settings.endpoint_budgets):
+        rates = ", ".join(f"{name} {rate}" for name, rate in conflict.rates.items())
+        using = (
+            f"REAPER_ENDPOINT_BUDGETS gives it {conflict.explicit}"
+            if conflict.explicit is not None
+            else f"they share the lowest, {conflict.lowest}"
+        )
+        click.echo(
+            f"reaper: warning: policies reaching {conflict.origin} with one credential "
+            f"({conflict.credential}) declare different rates ({rates}); {using}",
+            err=True,
+        )
 
 
 def _next_runs(item: LoadedPolicy, start: datetime, count: int) -> list[datetime]:
@@ -555,18 +574,21 @@ async def _run_all(
     slots: bool = False,
     metrics: Metrics | None = None,
 ) -> list[PolicyRun]:
+    """Run the policies concurrently (reaper.parallel), sharing their endpoints' budgets."""
     stop = asyncio.Event()
     _graceful_signals(stop)
-    runs = []
-    for item in loaded:
-        if stop.is_set():
-            break
+    budgets = EndpointBudgets(ctx.settings.endpoint_budgets)
+    budgets.register(loaded)
+    endpoints = {name: key for key, names in budgets.keys().items() for name in names}
+    bars = _ProgressBars(ctx.err)
+
+    async def one(item: LoadedPolicy) -> PolicyRun:
         slot = None
         if slots:
             assert item.policy.schedule is not None
             now = await asyncio.to_thread(store.db_now)
             slot = parse_cron(item.policy.schedule, item.policy.zone).previous_fire_time(now)
-        reporter = _BatchReporter(ctx.err)
+        reporter = _BatchReporter(ctx.err, bars)
         try:
             result = await run_policy(
                 item,
@@ -579,13 +601,24 @@ async def _run_all(
                 approved=(approved or {}).get(item.name),
                 slot=slot,
                 stop=stop,
+                budgets=budgets,
             )
         finally:
             reporter.close()
-        runs.append(result)
         if metrics is not None:
             metrics.observe(result, item.policy.target_config.type)
-    return runs
+        return result
+
+    try:
+        return await run_spread(
+            loaded,
+            one,
+            limit=ctx.settings.max_parallel_policies,
+            group=lambda item: endpoints.get(item.name),
+            stop=stop,
+        )
+    finally:
+        bars.close()
 
 
 def _graceful_signals(stop: asyncio.Event) -> None:
@@ -602,18 +635,20 @@ def _graceful_signals(stop: asyncio.Event) -> None:
         loop.add_signal_handler(signum, handle, signum)
 
 
-class _BatchReporter:
-    """A progress bar on a TTY; one structured log line per batch otherwise."""
+class _ProgressBars:
+    """On a TTY, one progress bar per running policy, in one live display."""
 
     def __init__(self, console: Console) -> None:
         self.console = console
         self.progress: Progress | None = None
-        self.task: Any = None
 
-    def plan(self, plan: Plan) -> None:
-        if self.console.is_terminal and plan.eligible:
+    def add(self, name: str, total: int) -> Any:
+        """A bar for a policy about to delete (None when stderr is not a TTY)."""
+        if not self.console.is_terminal:
+            return None
+        if self.progress is None:
             self.progress = Progress(
-                TextColumn(plan.policy.name),
+                TextColumn("{task.description}"),
                 BarColumn(),
                 MofNCompleteColumn(),
                 TimeRemainingColumn(),
@@ -621,11 +656,36 @@ class _BatchReporter:
                 transient=True,
             )
             self.progress.start()
-            self.task = self.progress.add_task("deleting", total=plan.eligible)
+        return self.progress.add_task(name, total=total)
+
+    def advance(self, bar: Any, size: int) -> None:
+        if self.progress is not None:
+            self.progress.advance(bar, size)
+
+    def remove(self, bar: Any) -> None:
+        if self.progress is not None:
+            self.progress.remove_task(bar)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+class _BatchReporter:
+    """A policy's progress bar on a TTY; one structured log line per batch otherwise."""
+
+    def __init__(self, console: Console, bars: _ProgressBars | None = None) -> None:
+        self.bars = bars or _ProgressBars(console)
+        self.bar: Any = None
+
+    def plan(self, plan: Plan) -> None:
+        if plan.eligible:
+            self.bar = self.bars.add(plan.policy.name, plan.eligible)
 
     def batch(self, event: BatchEvent) -> None:
-        if self.progress is not None:
-            self.progress.advance(self.task, event.size)
+        if self.bar is not None:
+            self.bars.advance(self.bar, event.size)
             return
         outcomes: dict[str, int] = {}
         for result in event.results:
@@ -645,8 +705,9 @@ class _BatchReporter:
         )
 
     def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
+        if self.bar is not None:
+            self.bars.remove(self.bar)
+            self.bar = None
 
 
 # --- audit ------------------------------------------------------------------------------------
