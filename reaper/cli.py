@@ -976,6 +976,8 @@ def serve(
         grace=settings.shutdown_grace,
         misfire_grace=settings.misfire_grace,
         min_age=settings.min_age,
+        max_parallel=settings.max_parallel_policies,
+        endpoint_budgets=settings.endpoint_budgets,
     )
 
     async def main() -> int:

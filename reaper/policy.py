@@ -187,6 +187,14 @@ class Policy(_Model):
     description: str = ""
     schedule: str | None = Field(None, description="Five-field cron expression for the daemon.")
     timezone: str = Field("UTC", description="IANA timezone the schedule is evaluated in.")
+    schedule_jitter: Duration | None = Field(
+        None,
+        description=(
+            "`serve` starts each run up to this much after its scheduled time (a fixed offset "
+            "per policy name, at most half the gap to the next fire): spreads policies sharing "
+            "a cron line. The run still counts for its scheduled slot."
+        ),
+    )
     target: TargetSettings
     select: Select
     keep: Keep = Field(default_factory=Keep)

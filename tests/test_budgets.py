@@ -16,6 +16,7 @@ from conftest import policy_doc, sim_task
 from reaper.audit import AuditStore
 from reaper.budgets import DEFAULT_CONCURRENCY, EndpointBudgets, endpoint_key, rate_conflicts
 from reaper.converters import Rate
+from reaper.daemon import Daemon, DaemonConfig
 from reaper.policy import LoadedPolicy, load_policy_text
 from reaper.runner import RunStatus, run_policy
 from reaper.settings import EndpointBudget, Settings
@@ -382,6 +383,33 @@ class TestOnTheWire:
 
         asyncio.run(both())
         assert sim.stats["status_429"] > 0
+
+    def test_the_daemon_shares_budgets_too(
+        self, data_pipeline: Start, sqlite_store: AuditStore, tmp_path: Path
+    ) -> None:
+        """`reaper serve` runs two policies of one endpoint at once under one budget."""
+        sim, url = data_pipeline(
+            finished_tasks("1", 40, "completed") + finished_tasks("2", 40, "failed"),
+            faults=Faults(rate_limit=40, rate_limit_burst=2),
+        )
+        loaded = [
+            load(
+                {
+                    **yaml.safe_load(yaml.safe_dump(item.policy.model_dump(mode="json"))),
+                    "schedule": "0 3 * * *",
+                }
+            )
+            for item in self.two_policies(url, "40/s")
+        ]
+
+        async def serve_both() -> None:
+            daemon = Daemon(DaemonConfig(policies=tmp_path), sqlite_store)
+            daemon.install(loaded)
+            await asyncio.gather(*(daemon.run_once(item) for item in loaded))
+
+        asyncio.run(serve_both())
+        assert sim.stats["status_429"] == 0
+        assert len(sim.deleted_ids) == 80
 
     def test_an_endpoints_in_flight_budget_holds_across_policies(
         self, data_pipeline: Start, sqlite_store: AuditStore

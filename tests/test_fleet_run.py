@@ -26,10 +26,12 @@ from sqlalchemy import select
 
 from reaper.audit import AuditStore, audit_table, runs_table
 from reaper.cli import _BatchReporter, _ProgressBars
+from reaper.daemon import JitteredTrigger
 from reaper.db import make_engine
 from reaper.metrics import Metrics
 from reaper.parallel import run_spread
 from reaper.runner import RunStatus, run_policy
+from reaper.schedule import parse_cron
 from reaper.simulators import DataPipelineSimulator, Faults
 
 Start = Callable[..., tuple[DataPipelineSimulator, str]]
@@ -356,6 +358,51 @@ class TestValidateWarnings:
         assert "fast 20/s" in warning and "slow 5/s" in warning
         assert "the lowest, 5/s" in warning
         assert "elsewhere" not in warning
+
+
+class TestJitter:
+    def test_each_policy_starts_at_its_own_offset_within_the_jitter(self) -> None:
+        """Policies on one cron line start spread over the jitter, each at a fixed offset, and
+        each run still belongs to its scheduled slot."""
+        schedule = parse_cron("0 3 * * *", UTC)
+        slot = datetime(2026, 11, 2, 3, 0, tzinfo=UTC)
+        before = datetime(2026, 11, 2, 2, 0, tzinfo=UTC)
+        jitter = timedelta(minutes=10)
+        fires = []
+        for index in range(40):
+            trigger = JitteredTrigger(schedule, jitter, f"tenant-{index}")
+            fire = trigger.get_next_fire_time(None, before)
+            assert slot <= fire < slot + jitter
+            assert schedule.previous_fire_time(fire) == slot  # the slot `--slot auto` claims
+            # The next slot's fire (asked for just after this one, as the scheduler does) has
+            # the same offset.
+            following = trigger.get_next_fire_time(fire, fire + timedelta(seconds=1))
+            assert following - fire == timedelta(days=1)
+            fires.append(fire)
+        assert len(set(fires)) == 40
+        assert max(fires) - min(fires) > jitter / 2
+
+    def test_the_offset_stays_below_half_the_gap_to_the_next_slot(self) -> None:
+        """With a jitter longer than the schedule's interval a run still starts before the next
+        slot (within half the gap), so slots never run out of order."""
+        schedule = parse_cron("*/10 * * * *", UTC)
+        now = datetime(2026, 11, 2, 3, 1, tzinfo=UTC)
+        for index in range(20):
+            trigger = JitteredTrigger(schedule, timedelta(hours=2), f"p{index}")
+            fire = trigger.get_next_fire_time(None, now)
+            slot = schedule.previous_fire_time(fire)
+            assert slot is not None
+            assert timedelta(0) <= fire - slot < timedelta(minutes=5)
+
+    def test_a_slot_whose_start_is_still_ahead_is_not_skipped(self) -> None:
+        """Started after a slot's time but before its jittered start, the scheduler still runs
+        that slot."""
+        schedule = parse_cron("0 3 * * *", UTC)
+        trigger = JitteredTrigger(schedule, timedelta(minutes=30), "p")
+        slot = datetime(2026, 11, 2, 3, 0, tzinfo=UTC)
+        fire = trigger.fire_time(slot)
+        assert fire > slot  # this name's offset is not zero
+        assert trigger.get_next_fire_time(None, slot + (fire - slot) / 2) == fire
 
 
 class TestProgressBars:
