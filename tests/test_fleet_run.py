@@ -8,6 +8,7 @@ import json
 import os
 import queue
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -18,6 +19,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import certifi
 import pytest
 import yaml
 from conftest import make_policy, policy_doc, sim_task
@@ -30,7 +32,7 @@ from reaper.daemon import JitteredTrigger
 from reaper.db import make_engine
 from reaper.metrics import Metrics
 from reaper.parallel import run_spread
-from reaper.runner import RunStatus, run_policy
+from reaper.runner import RunStatus, run_policy, tls_context
 from reaper.schedule import parse_cron
 from reaper.simulators import DataPipelineSimulator, Faults
 
@@ -468,3 +470,26 @@ class TestRunSpread:
         with pytest.raises(ValueError, match="boom"):
             asyncio.run(run_spread([0, 1, 2], failing, limit=2, group=str))
         assert finished == [1]  # the run going on ended; none started after the error
+
+
+class TestTlsContext:
+    def test_one_context_per_trust_setting(self, tmp_path: Path) -> None:
+        """Clients share a TLS context per trust setting (loading a CA bundle per client cost
+        a fleet seconds of CPU); a bundle file that changes is read again."""
+        assert tls_context(True, None) is tls_context(True, None)
+        assert tls_context(False, None) is tls_context(False, None)
+        assert tls_context(False, None).verify_mode is ssl.CERT_NONE
+        assert tls_context(True, None).verify_mode is ssl.CERT_REQUIRED
+        bundle = tmp_path / "ca.pem"
+        bundle.write_text(_ca_pem())
+        first = tls_context(True, str(bundle))
+        assert tls_context(True, str(bundle)) is first
+        os.utime(bundle, ns=(0, 10**18))
+        assert tls_context(True, str(bundle)) is not first
+
+
+def _ca_pem() -> str:
+    """One CA certificate, taken from certifi's bundle."""
+    text = Path(certifi.where()).read_text()
+    end = "-----END CERTIFICATE-----"
+    return text[text.index("-----BEGIN CERTIFICATE-----") : text.index(end) + len(end)] + "\n"
