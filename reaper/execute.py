@@ -31,14 +31,16 @@ import contextlib
 import math
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
-from typing import ParamSpec, TypeVar
+from typing import ClassVar, ParamSpec, TypeVar
 
 import structlog
+from sqlalchemy import Engine
 
 from reaper.audit import AuditEntry, AuditStore, RunSummary
 from reaper.errors import AuditError, TargetAuthError, TargetError
@@ -82,10 +84,18 @@ def failpoint(name: str) -> None:
 _MIN_CYCLE_SECONDS = 0.1
 
 
-def auto_concurrency(rate_per_second: float, latency_seconds: float | None) -> int:
-    """Workers needed to keep ``rate`` requests per second in flight at the given latency."""
+def auto_concurrency(
+    rate_per_second: float, latency_seconds: float | None, audit_seconds: float = 0.0
+) -> int:
+    """Workers needed to keep ``rate`` requests per second in flight at the given latency.
+
+    ``audit_seconds`` is how long an audit call takes to come back: a worker's next intents
+    commit while its request is in flight, so its cycle is at least that long too. Alone it
+    is a few milliseconds; among a fleet's runs sharing SQLite's one writer it can be most of a
+    second, and a policy alone at its endpoint would not reach the endpoint's rate.
+    """
     latency = latency_seconds if latency_seconds is not None else 0.25
-    cycle = max(latency, _MIN_CYCLE_SECONDS)
+    cycle = max(latency, audit_seconds, _MIN_CYCLE_SECONDS)
     # Little's law, with headroom for latency variance.
     needed = math.ceil(rate_per_second * cycle * 1.5) + 1
     return max(1, min(_MAX_AUTO_CONCURRENCY, needed))
@@ -94,18 +104,47 @@ def auto_concurrency(rate_per_second: float, latency_seconds: float | None) -> i
 class AsyncAudit:
     """Runs AuditStore calls on one dedicated thread, so the event loop never blocks on I/O.
 
-    One thread also serialises writes, which SQLite needs and PostgreSQL does not mind.
+    One thread also serialises a run's writes, which SQLite needs and PostgreSQL does not mind.
+    On SQLite every run in the process shares one thread: SQLite takes one writer at a time,
+    and writers on threads of their own wait for its lock in sleeps that grow to 100 ms (its busy
+    handler) rather than in turn, so with many runs at once (``reaper run`` over a fleet) commits
+    queued for seconds. On PostgreSQL each run keeps a thread of its own.
     """
+
+    #: The shared thread of each SQLite engine, and how many AsyncAudits use it.
+    _shared: ClassVar[dict[Engine, tuple[ThreadPoolExecutor, int]]] = {}
+    _shared_lock = threading.Lock()
 
     def __init__(self, store: AuditStore) -> None:
         self.store = store
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reaper-audit")
+        self._closed = False
+        engine = store.engine
+        self._engine = engine if engine.dialect.name == "sqlite" else None
+        if self._engine is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reaper-audit")
+            return
+        with self._shared_lock:
+            pool, users = self._shared.get(engine, (None, 0))
+            if pool is None:
+                pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reaper-audit")
+            self._shared[engine] = (pool, users + 1)
+        self._pool = pool
 
     async def call(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._engine is not None:
+            with self._shared_lock:
+                pool, users = self._shared[self._engine]
+                if users > 1:
+                    self._shared[self._engine] = (pool, users - 1)
+                    return
+                del self._shared[self._engine]
         self._pool.shutdown(wait=True)
 
 

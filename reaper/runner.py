@@ -314,6 +314,7 @@ class _PolicyRunner:
         self.run = PolicyRun(self.policy.name, opts.mode, RunStatus.FAILED)
         #: Tasks whose acknowledged deletion this run's listing contradicted.
         self.corrected: set[str] = set()
+        self.audit_seconds = 0.0
 
     async def execute(self) -> PolicyRun:
         run, policy = self.run, self.policy
@@ -432,9 +433,12 @@ class _PolicyRunner:
             kept=summary.kept,
             refused_ids=summary.skipped,
         )
+        asked = time.monotonic()
         history = await self.audit.call(
             self.store.recent_eligible, policy.name, policy.delete.anomaly.history
         )
+        #: How long an audit call took to come back just before deleting (sizes the workers).
+        self.audit_seconds = time.monotonic() - asked
         trip = check_guards(policy, plan.eligible, plan.listed, history, self.opts.overrides)
         if trip is not None:
             run.status = RunStatus.REFUSED
@@ -573,7 +577,7 @@ class _PolicyRunner:
         # beyond what it allows would only wait.
         rate = min(policy.delete.rate.per_second, target.http.limiter.rate.per_second)
         concurrency = policy.delete.concurrency or auto_concurrency(
-            rate, target.http.stats.latency_p90()
+            rate, target.http.stats.latency_p90(), self.audit_seconds
         )
         batches = Batches(plan, policy.batch_size)
         check = self._send_check(plan, target, batches)

@@ -493,3 +493,43 @@ def _ca_pem() -> str:
     text = Path(certifi.where()).read_text()
     end = "-----END CERTIFICATE-----"
     return text[text.index("-----BEGIN CERTIFICATE-----") : text.index(end) + len(end)] + "\n"
+
+
+class TestAuditThreads:
+    def test_runs_on_sqlite_share_one_audit_thread(self, database_url: str) -> None:
+        """On SQLite every run of a process writes through one thread (SQLite takes one writer
+        at a time); on PostgreSQL each run has its own. The thread ends with its last user."""
+        from reaper.db import make_engine, upgrade
+        from reaper.execute import AsyncAudit
+
+        engine = make_engine(database_url)
+        upgrade(engine)
+        store = AuditStore(engine)
+        first, second = AsyncAudit(store), AsyncAudit(store)
+
+        async def thread_of(audit: AsyncAudit) -> threading.Thread:
+            return await audit.call(threading.current_thread)
+
+        async def both() -> tuple[threading.Thread, threading.Thread]:
+            return await thread_of(first), await thread_of(second)
+
+        one, two = asyncio.run(both())
+        assert (one is two) == (engine.dialect.name == "sqlite")
+        first.close()
+        first.close()  # a second close changes nothing
+        assert asyncio.run(thread_of(second)) is two
+        second.close()
+        assert not two.is_alive()
+        third = AsyncAudit(store)
+        assert asyncio.run(thread_of(third)) is not two
+        third.close()
+        engine.dispose()
+
+    def test_workers_cover_the_audit_round_trip(self) -> None:
+        """A worker's next intents commit while its request is in flight: when an audit call
+        takes longer than the request, the cycle is the audit's (Little's law, 1.5 headroom)."""
+        from reaper.execute import auto_concurrency
+
+        assert auto_concurrency(5, 0.02) == 2  # a 100 ms cycle: 5 x 0.1 x 1.5 -> 1, plus one
+        assert auto_concurrency(5, 0.02, 0.6) == 6  # 5 x 0.6 x 1.5 = 4.5 -> 5, plus one
+        assert auto_concurrency(5, 0.8, 0.6) == 7  # the request is the longer: 6, plus one
