@@ -83,7 +83,7 @@ class Context:
 
         An older schema is migrated only with ``--migrate`` or ``REAPER_DB_AUTO_UPGRADE``.
         """
-        engine = make_engine(self.settings.database())
+        engine = make_engine(self.settings.database(), **_pool_size(self.settings))
         try:
             ensure_schema(
                 engine, auto_upgrade=self.settings.db_auto_upgrade if migrate is None else migrate
@@ -92,6 +92,14 @@ class Context:
             engine.dispose()
             raise
         return AuditStore(engine)
+
+
+def _pool_size(settings: Settings) -> dict[str, int]:
+    """Room in the audit engine's pool for every policy that may run at once: on PostgreSQL a
+    run holds a connection for its run lock and uses another for its audit (SQLAlchemy's
+    default of 5 + 10 left runs waiting for it, then failing)."""
+    parallel = settings.max_parallel_policies
+    return {"pool_size": min(parallel, 16), "max_overflow": 2 * parallel + 5}
 
 
 def _fail(code: int, message: str) -> NoReturn:

@@ -533,3 +533,41 @@ class TestAuditThreads:
         assert auto_concurrency(5, 0.02) == 2  # a 100 ms cycle: 5 x 0.1 x 1.5 -> 1, plus one
         assert auto_concurrency(5, 0.02, 0.6) == 6  # 5 x 0.6 x 1.5 = 4.5 -> 5, plus one
         assert auto_concurrency(5, 0.8, 0.6) == 7  # the request is the longer: 6, plus one
+
+
+class TestPostgresql:
+    def test_more_runs_than_the_default_pool_on_postgresql(
+        self, data_pipeline: Start, pg_server: Any, tmp_path: Path
+    ) -> None:
+        """20 policies at once on PostgreSQL (each holds a connection for its run lock and
+        uses another for its audit; SQLAlchemy's default pool has 15): all succeed."""
+        policies = tmp_path / "policies"
+        policies.mkdir()
+        now = datetime.now(UTC)
+        tasks = []
+        for k in range(20):
+            tasks += [
+                sim_task(f"task_{20260900 + k:08d}_{i:06d}", age=timedelta(days=40), now=now)
+                for i in range(3)
+            ]
+        _, url = data_pipeline(tasks, faults=Faults(latency_ms=30))
+        for k in range(20):
+            doc = policy_doc(
+                url,
+                name=f"p{k:02d}",
+                select={
+                    "status": ["completed"],
+                    "older_than": "30d",
+                    "match": {"task_id": f"^task_{20260900 + k:08d}_"},
+                },
+                delete=slow(rate="50/s"),
+            )
+            (policies / f"p{k:02d}.yaml").write_text(yaml.safe_dump(doc))
+        env = {
+            "REAPER_DATABASE_URL": pg_server.create_database(),
+            "REAPER_POLICIES": str(policies),
+        }
+        result = reaper("run", "--output", "json", env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs = json.loads(result.stdout)
+        assert [(r["status"], r["deleted"]) for r in runs] == [("succeeded", 3)] * 20
