@@ -314,6 +314,7 @@ class _PolicyRunner:
         self.run = PolicyRun(self.policy.name, opts.mode, RunStatus.FAILED)
         #: Tasks whose acknowledged deletion this run's listing contradicted.
         self.corrected: set[str] = set()
+        #: How long an audit call took to come back just before deleting (sizes the workers).
         self.audit_seconds = 0.0
 
     async def execute(self) -> PolicyRun:
@@ -437,7 +438,6 @@ class _PolicyRunner:
         history = await self.audit.call(
             self.store.recent_eligible, policy.name, policy.delete.anomaly.history
         )
-        #: How long an audit call took to come back just before deleting (sizes the workers).
         self.audit_seconds = time.monotonic() - asked
         trip = check_guards(policy, plan.eligible, plan.listed, history, self.opts.overrides)
         if trip is not None:
@@ -451,7 +451,7 @@ class _PolicyRunner:
             run.status = RunStatus.SUCCEEDED
             return
         if plan.eligible and self._time_up():
-            await self._out_of_time(plan)
+            self._out_of_time(plan)
             return
         if plan.eligible:
             listing_requests = target.http.stats.requests
@@ -464,7 +464,7 @@ class _PolicyRunner:
     def _time_up(self) -> bool:
         return self.deadline is not None and self.opts.clock() >= self.deadline
 
-    async def _out_of_time(self, plan: Plan) -> None:
+    def _out_of_time(self, plan: Plan) -> None:
         """``max_run_time`` was up before the first batch: nothing is sent this time."""
         run = self.run
         run.time_up = True
