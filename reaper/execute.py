@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import math
 import os
 import signal
@@ -132,7 +133,10 @@ class AsyncAudit:
 
     async def call(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
+        # In the caller's context, as asyncio.to_thread does: a line logged there keeps the
+        # run's run_id and policy (structlog's contextvars).
+        context = contextvars.copy_context()
+        return await loop.run_in_executor(self._pool, lambda: context.run(fn, *args, **kwargs))
 
     def close(self) -> None:
         if self._closed:

@@ -525,6 +525,32 @@ class TestAuditThreads:
         third.close()
         engine.dispose()
 
+    def test_audit_calls_keep_the_runs_log_context(self, tmp_path: Path) -> None:
+        """A line logged inside an audit call (reconciliation's, say) carries the run_id and
+        policy of the run that made the call, even on the thread the runs share."""
+        import structlog
+
+        from reaper.db import make_engine, upgrade
+        from reaper.execute import AsyncAudit
+
+        engine = make_engine(f"sqlite:///{tmp_path / 'audit.db'}")
+        upgrade(engine)
+        audit = AsyncAudit(AuditStore(engine))
+
+        async def in_run(name: str) -> dict[str, Any]:
+            with structlog.contextvars.bound_contextvars(run_id=f"run-{name}", policy=name):
+                return await audit.call(structlog.contextvars.get_contextvars)
+
+        async def both() -> list[dict[str, Any]]:
+            return list(await asyncio.gather(in_run("a"), in_run("b")))
+
+        assert asyncio.run(both()) == [
+            {"run_id": "run-a", "policy": "a"},
+            {"run_id": "run-b", "policy": "b"},
+        ]
+        audit.close()
+        engine.dispose()
+
     def test_workers_cover_the_audit_round_trip(self) -> None:
         """A worker's next intents commit while its request is in flight: when an audit call
         takes longer than the request, the cycle is the audit's (Little's law, 1.5 headroom)."""
