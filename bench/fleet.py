@@ -155,6 +155,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--latency-ms", type=float, default=LATENCY_MS)
     parser.add_argument("--seed", type=int, default=17)
     parser.add_argument("--keep", type=Path, help="Keep the policies and audit database here.")
+    parser.add_argument(
+        "--parallel", type=int, help="REAPER_MAX_PARALLEL_POLICIES (default: reaper's own)"
+    )
     args = parser.parse_args(argv)
     per_endpoint = args.policies // args.endpoints
     if per_endpoint * args.endpoints != args.policies or not 1 <= per_endpoint <= 9:
@@ -165,7 +168,8 @@ def main(argv: list[str]) -> None:
         f"{args.policies} policies over {args.endpoints} data_pipeline endpoints "
         f"({per_endpoint} each); each endpoint limited to {args.rate:g} requests/s (burst 2), "
         f"{args.latency_ms:g} ms per request; policies at {args.rate:g}/s, batch {BATCH}; "
-        f"SQLite audit; reaper default settings (REAPER_MAX_PARALLEL_POLICIES unset)",
+        "SQLite audit; REAPER_MAX_PARALLEL_POLICIES="
+        + (str(args.parallel) if args.parallel else "unset (64)"),
         flush=True,
     )
     with tempfile.TemporaryDirectory() as tmp:
@@ -189,7 +193,7 @@ def main(argv: list[str]) -> None:
             for process in processes:
                 assert process.stdout is not None
                 urls.extend(json.loads(process.stdout.readline()))
-            report = measure(urls, per_endpoint, args.rate, work)
+            report = measure(urls, per_endpoint, args.rate, work, args.parallel)
         finally:
             for process in processes:
                 process.send_signal(signal.SIGTERM)
@@ -203,7 +207,9 @@ def main(argv: list[str]) -> None:
     print(f"load average after: {_load()}")
 
 
-def measure(urls: list[str], per_endpoint: int, rate: float, tmp: Path) -> dict[str, Any]:
+def measure(
+    urls: list[str], per_endpoint: int, rate: float, tmp: Path, parallel: int | None
+) -> dict[str, Any]:
     (tmp / "policies").mkdir()
     for index, url in enumerate(urls):
         documents = [policy(f"e{index:02d}-p{k}", url, k, rate) for k in range(1, per_endpoint + 1)]
@@ -215,6 +221,8 @@ def measure(urls: list[str], per_endpoint: int, rate: float, tmp: Path) -> dict[
         REAPER_LOG_FORMAT="json",
         REAPER_LOG_LEVEL="warning",
     )
+    if parallel is not None:
+        env["REAPER_MAX_PARALLEL_POLICIES"] = str(parallel)
     # A fleet's database exists already: its setup is not part of a scheduled run.
     subprocess.run(
         [sys.executable, "-m", "reaper", "db", "upgrade"], env=env, check=True, capture_output=True
