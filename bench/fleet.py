@@ -197,13 +197,21 @@ def main(argv: list[str]) -> None:
         finally:
             for process in processes:
                 process.send_signal(signal.SIGTERM)
+            sim_cpu = 0.0
             for process in processes:
-                process.wait(timeout=60)
+                _, status, usage = os.wait4(process.pid, 0)
+                process.returncode = os.waitstatus_to_exitcode(status)
+                sim_cpu += usage.ru_utime + usage.ru_stime
         arrivals: dict[str, list[float]] = {}
         for log in logs:
             arrivals.update(json.loads(log.read_text()))
     print_report(report, args.rate)
     print_busiest(report, arrivals, args.rate)
+    print(
+        f"CPU: reaper {report['cpu']:.1f} s ({report['cpu'] / report['requests'] * 1e3:.2f} ms "
+        f"per request), the simulators {sim_cpu:.1f} s, over {report['wall']:.1f} s on "
+        f"{os.cpu_count()} cores"
+    )
     print(f"load average after: {_load()}")
 
 
