@@ -99,14 +99,19 @@ class Budget:
 
 
 def endpoint_key(loaded: LoadedPolicy) -> EndpointKey:
-    """The endpoint a policy reaches (reads the credential: ConfigError when it is missing)."""
+    """The endpoint a policy reaches (reads the credential: ConfigError when it is missing).
+
+    A target kind that does not say which API it reaches gets a key of the policy's own.
+    """
     config = loaded.policy.target_config
+    origin = config.origin()
+    if origin is None:
+        return EndpointKey(f"policy {loaded.name}", "none")
     credential = config.credential()
     if credential.read is None:
-        return EndpointKey(config.origin(), credential.kind)
+        return EndpointKey(origin, credential.kind)
     return EndpointKey(
-        config.origin(),
-        f"{credential.kind} #{_fingerprint(credential.kind + chr(0) + credential.read())}",
+        origin, f"{credential.kind} #{_fingerprint(credential.kind + chr(0) + credential.read())}"
     )
 
 
@@ -236,9 +241,12 @@ def rate_conflicts(
     groups: dict[tuple[str, str], dict[str, Rate]] = {}
     for item in loaded:
         config = item.policy.target_config
+        origin = config.origin()
+        if origin is None:
+            continue  # a budget of its own
         credential = config.credential()
         name = credential.kind + (f" ({credential.source})" if credential.source else "")
-        groups.setdefault((config.origin(), name), {})[item.name] = item.policy.delete.rate
+        groups.setdefault((origin, name), {})[item.name] = item.policy.delete.rate
     conflicts = []
     for (origin, account), rates in groups.items():
         if len({rate.per_second for rate in rates.values()}) > 1:

@@ -177,6 +177,22 @@ class TestEndpointKey:
         assert none == endpoint_key(pipeline("h"))
         assert str(none) == "http://127.0.0.1:8084"
 
+    def test_a_target_kind_that_names_no_endpoint_keeps_its_own_budget(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A target kind (a plugin's, say) whose config does not give its origin: each of its
+        policies has a budget of its own, and validate has nothing to compare."""
+        from reaper.targets.data_pipeline import DataPipelineConfig
+
+        monkeypatch.setattr(DataPipelineConfig, "origin", lambda self: None)
+        first, second = pipeline("a", rate="1/s"), pipeline("b", rate="9/s")
+        assert endpoint_key(first) != endpoint_key(second)
+        budgets = EndpointBudgets()
+        budgets.register([first, second])
+        assert budgets.budget(first).limits.rate == Rate(1.0)
+        assert budgets.budget(second).limits.rate == Rate(9.0)
+        assert rate_conflicts([first, second]) == []
+
 
 class TestLimits:
     def test_lowest_declared_limits_win(self) -> None:

@@ -268,10 +268,11 @@ class TargetConfig(BaseModel):
         """A short, secret-free name for logs and the audit (e.g. the base URL)."""
         return self.type
 
-    def origin(self) -> str:
+    def origin(self) -> str | None:
         """``scheme://host:port`` of the API: with :meth:`credential`, the key of the request
-        budget every policy reaching it shares (:mod:`reaper.budgets`)."""
-        raise NotImplementedError(f"{type(self).__name__} does not say which API it reaches")
+        budget every policy reaching it shares (:mod:`reaper.budgets`). None (a target kind
+        that does not say): the policy's runs keep a budget of their own."""
+        return None
 
     def credential(self) -> Credential:
         """Which account the requests are made as (default: no authentication)."""
