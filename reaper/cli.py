@@ -28,6 +28,7 @@ from sqlalchemy import Engine
 
 from reaper import __version__
 from reaper.audit import AuditStore
+from reaper.budgets import EndpointBudgets, rate_conflicts
 from reaper.clocks import ClockLimits
 from reaper.converters import parse_duration, parse_timestamp
 from reaper.daemon import Daemon, DaemonConfig
@@ -38,6 +39,7 @@ from reaper.guards import GuardOverrides
 from reaper.leases import Leases
 from reaper.logs import configure_logging, register_secret
 from reaper.metrics import Metrics
+from reaper.parallel import run_spread
 from reaper.plan import Plan
 from reaper.planfile import SavedPlan, diff_plan, load_saved, refusal, save_plans
 from reaper.policy import LoadedPolicy, load_policies, policy_json_schema
@@ -89,7 +91,7 @@ class Context:
 
         An older schema is migrated only with ``--migrate`` or ``REAPER_DB_AUTO_UPGRADE``.
         """
-        engine = make_engine(self.settings.database())
+        engine = make_engine(self.settings.database(), **_pool_size(self.settings))
         try:
             ensure_schema(
                 engine, auto_upgrade=self.settings.db_auto_upgrade if migrate is None else migrate
@@ -98,6 +100,14 @@ class Context:
             engine.dispose()
             raise
         return AuditStore(engine)
+
+
+def _pool_size(settings: Settings) -> dict[str, int]:
+    """Room in the audit engine's pool for every policy that may run at once: on PostgreSQL a
+    run holds a connection for its run lock and uses another for its audit (SQLAlchemy's
+    default of 5 + 10 left runs waiting for it, then failing)."""
+    parallel = settings.max_parallel_policies
+    return {"pool_size": min(parallel, 16), "max_overflow": 2 * parallel + 5}
 
 
 def _fail(code: int, message: str) -> NoReturn:
@@ -308,6 +318,7 @@ def validate(
         start = datetime.now(UTC) if after is None else parse_timestamp(after)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--after") from None
+    _warn_rate_conflicts(ctx, loaded)
     if output == "json":
         entries = []
         for item in loaded:
@@ -379,6 +390,22 @@ def _print_instances(ctx: Context, group: Sequence[LoadedPolicy]) -> None:
         sources = ", ".join(sorted({b.source for b in item.instance.bindings.values()}))
         ctx.out.print(
             f"      {item.name:<{width}}  {values}  ({sources})", markup=False, highlight=False
+        )
+
+
+def _warn_rate_conflicts(ctx: Context, loaded: Sequence[LoadedPolicy]) -> None:
+    """Warn (stderr) where policies sharing an endpoint's budget declare different rates."""
+    for conflict in rate_conflicts(loaded, ctx.settings.endpoint_budgets):
+        rates = ", ".join(f"{name} {rate}" for name, rate in conflict.rates.items())
+        using = (
+            f"REAPER_ENDPOINT_BUDGETS gives it {conflict.explicit}"
+            if conflict.explicit is not None
+            else f"they share the lowest, {conflict.lowest}"
+        )
+        click.echo(
+            f"reaper: warning: policies reaching {conflict.origin} with one credential "
+            f"({conflict.credential}) declare different rates ({rates}); {using}",
+            err=True,
         )
 
 
@@ -765,18 +792,21 @@ async def _run_all(
     slots: bool = False,
     metrics: Metrics | None = None,
 ) -> list[PolicyRun]:
+    """Run the policies concurrently (reaper.parallel), sharing their endpoints' budgets."""
     stop = asyncio.Event()
     _graceful_signals(stop)
-    runs = []
-    for item in loaded:
-        if stop.is_set():
-            break
+    budgets = EndpointBudgets(ctx.settings.endpoint_budgets)
+    budgets.register(loaded)
+    endpoints = {name: key for key, names in budgets.keys().items() for name in names}
+    bars = _ProgressBars(ctx.err)
+
+    async def one(item: LoadedPolicy) -> PolicyRun:
         slot = None
         if slots:
             assert item.policy.schedule is not None
             now = await asyncio.to_thread(store.db_now)
             slot = parse_cron(item.policy.schedule, item.policy.zone).previous_fire_time(now)
-        reporter = _BatchReporter(ctx.err)
+        reporter = _BatchReporter(ctx.err, bars)
         try:
             result = await run_policy(
                 item,
@@ -790,13 +820,24 @@ async def _run_all(
                 slot=slot,
                 stop=stop,
                 clock=ClockLimits.from_settings(ctx.settings),
+                budgets=budgets,
             )
         finally:
             reporter.close()
-        runs.append(result)
         if metrics is not None:
             metrics.observe(result, item.policy.target_config.type)
-    return runs
+        return result
+
+    try:
+        return await run_spread(
+            loaded,
+            one,
+            limit=ctx.settings.max_parallel_policies,
+            group=lambda item: endpoints.get(item.name),
+            stop=stop,
+        )
+    finally:
+        bars.close()
 
 
 def _graceful_signals(stop: asyncio.Event) -> None:
@@ -813,18 +854,20 @@ def _graceful_signals(stop: asyncio.Event) -> None:
         loop.add_signal_handler(signum, handle, signum)
 
 
-class _BatchReporter:
-    """A progress bar on a TTY; one structured log line per batch otherwise."""
+class _ProgressBars:
+    """On a TTY, one progress bar per running policy, in one live display."""
 
     def __init__(self, console: Console) -> None:
         self.console = console
         self.progress: Progress | None = None
-        self.task: Any = None
 
-    def plan(self, plan: Plan) -> None:
-        if self.console.is_terminal and plan.eligible:
+    def add(self, name: str, total: int) -> Any:
+        """A bar for a policy about to delete (None when stderr is not a TTY)."""
+        if not self.console.is_terminal:
+            return None
+        if self.progress is None:
             self.progress = Progress(
-                TextColumn(escape(plan.policy.name)),
+                TextColumn("{task.description}"),
                 BarColumn(),
                 MofNCompleteColumn(),
                 TimeRemainingColumn(),
@@ -835,11 +878,37 @@ class _BatchReporter:
                 redirect_stderr=True,
             )
             self.progress.start()
-            self.task = self.progress.add_task("deleting", total=plan.eligible)
+        # Descriptions are markup: a template instance's name has brackets.
+        return self.progress.add_task(escape(name), total=total)
+
+    def advance(self, bar: Any, size: int) -> None:
+        if self.progress is not None:
+            self.progress.advance(bar, size)
+
+    def remove(self, bar: Any) -> None:
+        if self.progress is not None:
+            self.progress.remove_task(bar)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+class _BatchReporter:
+    """A policy's progress bar on a TTY; one structured log line per batch otherwise."""
+
+    def __init__(self, console: Console, bars: _ProgressBars | None = None) -> None:
+        self.bars = bars or _ProgressBars(console)
+        self.bar: Any = None
+
+    def plan(self, plan: Plan) -> None:
+        if plan.eligible:
+            self.bar = self.bars.add(plan.policy.name, plan.eligible)
 
     def batch(self, event: BatchEvent) -> None:
-        if self.progress is not None:
-            self.progress.advance(self.task, event.size)
+        if self.bar is not None:
+            self.bars.advance(self.bar, event.size)
             return
         outcomes: dict[str, int] = {}
         for result in event.results:
@@ -859,8 +928,9 @@ class _BatchReporter:
         )
 
     def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
+        if self.bar is not None:
+            self.bars.remove(self.bar)
+            self.bar = None
 
 
 # --- audit ------------------------------------------------------------------------------------
@@ -1131,6 +1201,8 @@ def serve(
         misfire_grace=settings.misfire_grace,
         min_age=settings.min_age,
         clock=ClockLimits.from_settings(settings),
+        max_parallel=settings.max_parallel_policies,
+        endpoint_budgets=settings.endpoint_budgets,
     )
 
     # Replicas on one PostgreSQL share the policies; on SQLite (one host) one process runs all.

@@ -8,6 +8,12 @@ fire claims its slot in the run ledger (the database clock decides the slot), so
 CronJob pods never run the same slot twice. On PostgreSQL the replicas also share the policies
 (:mod:`reaper.leases`): each schedules only the policies it holds a lease on.
 
+Policies reaching one endpoint share its request budget (:mod:`reaper.budgets`), and at most
+``REAPER_MAX_PARALLEL_POLICIES`` runs go at once (the others wait for a slot). A policy's
+``schedule_jitter`` starts its runs a fixed, name-derived offset after each scheduled time
+(:class:`JitteredTrigger`), so that many policies on one cron line do not all start together; each
+run still belongs to its scheduled slot.
+
 Signals: SIGHUP re-reads and validates every policy and swaps the jobs only if all are valid
 (a run in progress keeps going); SIGTERM/SIGINT stop starting batches, let the in-flight ones
 finish within the grace period, record the runs as interrupted and exit 0; a second signal exits
@@ -17,10 +23,11 @@ at once (pending audit rows are reconciled by the next run).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -28,18 +35,21 @@ from typing import Any
 
 import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.base import BaseTrigger
 
 from reaper.audit import AuditStore
+from reaper.budgets import EndpointBudgets
 from reaper.clocks import ClockLimits
 from reaper.errors import AuditError, PolicyError
 from reaper.leases import Leases
 from reaper.metrics import HealthServer, Metrics
 from reaper.policy import LoadedPolicy, load_policies
 from reaper.runner import run_policy
-from reaper.schedule import parse_cron
+from reaper.schedule import CronSchedule, parse_cron
+from reaper.settings import EndpointBudget
 from reaper.systemd import notify, watchdog_interval
 
-__all__ = ["Daemon", "DaemonConfig"]
+__all__ = ["Daemon", "DaemonConfig", "JitteredTrigger"]
 
 log = structlog.get_logger("reaper.daemon")
 
@@ -55,6 +65,47 @@ class DaemonConfig:
     misfire_grace: timedelta = timedelta(minutes=5)
     min_age: timedelta = timedelta(hours=1)
     clock: ClockLimits = field(default_factory=ClockLimits)
+    max_parallel: int = 64
+    endpoint_budgets: Mapping[str, EndpointBudget] = field(default_factory=dict)
+
+
+class JitteredTrigger(BaseTrigger):  # type: ignore[misc]  # APScheduler 3 is untyped
+    """Fires each slot of a schedule a fixed offset after it: the same fraction of ``jitter``
+    for every slot, drawn from the policy's name, and at most half the gap to the next slot.
+
+    A run at slot + offset still belongs to its slot: the latest scheduled time at or before it
+    is the slot itself, which is what the run ledger is keyed by (and what ``reaper run --slot
+    auto`` computes).
+    """
+
+    def __init__(self, schedule: CronSchedule, jitter: timedelta, name: str) -> None:
+        self.schedule = schedule
+        self.jitter = jitter
+        digest = hashlib.sha256(name.encode()).digest()
+        self.fraction = int.from_bytes(digest[:8], "big") / 2**64
+
+    def fire_time(self, slot: datetime) -> datetime:
+        """When the run of ``slot`` starts."""
+        following = self.schedule.next_fire_time(slot)
+        room = self.jitter if following is None else min(self.jitter, (following - slot) / 2)
+        return slot + room * self.fraction
+
+    def get_next_fire_time(
+        self, previous_fire_time: datetime | None, now: datetime
+    ) -> datetime | None:
+        # As the unjittered trigger: the first fire after `now`, or after the previous fire if
+        # that is earlier; the slot that fire belongs to may have begun already.
+        after = now - timedelta(microseconds=1)
+        if previous_fire_time is not None:
+            after = min(after, previous_fire_time)
+        current = self.schedule.previous_fire_time(after)
+        if current is not None and (fire := self.fire_time(current)) > after:
+            return fire
+        following = self.schedule.next_fire_time(after)
+        return None if following is None else self.fire_time(following)
+
+    def __str__(self) -> str:
+        return f"cron[{self.schedule.expression!r}, {self.schedule.timezone}, +{self.jitter}]"
 
 
 class Daemon:
@@ -90,6 +141,8 @@ class Daemon:
         self._signals = 0
         self._active: set[asyncio.Task[Any]] = set()
         self.health: HealthServer | None = None
+        self.budgets = EndpointBudgets(config.endpoint_budgets)
+        self._slots = asyncio.Semaphore(config.max_parallel)
 
     # -- policies and jobs ----------------------------------------------------------------------
 
@@ -110,7 +163,9 @@ class Daemon:
             policy = item.policy
             assert policy.schedule is not None
             schedule = parse_cron(policy.schedule, policy.zone)
-            trigger = schedule.trigger
+            trigger: BaseTrigger = schedule.trigger
+            if policy.schedule_jitter:
+                trigger = JitteredTrigger(schedule, policy.schedule_jitter, name)
             first = schedule.next_fire_time(datetime.now(UTC))
             second = schedule.next_fire_time(first) if first is not None else None
             if first is not None and second is not None:
@@ -122,6 +177,7 @@ class Daemon:
             if not item.policy.schedule:
                 log.info("policy_not_scheduled", policy=item.name, hint="it has no schedule")
         self.policies = {item.name: item for item in loaded}
+        self.budgets.register(loaded)
         self.metrics.policies.set(len(wanted))
         log.info("policies_loaded", scheduled=sorted(wanted), total=len(loaded))
 
@@ -158,7 +214,10 @@ class Daemon:
         self._active.add(task)
         self._running.add(name)
         try:
-            await self.run_once(loaded)
+            async with self._slots:
+                if self.stop.is_set():
+                    return
+                await self.run_once(loaded)
         finally:
             self._active.discard(task)
             self._running.discard(name)
@@ -180,6 +239,7 @@ class Daemon:
             stop=self.stop,
             min_age=self.config.min_age,
             clock=self.config.clock,
+            budgets=self.budgets,
         )
         self.metrics.observe(run, policy.target_config.type)
 

@@ -18,23 +18,30 @@ Workers take the plan's batches in order (oldest tasks first). For each batch a 
    only after the last outcome is durable.
 
 Only ids taken from the plan are ever sent. With ``continue_on_error: false`` no new batch starts
-after the first failure; batches already in flight finish and are recorded.
+after the first failure; batches already in flight finish and are recorded. Nor does one start
+after the ``deadline`` (``delete.max_run_time``) or once the caller's ``stop`` event is set (a
+signal); an executor that halts on its own (failure, refused credentials, the audit) stops only
+itself, never the policies running beside it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import math
 import os
 import signal
+import threading
+import time
 from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
-from typing import ParamSpec, TypeVar
+from typing import ClassVar, ParamSpec, TypeVar
 
 import structlog
+from sqlalchemy import Engine
 
 from reaper.audit import AuditEntry, AuditStore, RunSummary
 from reaper.errors import AuditError, TargetAuthError, TargetError
@@ -78,10 +85,18 @@ def failpoint(name: str) -> None:
 _MIN_CYCLE_SECONDS = 0.1
 
 
-def auto_concurrency(rate_per_second: float, latency_seconds: float | None) -> int:
-    """Workers needed to keep ``rate`` requests per second in flight at the given latency."""
+def auto_concurrency(
+    rate_per_second: float, latency_seconds: float | None, audit_seconds: float = 0.0
+) -> int:
+    """Workers needed to keep ``rate`` requests per second in flight at the given latency.
+
+    ``audit_seconds`` is how long an audit call takes to come back: a worker's next intents
+    commit while its request is in flight, so its cycle is at least that long too. Alone it
+    is a few milliseconds; among a fleet's runs sharing SQLite's one writer it can be most of a
+    second, and a policy alone at its endpoint would not reach the endpoint's rate.
+    """
     latency = latency_seconds if latency_seconds is not None else 0.25
-    cycle = max(latency, _MIN_CYCLE_SECONDS)
+    cycle = max(latency, audit_seconds, _MIN_CYCLE_SECONDS)
     # Little's law, with headroom for latency variance.
     needed = math.ceil(rate_per_second * cycle * 1.5) + 1
     return max(1, min(_MAX_AUTO_CONCURRENCY, needed))
@@ -90,18 +105,50 @@ def auto_concurrency(rate_per_second: float, latency_seconds: float | None) -> i
 class AsyncAudit:
     """Runs AuditStore calls on one dedicated thread, so the event loop never blocks on I/O.
 
-    One thread also serialises writes, which SQLite needs and PostgreSQL does not mind.
+    One thread also serialises a run's writes, which SQLite needs and PostgreSQL does not mind.
+    On SQLite every run in the process shares one thread: SQLite takes one writer at a time,
+    and writers on threads of their own wait for its lock in sleeps that grow to 100 ms (its busy
+    handler) rather than in turn, so with many runs at once (``reaper run`` over a fleet) commits
+    queued for seconds. On PostgreSQL each run keeps a thread of its own.
     """
+
+    #: The shared thread of each SQLite engine, and how many AsyncAudits use it.
+    _shared: ClassVar[dict[Engine, tuple[ThreadPoolExecutor, int]]] = {}
+    _shared_lock = threading.Lock()
 
     def __init__(self, store: AuditStore) -> None:
         self.store = store
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reaper-audit")
+        self._closed = False
+        engine = store.engine
+        self._engine = engine if engine.dialect.name == "sqlite" else None
+        if self._engine is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reaper-audit")
+            return
+        with self._shared_lock:
+            pool, users = self._shared.get(engine, (None, 0))
+            if pool is None:
+                pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reaper-audit")
+            self._shared[engine] = (pool, users + 1)
+        self._pool = pool
 
     async def call(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
+        # In the caller's context, as asyncio.to_thread does: a line logged there keeps the
+        # run's run_id and policy (structlog's contextvars).
+        context = contextvars.copy_context()
+        return await loop.run_in_executor(self._pool, lambda: context.run(fn, *args, **kwargs))
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._engine is not None:
+            with self._shared_lock:
+                pool, users = self._shared[self._engine]
+                if users > 1:
+                    self._shared[self._engine] = (pool, users - 1)
+                    return
+                del self._shared[self._engine]
         self._pool.shutdown(wait=True)
 
 
@@ -180,6 +227,8 @@ class Executor:
         stop: asyncio.Event | None = None,
         check: SendCheck | None = None,
         corrected: Collection[str] = frozenset(),
+        deadline: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.target = target
         self.check = check
@@ -194,7 +243,15 @@ class Executor:
         self.continue_on_error = continue_on_error
         self.summary = summary
         self.on_batch = on_batch
-        self.stop = stop or asyncio.Event()
+        #: The caller's stop (a signal): read, never set here.
+        self.signal = stop
+        #: This executor's own halt.
+        self.halted = asyncio.Event()
+        #: No batch starts at or after this monotonic instant (``delete.max_run_time``).
+        self.deadline = deadline
+        self.clock = clock
+        #: Batches were left unsent because the deadline had passed.
+        self.time_up = False
         #: Why the executor stopped early (None when it went through the whole plan).
         self.stopped: str | None = None
         self.fatal: BaseException | None = None
@@ -229,7 +286,16 @@ class Executor:
     def _halt(self, reason: str) -> None:
         if self.stopped is None:
             self.stopped = reason
-        self.stop.set()
+        self.halted.set()
+
+    def _stopping(self) -> bool:
+        """No batch may start: halted, the caller said stop, or the time is up."""
+        if self.halted.is_set() or (self.signal is not None and self.signal.is_set()):
+            return True
+        if self.deadline is not None and self.clock() >= self.deadline:
+            self.time_up = True
+            return True
+        return False
 
     async def _worker(self, batches: Batches, total: int) -> None:
         """Send batches one after another, each batch's intents written while the one before
@@ -242,7 +308,7 @@ class Executor:
                 await durable
             except AuditError:
                 return  # not sent; _audit_failed has stopped the others
-            if self.stop.is_set():
+            if self._stopping():
                 batches.done(batch)
                 self._never_sent(batch)
                 return
@@ -255,7 +321,7 @@ class Executor:
 
     def _prepare(self, batches: Batches) -> tuple[int, list[Candidate], asyncio.Task[None]] | None:
         """Take the next batch and hand its ``pending`` intents to the group commit."""
-        if self.stop.is_set():
+        if self._stopping():
             return None
         batch = batches.take()
         if batch is None:
@@ -268,7 +334,7 @@ class Executor:
 
     def _never_sent(self, batch: list[Candidate]) -> None:
         """The run stopped after this batch's intents were written: it was never sent."""
-        note = f"never sent: the run stopped first ({self.stopped or 'stop requested'})"
+        note = f"never sent: the run stopped first ({self._why()})"
         self.journal.settle(
             [DeleteResult(c.task_id, Outcome.NOT_DELETED, note=note) for c in batch]
         )
@@ -333,10 +399,9 @@ class Executor:
                 self.check.forget(ids)
             if not unsent:
                 return results
-            if self.stop.is_set():
+            if self._stopping():
                 return results + self._unsent(
-                    [c for c in pending if c.task_id in set(unsent)],
-                    self.stopped or "stop requested",
+                    [c for c in pending if c.task_id in set(unsent)], self._why()
                 )
             again = set(unsent)
             pending = [c for c in pending if c.task_id in again]
@@ -352,6 +417,11 @@ class Executor:
             )
             for c in pending
         ]
+
+    def _why(self) -> str:
+        if self.stopped is not None:
+            return self.stopped
+        return "delete.max_run_time was up" if self.time_up else "stop requested"
 
     def _unsent(self, batch: Sequence[Candidate], why: str) -> list[DeleteResult]:
         note = f"never sent: the run stopped first ({why})"

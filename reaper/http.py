@@ -10,6 +10,7 @@ reached the server although its answer was lost.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import json
 import math
@@ -313,9 +314,18 @@ class TargetHttp:
         max_response_bytes: int = 64 * 1024 * 1024,
         max_retry_after: float = 300.0,
         rng: random.Random | None = None,
+        inflight: asyncio.Semaphore | None = None,
+        pace: RateLimiter | None = None,
     ) -> None:
         self.client = client
+        #: The endpoint's limiter, shared with every policy that reaches it (reaper.budgets).
         self.limiter = limiter
+        #: The endpoint's limit on requests in flight, held from before the rate-limit slot until
+        #: the answer is read (taken after it, a request freed late would leave right after the
+        #: one before it and break the even spacing the server counts on).
+        self.inflight = inflight
+        #: The policy's own limiter, when its rate is below the endpoint's.
+        self.pace = pace
         self.retry = retry or RetryPolicy()
         self.max_response_bytes = max_response_bytes
         self.max_retry_after = max_retry_after
@@ -361,19 +371,9 @@ class TargetHttp:
         attempts = self.retry.attempts if retry else 1
         last_error: str = ""
         for attempt in range(1, attempts + 1):
-            await self.limiter.acquire()
-            not_after = _SEND_DEADLINE.get()
-            if not_after is not None and time.monotonic() > not_after:
-                raise Stale(
-                    f"{method} {url}: not sent: the check that cleared it is too old",
-                    earlier=tuple(earlier),
-                )
-            self.stats.requests += 1
-            started = time.monotonic()
-            sent = time.time()
             try:
-                response, body = await self._exchange(
-                    method, url, params, json_body, headers, timeout
+                response, body, started, sent = await self._attempt(
+                    method, url, params, json_body, headers, timeout, earlier
                 )
             except ResponseTooLarge:
                 raise
@@ -462,6 +462,33 @@ class TargetHttp:
             self.stats.retries += 1
             await asyncio.sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _attempt(
+        self,
+        method: str,
+        url: str,
+        params: Mapping[str, Any] | None,
+        json_body: Any,
+        headers: Mapping[str, str] | None,
+        timeout: float | None,
+        earlier: list[str],
+    ) -> tuple[httpx.Response, bytes, float, float]:
+        """One attempt: an in-flight slot, then a rate-limit slot, then the exchange; the answer
+        and when the request left (monotonic, and wall-clock for the Date comparison)."""
+        async with self.inflight if self.inflight is not None else contextlib.nullcontext():
+            if self.pace is not None:
+                await self.pace.acquire()
+            await self.limiter.acquire()
+            not_after = _SEND_DEADLINE.get()
+            if not_after is not None and time.monotonic() > not_after:
+                raise Stale(
+                    f"{method} {url}: not sent: the check that cleared it is too old",
+                    earlier=tuple(earlier),
+                )
+            self.stats.requests += 1
+            started, sent = time.monotonic(), time.time()
+            response, body = await self._exchange(method, url, params, json_body, headers, timeout)
+            return response, body, started, sent
 
     async def _exchange(
         self,

@@ -84,6 +84,13 @@ class Metrics:
             ["policy"],
             registry=r,
         )
+        self.remaining = Gauge(
+            "reaper_eligible_remaining",
+            "Eligible tasks the last run did not get to (its max_run_time was up, it was "
+            "stopped, or a guard refused): left for the next run.",
+            ["policy"],
+            registry=r,
+        )
         self.reclaimed = Counter(
             "reaper_reclaimed_bytes",
             "Space the targets reported reclaimed.",
@@ -142,6 +149,8 @@ class Metrics:
         if run.plan is not None:
             self.backlog.labels(policy).set(run.plan.eligible)
             self.future_timestamps.labels(policy).set(run.plan.future_timestamps)
+        if run.remaining is not None:
+            self.remaining.labels(policy).set(run.remaining)
         if s.reclaimed_bytes:
             self.reclaimed.labels(policy).inc(s.reclaimed_bytes)
         if run.finished_at is not None:

@@ -152,6 +152,13 @@ class DeleteSettings(_Model):
         description="Guard: a larger share of the listed tasks than this and nothing is deleted.",
     )
     anomaly: Anomaly = Field(default_factory=Anomaly)
+    max_run_time: Duration | None = Field(
+        None,
+        description=(
+            "No batch starts once the run has lasted this long (listing included): the run is "
+            "partial and the next run deletes the rest."
+        ),
+    )
     verify: Literal["auto", "always", "never"] = Field(
         "auto",
         description=(
@@ -200,6 +207,14 @@ class Policy(_Model):
     description: str = ""
     schedule: str | None = Field(None, description="Five-field cron expression for the daemon.")
     timezone: str = Field("UTC", description="IANA timezone the schedule is evaluated in.")
+    schedule_jitter: Duration | None = Field(
+        None,
+        description=(
+            "`serve` starts each run up to this much after its scheduled time (a fixed offset "
+            "per policy name, at most half the gap to the next fire): spreads policies sharing "
+            "a cron line. The run still counts for its scheduled slot."
+        ),
+    )
     target: TargetSettings
     select: Select
     keep: Keep = Field(default_factory=Keep)

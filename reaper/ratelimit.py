@@ -9,6 +9,11 @@ When the server answers 429 anyway (its limit is lower than configured, or share
 clients), the limiter halves its rate and then recovers additively with each success, never above
 the configured rate: waiting out ``Retry-After`` alone would hit the same wall again.
 
+Slots are booked ahead and slept for, and a busy event loop wakes sleepers late, several at once:
+the requests of several slots would then leave together, and a server counts what arrives, not
+what was booked. So a request also leaves no closer to the ones before it than the rate and
+``burst`` allow (the same token bucket, over departures), waiting a little more if it must.
+
 It halves once per congestion episode, as TCP does once per window: N requests in flight when the
 server starts refusing come back as N 429s, but they are one signal, sent before the rate went
 down. Each request remembers which decrease it was sent after (a context variable set by
@@ -52,6 +57,7 @@ class RateLimiter:
         #: How often the rate was lowered; a request sent after the n-th decrease carries n.
         self.decreases = 0
         self._next_slot = 0.0  # virtual time of the next free slot
+        self._departure = 0.0  # the same, over the times requests actually left
         self._paused_until = 0.0
         self._lock = asyncio.Lock()
 
@@ -64,12 +70,24 @@ class RateLimiter:
         self._next_slot = slot + self._interval
         return max(0.0, slot - now)
 
+    def depart(self) -> float:
+        """Record a departure now if it keeps to the rate, and return 0; otherwise return how
+        long to wait before trying again (after a late wake-up, say)."""
+        now = self._clock()
+        earliest = self._departure - (self.burst - 1) * self._interval
+        if now < earliest:
+            return earliest - now
+        self._departure = max(self._departure, now) + self._interval
+        return 0.0
+
     async def acquire(self) -> None:
         """Wait until this caller may send one request."""
         async with self._lock:
             delay = self.reserve()
         if delay > 0:
             await asyncio.sleep(delay)
+        while (late := self.depart()) > 0:
+            await asyncio.sleep(late)
         # Recorded when the request leaves, not when its slot was booked: a decrease during the
         # wait already applies to it.
         _SENT.set((self, self.decreases))

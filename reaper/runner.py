@@ -9,7 +9,11 @@ or, in a dry run, records what it would delete.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import os
 import ssl
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -22,8 +26,9 @@ import structlog
 from sqlalchemy import Engine
 
 from reaper.audit import AuditEntry, AuditStore, RunRecord, RunSummary
+from reaper.budgets import EndpointBudgets
 from reaper.clocks import ClockLimits, check_clocks
-from reaper.converters import Rate
+from reaper.converters import format_duration
 from reaper.errors import AuditError, ListingError, RunAborted, TargetAuthError, TargetError
 from reaper.execute import AsyncAudit, Batches, BatchEvent, Executor, auto_concurrency
 from reaper.guards import GuardOverrides, GuardTrip, check_guards
@@ -113,11 +118,20 @@ class PolicyRun:
     finished_at: datetime | None = None
     #: What the run's output should point out (a clock or zone that looks wrong, reaper.clocks).
     warnings: list[str] = field(default_factory=list)
+    #: Eligible tasks the run did not get to (its time was up, it was stopped, a guard refused):
+    #: the next run's. None when the run made no plan.
+    remaining: int | None = None
+    #: The run stopped starting batches at ``delete.max_run_time``.
+    time_up: bool = False
 
     @property
     def ok(self) -> bool:
         """Exit code 0: everything eligible was deleted, or another process ran it, or the run
-        was stopped by a signal and recorded so (it resumes next time)."""
+        was stopped by a signal or at its ``max_run_time`` and recorded so, with no deletion
+        failed (the rest is left for the next run)."""
+        if self.status is RunStatus.PARTIAL and self.time_up:
+            s = self.summary
+            return not (s.failed or s.unknown or s.skipped)
         return self.status in (RunStatus.SUCCEEDED, RunStatus.SKIPPED, RunStatus.INTERRUPTED)
 
 
@@ -134,19 +148,20 @@ def build_target(
     *,
     transport: httpx.AsyncBaseTransport | None = None,
     state: TargetState | None = None,
+    budgets: EndpointBudgets | None = None,
 ) -> tuple[Target, httpx.AsyncClient]:
     """Create the target for a policy, with its HTTP client, rate limiter and retry policy, and
-    the stores it keeps its state in (``state``: see :func:`target_state`)."""
+    the stores it keeps its state in (``state``: see :func:`target_state`).
+
+    With ``budgets`` its requests share the rate limiter and in-flight limit of its endpoint
+    with every other policy reaching it (:mod:`reaper.budgets`); without, it has its own
+    limiter at its own rate.
+    """
     policy = loaded.policy
     config = policy.target_config
     if policy.target_class.keeps_state and state is None:
         raise ValueError(f"the {config.type} target keeps state: build it with state=")
-    # httpx 0.28 deprecates a CA path as `verify`: hand it an SSL context.
-    verify: bool | ssl.SSLContext = (
-        ssl.create_default_context(cafile=config.ca_bundle)
-        if config.ca_bundle
-        else config.verify_tls
-    )
+    verify = tls_context(config.verify_tls, config.ca_bundle)
     if not config.verify_tls:
         log.warning(
             "tls_verification_disabled",
@@ -165,19 +180,60 @@ def build_target(
         headers={"User-Agent": "reaper/0.1"},
         limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
     )
-    rate: Rate = policy.delete.rate
     retries = config.retries
-    http = TargetHttp(
-        client,
-        RateLimiter(rate, policy.delete.burst),
-        RetryPolicy(
-            attempts=retries.attempts,
-            backoff=retries.backoff.total_seconds(),
-            max_backoff=retries.max_backoff.total_seconds(),
-        ),
-        max_response_bytes=config.max_response_bytes,
+    retry = RetryPolicy(
+        attempts=retries.attempts,
+        backoff=retries.backoff.total_seconds(),
+        max_backoff=retries.max_backoff.total_seconds(),
     )
+    if budgets is None:
+        limiter = RateLimiter(policy.delete.rate, policy.delete.burst)
+        http = TargetHttp(client, limiter, retry, max_response_bytes=config.max_response_bytes)
+    else:
+        budget = budgets.budget(loaded)
+        http = TargetHttp(
+            client,
+            budget.limiter,
+            retry,
+            max_response_bytes=config.max_response_bytes,
+            inflight=budget.inflight,
+            pace=budgets.pace(loaded, budget),
+        )
     return policy.target_class(config, http, state), client
+
+
+def tls_context(verify: bool, ca_bundle: str | None) -> ssl.SSLContext:
+    """The TLS context of a target's client, one per trust setting in the process.
+
+    Loading a CA bundle costs some 50 ms of CPU, and httpx loads it for every client it makes:
+    10 s of the event loop's time for a fleet of 200 policies. A context may be shared; the key
+    includes the bundle file's modification time (and httpx's SSL_CERT_* variables), so a
+    rotated bundle is read again.
+    """
+    if not verify:
+        return _tls_context(False, None, None, None, None)
+    mtime = None
+    if ca_bundle:
+        with contextlib.suppress(OSError):  # a missing file fails in ssl, as before
+            mtime = os.stat(ca_bundle).st_mtime_ns
+    return _tls_context(
+        True, ca_bundle, mtime, os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR")
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def _tls_context(
+    verify: bool,
+    ca_bundle: str | None,
+    mtime: int | None,
+    cert_file: str | None,
+    cert_dir: str | None,
+) -> ssl.SSLContext:
+    if ca_bundle:
+        # httpx 0.28 deprecates a CA path as `verify`: hand it an SSL context.
+        return ssl.create_default_context(cafile=ca_bundle)
+    # certifi's bundle, or SSL_CERT_FILE / SSL_CERT_DIR (the arguments above) as httpx reads them.
+    return httpx.create_ssl_context(verify=verify)
 
 
 def _list_request(loaded: LoadedPolicy, cutoff: datetime) -> ListRequest:
@@ -249,6 +305,11 @@ class RunOptions:
     #: Claim this scheduled slot in the run ledger first; skip if another process has it.
     slot: datetime | None = None
     clock: ClockLimits = field(default_factory=ClockLimits)
+    #: The request budgets of the process's endpoints, shared with the policies running beside
+    #: this one (None: the run has a limiter of its own).
+    budgets: EndpointBudgets | None = None
+    #: Monotonic seconds, for ``delete.max_run_time`` (tests replace it).
+    monotonic: Callable[[], float] = time.monotonic
 
 
 async def run_policy(loaded: LoadedPolicy, audit: AuditStore, **options: Any) -> PolicyRun:
@@ -270,6 +331,11 @@ class _PolicyRunner:
         self.policy = loaded.policy
         self.opts = opts
         self.now = opts.now or datetime.now(UTC)
+        max_run_time = self.policy.delete.max_run_time
+        #: When no further batch may start (monotonic), from ``delete.max_run_time``.
+        self.deadline = (
+            opts.monotonic() + max_run_time.total_seconds() if max_run_time is not None else None
+        )
         self.store = store
         self.audit = AsyncAudit(store)
         self.run = PolicyRun(self.policy.name, opts.mode, RunStatus.FAILED)
@@ -277,6 +343,8 @@ class _PolicyRunner:
         self.corrected: set[str] = set()
         #: When the listing this run plans from began (the re-check looks for later changes).
         self.listing_started: datetime | None = None
+        #: How long an audit call took to come back just before deleting (sizes the workers).
+        self.audit_seconds = 0.0
 
     async def execute(self) -> PolicyRun:
         run, policy = self.run, self.policy
@@ -308,6 +376,7 @@ class _PolicyRunner:
                 self.loaded,
                 transport=self.opts.transport,
                 state=target_state(self.loaded, self.store.engine),
+                budgets=self.opts.budgets,
             )
             stack.push_async_callback(client.aclose)
             try:
@@ -401,6 +470,7 @@ class _PolicyRunner:
             if verdict in (Verdict.KEEP, Verdict.PROTECTED)
         )
         summary.skipped = len(plan.invalid)
+        run.remaining = plan.eligible
         if self.opts.on_plan is not None:
             self.opts.on_plan(plan)
         log.info(
@@ -410,9 +480,11 @@ class _PolicyRunner:
             kept=summary.kept,
             refused_ids=summary.skipped,
         )
+        asked = time.monotonic()
         history = await self.audit.call(
             self.store.recent_eligible, policy.name, policy.delete.anomaly.history
         )
+        self.audit_seconds = time.monotonic() - asked
         trip = self._clock_trip(plan) or check_guards(
             policy, plan.eligible, plan.listed, history, self.opts.overrides
         )
@@ -425,6 +497,9 @@ class _PolicyRunner:
         if run.mode is Mode.DRY_RUN:
             await _record_dry_run(plan, self.audit, run_id, summary)
             run.status = RunStatus.SUCCEEDED
+            return
+        if plan.eligible and self._time_up():
+            self._out_of_time(plan)
             return
         if plan.eligible:
             listing_requests = target.http.stats.requests
@@ -445,12 +520,30 @@ class _PolicyRunner:
         self.run.warnings.extend(warning.message for warning in plan.clock.warnings)
         return plan.clock.trip
 
+    def _time_up(self) -> bool:
+        return self.deadline is not None and self.opts.monotonic() >= self.deadline
+
+    def _out_of_time(self, plan: Plan) -> None:
+        """``max_run_time`` was up before the first batch: nothing is sent this time."""
+        run = self.run
+        run.time_up = True
+        run.status = RunStatus.PARTIAL
+        run.error = (
+            f"delete.max_run_time ({self._max_run_time()}) was up before deleting started; "
+            f"all {plan.eligible} eligible task(s) are left for the next run"
+        )
+        log.warning("max_run_time_reached", done=0, remaining=plan.eligible)
+
+    def _max_run_time(self) -> str:
+        limit = self.policy.delete.max_run_time
+        return format_duration(limit) if limit is not None else "none"
+
     def _verify_now(self, listing_requests: int, target: Target) -> bool:
         """Whether to list again right after deleting: ``delete.verify`` says always, or auto
         and a listing costs at most a tenth of the requests the deletions took."""
         setting = self.policy.delete.verify
         stop = self.opts.stop
-        if setting == "never" or (stop is not None and stop.is_set()):
+        if setting == "never" or (stop is not None and stop.is_set()) or self._time_up():
             return False
         if setting == "always":
             return True
@@ -540,8 +633,11 @@ class _PolicyRunner:
 
     async def _delete(self, plan: Plan, target: Target, run_id: str) -> None:
         run, policy = self.run, self.policy
+        # The endpoint's budget may be slower than the policy (shared with others): workers
+        # beyond what it allows would only wait.
+        rate = min(policy.delete.rate.per_second, target.http.limiter.rate.per_second)
         concurrency = policy.delete.concurrency or auto_concurrency(
-            policy.delete.rate.per_second, target.http.stats.latency_p90()
+            rate, target.http.stats.latency_p90(), self.audit_seconds
         )
         batches = Batches(plan, policy.batch_size)
         check = self._send_check(plan, target, batches)
@@ -560,6 +656,8 @@ class _PolicyRunner:
             stop=self.opts.stop,
             check=check,
             corrected=self.corrected if target.gone_after_acknowledged_is_ours else frozenset(),
+            deadline=self.deadline,
+            clock=self.opts.monotonic,
         )
         log.info(
             "deleting",
@@ -575,6 +673,11 @@ class _PolicyRunner:
             run.status = RunStatus.ABORTED
             run.error = f"the target refused our credentials; stopped: {exc}"
             return
+        finally:
+            s = run.summary
+            run.remaining = plan.eligible - (
+                s.deleted + s.already_gone + s.failed + s.unknown + s.skipped_changed
+            )
         if check.checks:
             log.info(
                 "recheck_summary",
@@ -595,6 +698,19 @@ class _PolicyRunner:
                     "the rest is left for the next run"
                 )
                 log.warning("run_interrupted", phase="deleting", done=done, of=plan.eligible)
+        elif executor.time_up and run.remaining:
+            run.time_up = True
+            run.status = RunStatus.PARTIAL
+            run.error = (
+                f"delete.max_run_time ({self._max_run_time()}) was up after "
+                f"{plan.eligible - run.remaining} of {plan.eligible} deletions; "
+                f"{run.remaining} left for the next run"
+            )
+            log.warning(
+                "max_run_time_reached",
+                done=plan.eligible - run.remaining,
+                remaining=run.remaining,
+            )
 
 
 def eligible_statuses(loaded: LoadedPolicy) -> frozenset[str]:

@@ -6,20 +6,63 @@ files, and are kept as ``SecretStr`` so they do not print.
 
 from __future__ import annotations
 
+import json
 import os
 from datetime import timedelta
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, ValidationInfo, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+import httpx
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    StrictInt,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
 from reaper.converters import format_duration
-from reaper.fields import Duration
+from reaper.fields import INTEGRAL, Duration, RateValue
 
-__all__ = ["Settings", "credential_path", "redact_url"]
+__all__ = ["EndpointBudget", "Settings", "credential_path", "redact_url"]
+
+_PORTS = {"http": 80, "https": 443}
+
+
+class EndpointBudget(BaseModel):
+    """An endpoint's request budget, given by the operator (``REAPER_ENDPOINT_BUDGETS``).
+
+    Each field left out comes from the policies that reach the endpoint (the lowest they
+    declare).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    rate: RateValue | None = Field(None, description="Requests per second, e.g. '10/s'.")
+    burst: Annotated[Annotated[StrictInt, Field(ge=1, le=1000)] | None, INTEGRAL] = Field(
+        None, description="Requests that may go at once after idling."
+    )
+    concurrency: Annotated[Annotated[StrictInt, Field(ge=1, le=1024)] | None, INTEGRAL] = Field(
+        None, description="Requests in flight at once."
+    )
+
+
+def _origin(text: str) -> str:
+    try:
+        url = httpx.URL(text)
+    except httpx.InvalidURL:
+        url = None
+    if url is None or url.scheme not in _PORTS or not url.host:
+        raise ValueError(f"{text!r} is not an http(s) URL")
+    if url.userinfo or url.query or url.fragment or url.path not in ("", "/"):
+        raise ValueError(f"{text!r}: name only the scheme, host and port")
+    host = f"[{url.host}]" if ":" in url.host else url.host
+    return f"{url.scheme}://{host}:{url.port or _PORTS[url.scheme]}"
 
 
 class Settings(BaseSettings):
@@ -87,6 +130,22 @@ class Settings(BaseSettings):
         timedelta(seconds=30),
         description="`serve` on PostgreSQL: how long a replica's policy leases outlive it.",
     )
+    max_parallel_policies: int = Field(
+        64,
+        ge=1,
+        le=1024,
+        description="`run`, `serve`: how many policies run at once (each waits for a slot).",
+    )
+    # NoDecode: the JSON is read by the validator below, so bad JSON is a validation error that
+    # names the setting, like any other bad value.
+    endpoint_budgets: Annotated[dict[str, EndpointBudget], NoDecode] = Field(
+        default_factory=dict,
+        description=(
+            "JSON: the request budget of an endpoint, by its URL (scheme, host, port), e.g. "
+            '{"https://dcs.cn-north-4.myhuaweicloud.com": {"rate": "10/s", "concurrency": 8}}; '
+            "shared by the policies reaching it with the same credentials."
+        ),
+    )
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -119,6 +178,29 @@ class Settings(BaseSettings):
         if value < timedelta(seconds=1):
             raise ValueError("a lease lasts at least 1s")
         return value
+
+    @field_validator("endpoint_budgets", mode="before")
+    @classmethod
+    def _json(cls, value: object) -> object:
+        if isinstance(value, str):
+            try:
+                return json.loads(value) if value.strip() else {}
+            except ValueError:
+                raise ValueError(
+                    'expected a JSON object, e.g. {"https://api.example.com": {"rate": "10/s"}}'
+                ) from None
+        return value
+
+    @field_validator("endpoint_budgets")
+    @classmethod
+    def _endpoints(cls, value: dict[str, EndpointBudget]) -> dict[str, EndpointBudget]:
+        budgets: dict[str, EndpointBudget] = {}
+        for url, budget in value.items():
+            origin = _origin(url)
+            if origin in budgets:
+                raise ValueError(f"{url!r}: {origin} is given twice")
+            budgets[origin] = budget
+        return budgets
 
     def database(self) -> URL:
         """The audit database URL with the password from the environment or file applied."""

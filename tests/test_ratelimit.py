@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
+import time
 from collections.abc import Callable
 
 import httpx
@@ -69,6 +71,21 @@ class TestSlots:
             in_window = sum(1 for s in slots[start:] if s < window_end)
             assert in_window <= 20 + 2
 
+    def test_late_wake_ups_leave_spaced(self) -> None:
+        """Slots booked before the event loop stalled do not all leave when it resumes: each
+        departure keeps the rate's spacing from the one before (burst permitting)."""
+        clock = FakeClock()
+        limiter = RateLimiter(Rate(10), clock=clock)
+        assert [limiter.reserve() for _ in range(5)] == pytest.approx([0, 0.1, 0.2, 0.3, 0.4])
+        clock.now += 0.5  # every booked slot has passed
+        assert limiter.depart() == 0.0
+        assert limiter.depart() == pytest.approx(0.1)
+        clock.now += 0.1
+        assert limiter.depart() == 0.0
+        bursty = RateLimiter(Rate(10), burst=2, clock=clock)
+        assert [bursty.depart(), bursty.depart()] == [0.0, 0.0]
+        assert bursty.depart() == pytest.approx(0.1)
+
     def test_refuses_bad_burst(self) -> None:
         """A burst below 1 is a programming error."""
         with pytest.raises(ValueError, match="burst"):
@@ -87,6 +104,28 @@ class TestAcquire:
             return loop.time() - start
 
         assert asyncio.run(main()) >= 0.09
+
+    def test_a_stalled_event_loop_does_not_send_a_burst(self) -> None:
+        """Workers whose slots passed while the event loop was busy leave one interval apart
+        when it resumes, not all at once."""
+
+        async def main() -> list[float]:
+            limiter = RateLimiter(Rate(20))
+            left: list[float] = []
+
+            async def worker() -> None:
+                await limiter.acquire()
+                left.append(time.monotonic())
+
+            workers = [asyncio.create_task(worker()) for _ in range(5)]
+            await asyncio.sleep(0)  # each books its slot: 0, 50, ..., 200 ms from now
+            time.sleep(0.4)  # the point: the loop is blocked past them all
+            await asyncio.gather(*workers)
+            return left
+
+        left = asyncio.run(main())
+        gaps = [later - earlier for earlier, later in itertools.pairwise(left)]
+        assert min(gaps) >= 0.05 * 0.95
 
 
 class TestAdaptive:

@@ -54,6 +54,7 @@ from reaper.errors import ListingError, TargetAuthError
 from reaper.fields import Duration
 from reaper.targets.base import (
     BatchResult,
+    Credential,
     DeleteOptions,
     DeleteResult,
     ListRequest,
@@ -64,9 +65,10 @@ from reaper.targets.base import (
     TargetConfig,
     Task,
     gone_result,
+    origin_of,
 )
 from reaper.targets.httpauth import HeaderAuth
-from reaper.targets.huawei import read_secret
+from reaper.targets.huawei import read_secret, secret_source
 from reaper.targets.state import TaskInventory, TrackedTask
 
 __all__ = [
@@ -176,6 +178,15 @@ class AparaviAuth(BaseModel):
         key = read_secret(self.key_env, self.key_file, "the Aparavi API key").get_secret_value()
         return HeaderAuth("Authorization", f"Bearer {key}" if self.scheme == "bearer" else key)
 
+    def credential(self) -> Credential:
+        """The account: the API key itself."""
+        env, file = self.key_env, self.key_file
+        return Credential(
+            "api key",
+            f"API key from {secret_source(env, file)}",
+            lambda: read_secret(env, file, "the Aparavi API key").get_secret_value(),
+        )
+
 
 class AparaviConfig(TargetConfig):
     """``target:`` settings for ``type: aparavi``."""
@@ -235,6 +246,12 @@ class AparaviConfig(TargetConfig):
 
     def describe(self) -> str:
         return self.root()
+
+    def origin(self) -> str:
+        return origin_of(self.root())
+
+    def credential(self) -> Credential:
+        return self.auth.credential()
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ from reaper.targets.state import TargetState
 __all__ = [
     "STILL_RUNNING_NOTE",
     "BatchResult",
+    "Credential",
     "DeleteResult",
     "ListRequest",
     "Outcome",
@@ -56,6 +57,7 @@ __all__ = [
     "TargetConfig",
     "Task",
     "gone_result",
+    "origin_of",
     "result_of_error",
     "task_reader",
 ]
@@ -225,6 +227,39 @@ class RecheckSettings(BaseModel):
         return value
 
 
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def origin_of(url: str) -> str:
+    """``scheme://host:port`` of an http(s) URL, the port always written (RFC 6454's origin)."""
+    parsed = httpx.URL(url)
+    host = parsed.host
+    if ":" in host:  # an IPv6 literal
+        host = f"[{host}]"
+    port = parsed.port or _DEFAULT_PORTS[parsed.scheme]
+    return f"{parsed.scheme}://{host}:{port}"
+
+
+@dataclass(frozen=True)
+class Credential:
+    """Which account a target's requests are made as: what servers count their limits by.
+
+    ``kind`` and ``source`` are never secret (``"aksk"``, ``"AK from environment variable
+    HW_AK"``). ``read`` returns the value that identifies the account (the AK, which is not
+    secret; a token or API key, which is): whoever calls it must keep it out of logs and keys
+    (:mod:`reaper.budgets` only keeps a keyed hash of it).
+    """
+
+    kind: str
+    source: str = ""
+    read: Callable[[], str] | None = field(default=None, compare=False, repr=False)
+
+    @classmethod
+    def none(cls) -> Credential:
+        """No authentication: every client of the endpoint is the same to it."""
+        return cls("none")
+
+
 class TargetConfig(BaseModel):
     """Settings every target kind shares. Subclasses add ``type`` and their own fields."""
 
@@ -247,6 +282,16 @@ class TargetConfig(BaseModel):
     def describe(self) -> str:
         """A short, secret-free name for logs and the audit (e.g. the base URL)."""
         return self.type
+
+    def origin(self) -> str | None:
+        """``scheme://host:port`` of the API: with :meth:`credential`, the key of the request
+        budget every policy reaching it shares (:mod:`reaper.budgets`). None (a target kind
+        that does not say): the policy's runs keep a budget of their own."""
+        return None
+
+    def credential(self) -> Credential:
+        """Which account the requests are made as (default: no authentication)."""
+        return Credential.none()
 
 
 class DeleteOptions(BaseModel):

@@ -46,6 +46,7 @@ from reaper.targets.base import (
     Target,
     TargetConfig,
     Task,
+    origin_of,
     task_reader,
 )
 
@@ -120,6 +121,9 @@ class DataPipelineConfig(TargetConfig):
 
     def describe(self) -> str:
         return str(self.base_url).rstrip("/")
+
+    def origin(self) -> str:
+        return origin_of(str(self.base_url))
 
 
 class DataPipelineOptions(DeleteOptions):

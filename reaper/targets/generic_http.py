@@ -44,6 +44,7 @@ from reaper.http import Exchange, RequestFailed, ResponseTooLarge, Stale, error_
 from reaper.jsonpath import MISSING, JsonPath
 from reaper.targets.base import (
     BatchResult,
+    Credential,
     DeleteOptions,
     DeleteResult,
     ListRequest,
@@ -52,6 +53,7 @@ from reaper.targets.base import (
     TargetConfig,
     Task,
     gone_result,
+    origin_of,
     result_of_error,
 )
 from reaper.targets.httpauth import HttpAuth, NoAuth
@@ -427,6 +429,12 @@ class GenericHttpConfig(TargetConfig):
 
     def describe(self) -> str:
         return self.root()
+
+    def origin(self) -> str:
+        return origin_of(self.root())
+
+    def credential(self) -> Credential:
+        return self.auth.credential()
 
 
 class _AnyField(frozenset[str]):

@@ -13,7 +13,8 @@ from typing import Annotated, Any, Literal, Union
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from reaper.targets.huawei import read_secret
+from reaper.targets.base import Credential
+from reaper.targets.huawei import read_secret, secret_source
 
 __all__ = ["BasicAuth", "BearerAuth", "HeaderAuth", "HttpAuth", "NamedHeaderAuth", "NoAuth"]
 
@@ -61,6 +62,10 @@ class _Auth(BaseModel):
         """Read the secrets; the auth flow for every request (None: no authentication)."""
         raise NotImplementedError
 
+    def credential(self) -> Credential:
+        """Which account the requests are made as (see :class:`~reaper.targets.base.Credential`)."""
+        raise NotImplementedError
+
 
 class NoAuth(_Auth):
     """No authentication."""
@@ -69,6 +74,9 @@ class NoAuth(_Auth):
 
     def build(self) -> httpx.Auth | None:
         return None
+
+    def credential(self) -> Credential:
+        return Credential.none()
 
 
 class BearerAuth(_Auth):
@@ -86,6 +94,14 @@ class BearerAuth(_Auth):
     def build(self) -> httpx.Auth:
         token = read_secret(self.token_env, self.token_file, "the bearer token")
         return HeaderAuth("Authorization", f"Bearer {token.get_secret_value()}")
+
+    def credential(self) -> Credential:
+        env, file = self.token_env, self.token_file
+        return Credential(
+            "bearer",
+            f"bearer token from {secret_source(env, file)}",
+            lambda: read_secret(env, file, "the bearer token").get_secret_value(),
+        )
 
 
 class NamedHeaderAuth(_Auth):
@@ -105,6 +121,14 @@ class NamedHeaderAuth(_Auth):
     def build(self) -> httpx.Auth:
         value = read_secret(self.value_env, self.value_file, f"the {self.name} header")
         return HeaderAuth(self.name, self.prefix + value.get_secret_value())
+
+    def credential(self) -> Credential:
+        env, file, what = self.value_env, self.value_file, f"the {self.name} header"
+        return Credential(
+            f"header {self.name.lower()}",
+            f"{self.name} from {secret_source(env, file)}",
+            lambda: read_secret(env, file, what).get_secret_value(),
+        )
 
 
 class BasicAuth(_Auth):
@@ -129,6 +153,17 @@ class BasicAuth(_Auth):
             username = read_secret(self.username_env, None, "the user name").get_secret_value()
         password = read_secret(self.password_env, self.password_file, "the password")
         return httpx.BasicAuth(username, password.get_secret_value())
+
+    def credential(self) -> Credential:
+        """The account: the user name (the password only proves it)."""
+        username, env = self.username, self.username_env
+        if username is not None:
+            return Credential("basic", f"user {username}", lambda: username)
+        return Credential(
+            "basic",
+            f"user from {secret_source(env, None)}",
+            lambda: read_secret(env, None, "the user name").get_secret_value(),
+        )
 
 
 HttpAuth = Annotated[

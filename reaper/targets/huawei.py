@@ -30,12 +30,14 @@ from reaper.errors import ConfigError
 from reaper.logs import register_secret
 from reaper.targets.base import (
     BatchResult,
+    Credential,
     DeleteOptions,
     DeleteResult,
     Outcome,
     Target,
     TargetConfig,
     gone_result,
+    origin_of,
 )
 from reaper.targets.huawei_signing import AkSkAuth, TokenAuth
 
@@ -122,6 +124,27 @@ class HuaweiAuth(BaseModel):
         token = read_secret(self.token_env, self.token_file, "the IAM token")
         return TokenAuth(token, project_id=project_id)
 
+    def credential(self) -> Credential:
+        """The account: the AK (not secret; the SK only proves it), or the IAM token."""
+        if self.type == "aksk":
+            ak_env, ak_file = self.ak_env, self.ak_file
+            return Credential(
+                "aksk",
+                f"AK from {secret_source(ak_env, ak_file)}",
+                lambda: read_secret(ak_env, ak_file, "the AK").get_secret_value(),
+            )
+        token_env, token_file = self.token_env, self.token_file
+        return Credential(
+            "token",
+            f"IAM token from {secret_source(token_env, token_file)}",
+            lambda: read_secret(token_env, token_file, "the IAM token").get_secret_value(),
+        )
+
+
+def secret_source(env: str | None, file: str | None) -> str:
+    """Where a secret is read from, for messages: never its value."""
+    return f"environment variable {env}" if env is not None else f"file {file}"
+
 
 def read_secret(env: str | None, file: str | None, what: str) -> SecretStr:
     """Read one secret from the environment or a file; register it for log redaction."""
@@ -162,6 +185,12 @@ class HuaweiConfig(TargetConfig):
 
     def describe(self) -> str:
         return f"{self.base_url()} project {self.project_id}"
+
+    def origin(self) -> str:
+        return origin_of(self.base_url())
+
+    def credential(self) -> Credential:
+        return self.auth.credential()
 
 
 def check_endpoint(value: AnyHttpUrl) -> AnyHttpUrl:
