@@ -899,6 +899,8 @@ class _BatchReporter:
     """A policy's progress bar on a TTY; one structured log line per batch otherwise."""
 
     def __init__(self, console: Console, bars: _ProgressBars | None = None) -> None:
+        # A reporter of its own (one policy) owns its display; in a fleet run the bars are shared.
+        self.owns_bars = bars is None
         self.bars = bars or _ProgressBars(console)
         self.bar: Any = None
 
@@ -931,6 +933,8 @@ class _BatchReporter:
         if self.bar is not None:
             self.bars.remove(self.bar)
             self.bar = None
+        if self.owns_bars:
+            self.bars.close()
 
 
 # --- audit ------------------------------------------------------------------------------------

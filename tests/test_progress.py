@@ -113,7 +113,7 @@ class TestLogLinesAboveTheBar:
         console = Console(stderr=True, soft_wrap=True, width=COLUMNS, force_terminal=True)
         reporter = _BatchReporter(console)
         reporter.plan(plan)
-        assert reporter.progress is not None
+        assert reporter.bars.progress is not None
         log = structlog.get_logger("reaper.test")
         summary = RunSummary()
         for batch in range(4):
@@ -121,7 +121,7 @@ class TestLogLinesAboveTheBar:
             log.info("batch_logged", batch=batch + 1)
             if batch == 1:
                 log.warning("something_odd", detail="while the bar is drawn")
-        reporter.progress.refresh()
+        reporter.bars.progress.refresh()
         during = terminal.lines()
         assert_whole(
             during, [r"batch_logged\s+batch=1", r"batch_logged\s+batch=4", "something_odd"]
