@@ -39,7 +39,7 @@ from reaper.guards import GuardOverrides
 from reaper.leases import Leases
 from reaper.logs import configure_logging, register_secret
 from reaper.metrics import Metrics
-from reaper.parallel import run_spread
+from reaper.parallel import run_spread, same_tasks
 from reaper.plan import Plan
 from reaper.planfile import SavedPlan, diff_plan, load_saved, refusal, save_plans
 from reaper.policy import LoadedPolicy, load_policies, policy_json_schema
@@ -834,6 +834,7 @@ async def _run_all(
             one,
             limit=ctx.settings.max_parallel_policies,
             group=lambda item: endpoints.get(item.name),
+            exclusive=same_tasks,
             stop=stop,
         )
     finally:

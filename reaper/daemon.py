@@ -8,7 +8,8 @@ fire claims its slot in the run ledger (the database clock decides the slot), so
 CronJob pods never run the same slot twice. On PostgreSQL the replicas also share the policies
 (:mod:`reaper.leases`): each schedules only the policies it holds a lease on.
 
-Policies reaching one endpoint share its request budget (:mod:`reaper.budgets`), and at most
+Policies reaching one endpoint share its request budget (:mod:`reaper.budgets`), policies over
+the same tasks take turns (:mod:`reaper.parallel`), and at most
 ``REAPER_MAX_PARALLEL_POLICIES`` runs go at once (the others wait for a slot). A policy's
 ``schedule_jitter`` starts its runs a fixed, name-derived offset after each scheduled time
 (:class:`JitteredTrigger`), so that many policies on one cron line do not all start together; each
@@ -43,6 +44,7 @@ from reaper.clocks import ClockLimits
 from reaper.errors import AuditError, PolicyError
 from reaper.leases import Leases
 from reaper.metrics import HealthServer, Metrics
+from reaper.parallel import Turns, same_tasks
 from reaper.policy import LoadedPolicy, load_policies
 from reaper.runner import run_policy
 from reaper.schedule import CronSchedule, parse_cron
@@ -143,6 +145,7 @@ class Daemon:
         self.health: HealthServer | None = None
         self.budgets = EndpointBudgets(config.endpoint_budgets)
         self._slots = asyncio.Semaphore(config.max_parallel)
+        self.turns = Turns()
 
     # -- policies and jobs ----------------------------------------------------------------------
 
@@ -214,7 +217,9 @@ class Daemon:
         self._active.add(task)
         self._running.add(name)
         try:
-            async with self._slots:
+            # Policies over the same tasks take turns (reaper.parallel); a turn before a slot, so
+            # a waiting policy holds no slot another target could use.
+            async with self.turns.of(same_tasks(loaded)), self._slots:
                 if self.stop.is_set():
                     return
                 await self.run_once(loaded)

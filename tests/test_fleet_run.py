@@ -31,7 +31,7 @@ from reaper.cli import _BatchReporter, _ProgressBars
 from reaper.daemon import JitteredTrigger
 from reaper.db import make_engine
 from reaper.metrics import Metrics
-from reaper.parallel import run_spread
+from reaper.parallel import Turns, run_spread
 from reaper.runner import RunStatus, run_policy, tls_context
 from reaper.schedule import parse_cron
 from reaper.simulators import DataPipelineSimulator, Faults
@@ -113,6 +113,29 @@ class TestConcurrentRun:
         assert [r["policy"] for r in runs] == ["a", "b", "c"]
         assert all(r["deleted"] == 8 for r in runs)
         assert overlap(runs[0], runs[1]) and overlap(runs[1], runs[2]) and overlap(runs[0], runs[2])
+
+    def test_policies_over_the_same_tasks_take_turns(
+        self, data_pipeline: Start, fleet: dict[str, Any]
+    ) -> None:
+        """Two policies of one target (overlapping selections) never run at once, and no id
+        is sent twice; a third policy at another target runs beside them."""
+        sim, url = data_pipeline(
+            old_tasks("1", 6) + old_tasks("2", 6, "failed"), faults=Faults(latency_ms=60)
+        )
+        write(fleet, "a", url, delete=slow())
+        write(fleet, "b", url, select={"status": ["failed"], "older_than": "30d"}, delete=slow())
+        _, other = data_pipeline(old_tasks("3", 8), faults=Faults(latency_ms=60))
+        write(fleet, "c", other, delete=slow())
+        result = reaper("run", "--output", "json", env=fleet["env"])
+        assert result.returncode == 0, result.stderr
+        a, b, c = json.loads(result.stdout)
+        assert not overlap(a, b)
+        assert overlap(a, c) or overlap(b, c)
+        # "a" selects completed and failed tasks, "b" failed ones: whichever ran second found
+        # the shared ones gone already, and the target saw every id deleted once.
+        assert a["deleted"] + b["deleted"] == 12 and c["deleted"] == 8
+        assert sorted(sim.deleted_ids) == sorted(set(sim.deleted_ids))
+        assert sim.overlapping_deletes == 0
 
     def test_the_bound_holds(self, data_pipeline: Start, fleet: dict[str, Any]) -> None:
         """REAPER_MAX_PARALLEL_POLICIES=1: one policy after another, none overlapping."""
@@ -470,6 +493,52 @@ class TestRunSpread:
         with pytest.raises(ValueError, match="boom"):
             asyncio.run(run_spread([0, 1, 2], failing, limit=2, group=str))
         assert finished == [1]  # the run going on ended; none started after the error
+
+    def test_items_of_one_exclusive_key_take_turns(self) -> None:
+        """Items sharing an exclusive key never run at once; the others fill the free places
+        meanwhile, and every item runs."""
+        going: dict[str, int] = {}
+        clash: list[str] = []
+        started: list[str] = []
+
+        async def run(item: str) -> str:
+            key = item[0]
+            started.append(item)
+            going[key] = going.get(key, 0) + 1
+            if going[key] > 1:
+                clash.append(item)
+            await asyncio.sleep(0.01 if key != "t" else 0.03)
+            going[key] -= 1
+            return item
+
+        items = ["t1", "t2", "t3", "u1", "v1"]
+        results = asyncio.run(
+            run_spread(
+                items, run, limit=3, group=lambda item: "one endpoint", exclusive=lambda i: i[0]
+            )
+        )
+        assert results == items
+        assert not clash
+        assert started[:3] == ["t1", "u1", "v1"]  # t2 waits for t1; u1 and v1 do not wait
+
+    def test_turns_in_the_daemon(self) -> None:
+        """Turns.of: one holder per key at a time, other keys unaffected, nothing kept after."""
+        turns = Turns()
+        log: list[str] = []
+
+        async def hold(key: str, name: str) -> None:
+            async with turns.of(key):
+                log.append(f"+{name}")
+                await asyncio.sleep(0.01)
+                log.append(f"-{name}")
+
+        async def main() -> None:
+            await asyncio.gather(hold("k", "a"), hold("k", "b"), hold("j", "c"))
+
+        asyncio.run(main())
+        assert log.index("-a") < log.index("+b")
+        assert log.index("+c") < log.index("-a")
+        assert not turns._locks
 
 
 class TestTlsContext:
