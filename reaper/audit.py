@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 import orjson
@@ -57,6 +58,7 @@ __all__ = [
     "AuditStore",
     "ChainProblem",
     "Correction",
+    "Mark",
     "RunRecord",
     "RunSummary",
     "audit_table",
@@ -205,6 +207,16 @@ class RunSummary:
             self.skipped_changed += 1
 
 
+class Mark(StrEnum):
+    """What a person did about a task: the outcome of a row in a run of its own (mode ``pin``,
+    ``unpin``, ``approval`` or ``rejection``), chained like any other row."""
+
+    PINNED = "pinned"
+    UNPINNED = "unpinned"
+    APPROVED = "approved"
+    REJECTED = "rejected"
+
+
 @dataclass(frozen=True)
 class AuditEntry:
     """One task reaper is about to act on (or decided not to send)."""
@@ -213,7 +225,7 @@ class AuditEntry:
     reason: str
     task_status: str | None
     task_timestamp: datetime | None
-    outcome: Outcome = Outcome.PENDING
+    outcome: Outcome | Mark = Outcome.PENDING
     error_message: str | None = None
     note: str | None = None
 
@@ -859,6 +871,15 @@ class AuditStore:
             self.verified(run_id, through)
         return run_id
 
+    def record_event(self, record: RunRecord, entries: Sequence[AuditEntry], message: str) -> str:
+        """Record what a person did (a pin, an approval...) as a run of its own: ``entries``
+        are final rows, chained like any run's, and ``message`` says what was done. Returns the
+        run id."""
+        run_id = self.start_run(record)
+        self.record(run_id, entries)
+        self.finish_run(run_id, "succeeded", RunSummary(), message)
+        return run_id
+
     def mark_interrupted(self, policy: str, *, exclude_run: str | None = None) -> int:
         """Runs of the policy still marked ``running`` were interrupted (the caller holds the
         policy's lock, so none of them is alive); record them so. Returns how many."""
@@ -899,11 +920,14 @@ class AuditStore:
     def prune(self, older_than: datetime) -> tuple[int, int]:
         """Delete runs finished before ``older_than`` with all their rows (whole chains only).
 
-        The pruning itself is recorded as a run of the pseudo-policy ``<audit-retention>``.
-        Returns (runs, rows) deleted.
+        The pruning itself is recorded as a run of the pseudo-policy ``<audit-retention>``; runs
+        recording pins and unpins are kept. Returns (runs, rows) deleted.
         """
         finished = select(runs_table.c.id).where(
-            runs_table.c.finished_at < older_than, runs_table.c.policy != RETENTION_POLICY
+            runs_table.c.finished_at < older_than,
+            runs_table.c.policy != RETENTION_POLICY,
+            # A legal hold's record lasts as long as the audit: pins are never pruned.
+            runs_table.c.mode.not_in(KEPT_MODES),
         )
         try:
             with self.engine.begin() as connection:
@@ -1158,6 +1182,8 @@ def _json_rows(rows: Sequence[Sequence[Any]]) -> str:
 
 
 RETENTION_POLICY = "<audit-retention>"
+#: Runs `reaper audit prune` keeps whatever their age: the records of pins (legal holds).
+KEPT_MODES = ("pin", "unpin")
 
 
 @dataclass(frozen=True)
@@ -1213,5 +1239,7 @@ def _clip(value: str | None, size: int) -> str | None:
     return value[: size - 1] + "…"
 
 
-# Registers the Aparavi inventory table on `metadata` (migrations are compared against it).
-import reaper.inventory  # noqa: E402, F401
+# Registers the Aparavi inventory table on `metadata` (migrations are compared against it), and
+# the tables of pins, held plans, notices and notification deliveries.
+import reaper.inventory  # noqa: E402
+import reaper.pins  # noqa: E402, F401

@@ -33,6 +33,7 @@ from reaper.execute import BatchEvent
 from reaper.guards import GuardOverrides
 from reaper.logs import configure_logging, register_secret
 from reaper.metrics import Metrics
+from reaper.people import COMMANDS as people_commands
 from reaper.plan import Plan
 from reaper.planfile import SavedPlan, diff_plan, load_saved, refusal, save_plans
 from reaper.policy import LoadedPolicy, load_policies, policy_json_schema
@@ -965,6 +966,8 @@ def db_current(ctx: Context) -> None:
 
 
 cli.add_command(track_command)
+for _command in people_commands:
+    cli.add_command(_command)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -20,7 +20,15 @@ import operator
 import re
 from array import array
 from collections import Counter
-from collections.abc import AsyncIterable, Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import (
+    AsyncIterable,
+    Callable,
+    Collection,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -33,6 +41,7 @@ from reaper.targets.base import Target, Task
 __all__ = [
     "Candidate",
     "Decision",
+    "Pinned",
     "Plan",
     "Planner",
     "Rule",
@@ -61,6 +70,7 @@ Rule = Callable[[Task], Decision | None]
 # every task with an earlier timestamp). The planner uses these to decide a million tasks without
 # asking every rule about every task (see Planner.add); a rule without them is always asked.
 _STATUS_ONLY = frozenset({"status", "gone"})
+_ID_ONLY = frozenset({"id"})
 _UNDECIDED = (Verdict.KEEP, "undecided")  # a sentinel: no rule returns this very tuple
 
 
@@ -70,6 +80,26 @@ _UNDECIDED = (Verdict.KEEP, "undecided")  # a sentinel: no rule returns this ver
 def _reads_only_status(rule: Rule) -> bool:
     reads = getattr(rule, "reads", None)
     return isinstance(reads, frozenset) and reads <= _STATUS_ONLY
+
+
+def _reads_only_id(rule: Rule) -> bool:
+    reads = getattr(rule, "reads", None)
+    return isinstance(reads, frozenset) and reads <= _ID_ONLY
+
+
+class Pinned:
+    """Tasks under a pin (a legal hold, ``reaper pin``): first in the chain, so a pin wins over
+    every other rule, and over any saved plan or approval (those only narrow the plan)."""
+
+    reads = _ID_ONLY
+
+    def __init__(self, pins: Mapping[str, str]) -> None:
+        #: task id -> the pin's reason
+        self.pins = dict(pins)
+
+    def __call__(self, task: Task) -> Decision | None:
+        reason = self.pins.get(task.id)
+        return None if reason is None else (Verdict.PROTECTED, f"protected: pinned: {reason}")
 
 
 class AlreadyGone:
@@ -211,17 +241,22 @@ def _field(task: Task, name: str) -> str:
 
 
 def build_rules(
-    policy: Policy, now: datetime, min_age: timedelta = timedelta(hours=1)
+    policy: Policy,
+    now: datetime,
+    min_age: timedelta = timedelta(hours=1),
+    pins: Mapping[str, str] | None = None,
 ) -> tuple[list[Rule], list[Rule]]:
     """The rules before (selection) and after (aging) the point where a task 'matches'.
 
-    Keep-newest-N counts the tasks that pass the first list, whatever their age.
+    Keep-newest-N counts the tasks that pass the first list, whatever their age. ``pins`` are
+    the tasks pinned for the policy (id -> reason).
     """
     target = policy.target_class
     protected = set(policy.protect.status)
     if not policy.select.allow_live:
         protected |= target.live_statuses
-    selection: list[Rule] = [AlreadyGone()]
+    selection: list[Rule] = [Pinned(pins)] if pins else []
+    selection.append(AlreadyGone())
     if policy.protect.ids:
         selection.append(ProtectIds(policy.protect.ids))
     selection.append(ProtectStatus(frozenset(protected)))
@@ -395,13 +430,15 @@ class Planner:
         target: Target,
         now: datetime,
         min_age: timedelta = timedelta(hours=1),
+        *,
+        pins: Mapping[str, str] | None = None,
     ) -> None:
         policy = loaded.policy
         self.loaded = loaded
         self.target = target
         self.now = now
         self.cutoff = now - policy.select.older_than
-        self.selection, self.aging = build_rules(policy, now, min_age)
+        self.selection, self.aging = build_rules(policy, now, min_age, pins)
         self.keep_newest = policy.keep.newest
         self.older_than = format_duration(policy.select.older_than)
         self.match = policy.select.match
@@ -418,8 +455,13 @@ class Planner:
         self._newest: list[tuple[float, str]] = []
         # When every selection rule reads nothing but a task's status and gone flag (the usual
         # policy), the chain is asked once per (status, gone) pair and its answer remembered.
+        # Leading rules on the id alone (pins) are asked about every task before that.
+        lead = 0
+        while lead < len(self.selection) and _reads_only_id(self.selection[lead]):
+            lead += 1
+        self._by_id, self._by_status = self.selection[:lead], self.selection[lead:]
         self._selected: dict[tuple[str, bool], Decision | None] | None = None
-        if all(_reads_only_status(rule) for rule in self.selection):
+        if all(_reads_only_status(rule) for rule in self._by_status):
             self._selected = {}
         # Every aging rule passes a task this much older than the earliest of their limits (a
         # POSIX timestamp; the second of margin keeps float rounding out of the question).
@@ -440,10 +482,17 @@ class Planner:
         if selected is None:
             decision = self._select(task)
         else:
-            key = (task.status, task.gone)
-            decision = selected.get(key, _UNDECIDED)
-            if decision is _UNDECIDED:
-                decision = selected[key] = self._select(task)
+            decision = None
+            if self._by_id:
+                for rule in self._by_id:
+                    decision = rule(task)
+                    if decision is not None:
+                        break
+            if decision is None:
+                key = (task.status, task.gone)
+                decision = selected.get(key, _UNDECIDED)
+                if decision is _UNDECIDED:
+                    decision = selected[key] = self._select(task, self._by_status)
         if decision is not None:
             self._note(task, decision)
             return
@@ -472,8 +521,8 @@ class Planner:
         self._stamps.append(stamp)
         self._status_col.append(status)
 
-    def _select(self, task: Task) -> Decision | None:
-        for rule in self.selection:
+    def _select(self, task: Task, rules: Sequence[Rule] | None = None) -> Decision | None:
+        for rule in self.selection if rules is None else rules:
             decision = rule(task)
             if decision is not None:
                 return decision
@@ -486,7 +535,7 @@ class Planner:
         answer): rules on other fields are not asked, and a missing timestamp is not judged.
         """
         for rule in self.selection:
-            if not fields and not _reads_only_status(rule) and not isinstance(rule, ProtectIds):
+            if not fields and not _reads_only_status(rule) and not _reads_only_id(rule):
                 continue
             decision = rule(task)
             if decision is not None:
@@ -591,9 +640,11 @@ async def make_plan(
     tasks: AsyncIterable[Task],
     now: datetime,
     min_age: timedelta = timedelta(hours=1),
+    *,
+    pins: Mapping[str, str] | None = None,
 ) -> Plan:
     """Consume a whole listing and plan it; a ListingError from the listing propagates."""
-    planner = Planner(loaded, target, now, min_age)
+    planner = Planner(loaded, target, now, min_age, pins=pins)
     async for task in tasks:
         planner.add(task)
     return planner.finish()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -27,6 +27,7 @@ from reaper.execute import AsyncAudit, Batches, BatchEvent, Executor, auto_concu
 from reaper.guards import GuardOverrides, check_guards
 from reaper.http import HttpStats, RetryPolicy, TargetHttp
 from reaper.locks import PolicyLock
+from reaper.pins import PinnedCheck, PinStore
 from reaper.plan import Plan, Verdict, make_plan
 from reaper.planfile import SavedPlan, not_eligible_now
 from reaper.policy import LoadedPolicy
@@ -180,10 +181,12 @@ async def plan_policy(
     *,
     observe: Reconciler | None = None,
     stop: asyncio.Event | None = None,
+    pins: Mapping[str, str] | None = None,
 ) -> Plan:
     """List the target completely and plan the policy over it.
 
-    ``observe`` sees every listed task too (reconciliation shares the run's listing).
+    ``observe`` sees every listed task too (reconciliation shares the run's listing); ``pins``
+    are the tasks pinned for the policy (id -> reason), protected whatever else the policy says.
     """
     cutoff = now - loaded.policy.select.older_than
     tasks = target.list_tasks(_list_request(loaded, cutoff))
@@ -191,7 +194,7 @@ async def plan_policy(
         tasks = observe.watch(tasks)
     if stop is not None:
         tasks = _until(stop, tasks)
-    return await make_plan(loaded, target, tasks, now, min_age)
+    return await make_plan(loaded, target, tasks, now, min_age, pins=pins)
 
 
 class Interrupted(Exception):
@@ -311,6 +314,7 @@ class _PolicyRunner:
         reconciler = await self.audit.call(
             Reconciler.load, self.store, policy.name, exclude_run=run_id
         )
+        pins = await self._pins()
         try:
             plan = await plan_policy(
                 self.loaded,
@@ -319,6 +323,7 @@ class _PolicyRunner:
                 self.opts.min_age,
                 observe=reconciler,
                 stop=self.opts.stop,
+                pins=pins,
             )
         except Interrupted:
             run.status = RunStatus.INTERRUPTED
@@ -458,6 +463,12 @@ class _PolicyRunner:
                 ],
             )
 
+    async def _pins(self) -> dict[str, str]:
+        """The tasks pinned for this policy now (id -> reason)."""
+        pins = PinStore(self.store)
+        kind = self.policy.target_class.kind
+        return await self.audit.call(pins.active_for, self.policy.name, kind, datetime.now(UTC))
+
     def _send_check(self, plan: Plan, target: Target, batches: Batches) -> SendCheck:
         policy = self.policy
         assert plan.decide is not None
@@ -466,13 +477,15 @@ class _PolicyRunner:
             eligible_statuses=eligible_statuses(self.loaded),
             status_counts=dict(plan.status_counts),
         )
-        return SendCheck(
+        # Pins taken since the plan stop sends too (reaper.pins).
+        return PinnedCheck(
             target,
             request,
             plan.decide,
             policy.target_config.recheck.max_staleness.total_seconds(),
             ids_per_second=policy.delete.rate.per_second * policy.batch_size,
             remaining=batches.remaining,
+            pins=self._pins,
         )
 
     async def _delete(self, plan: Plan, target: Target, run_id: str) -> None:
