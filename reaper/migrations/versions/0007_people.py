@@ -1,7 +1,9 @@
-"""People in the loop: pins (legal holds).
+"""People in the loop: pins (legal holds), approvals and snapshots on audit rows.
 
 ``reaper_pins``: one row per pin of a task, for a policy or for every policy on a kind of target;
 an unpin fills in ``unpinned_at``. Each pin and unpin is also a run of its own in the audit.
+``reaper_runs.approval_id`` and ``reaper_audit.approval_id``: the approval a run (and each of its
+rows) carries out. ``reaper_audit.snapshot``: the task's record as listed, on deletion rows.
 
 Revision ID: 0007
 Revises: 0006
@@ -22,6 +24,11 @@ depends_on = None
 
 
 def upgrade() -> None:
+    with op.batch_alter_table("reaper_runs") as batch:
+        batch.add_column(sa.Column("approval_id", sa.String(36), nullable=True))
+    with op.batch_alter_table("reaper_audit") as batch:
+        batch.add_column(sa.Column("approval_id", sa.String(36), nullable=True))
+        batch.add_column(sa.Column("snapshot", sa.Text, nullable=True))
     op.create_table(
         "reaper_pins",
         sa.Column("id", sa.Integer, nullable=False, autoincrement=True),
@@ -48,3 +55,8 @@ def downgrade() -> None:
     op.drop_index("ix_reaper_pins_task_id", table_name="reaper_pins")
     op.drop_index("ix_reaper_pins_scope_name_unpinned_at", table_name="reaper_pins")
     op.drop_table("reaper_pins")
+    with op.batch_alter_table("reaper_audit") as batch:
+        batch.drop_column("snapshot")
+        batch.drop_column("approval_id")
+    with op.batch_alter_table("reaper_runs") as batch:
+        batch.drop_column("approval_id")
