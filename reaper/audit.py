@@ -946,7 +946,8 @@ class AuditStore:
         are final rows, chained like any run's, and ``message`` says what was done. Returns the
         run id."""
         run_id = self.start_run(record)
-        self.record(run_id, entries)
+        for start in range(0, len(entries), 5000):  # an approval may cover many ids
+            self.record(run_id, entries[start : start + 5000])
         self.finish_run(run_id, "succeeded", RunSummary(), message)
         return run_id
 
@@ -1341,5 +1342,6 @@ def _clip(value: str | None, size: int) -> str | None:
 
 # Registers the Aparavi inventory table on `metadata` (migrations are compared against it), and
 # the tables of pins, held plans, notices and notification deliveries.
+import reaper.holds  # noqa: E402
 import reaper.inventory  # noqa: E402
 import reaper.pins  # noqa: E402, F401

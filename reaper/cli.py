@@ -31,6 +31,8 @@ from reaper.db import current_revision, ensure_schema, head_revision, make_engin
 from reaper.errors import AuditError, ConfigError, PolicyError, ReaperError
 from reaper.execute import BatchEvent
 from reaper.guards import GuardOverrides
+from reaper.holds import Approval, HeldStore
+from reaper.holds import refusal as held_refusal
 from reaper.logs import configure_logging, register_secret
 from reaper.metrics import Metrics
 from reaper.people import COMMANDS as people_commands
@@ -378,7 +380,15 @@ async def _plan_all(
 
 
 @cli.command()
-@click.argument("plan_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument(
+    "plan_file", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path)
+)
+@click.option(
+    "--held",
+    "held_run",
+    metavar="RUN_ID",
+    help="Carry out the approved plan a guard held in this run, instead of a plan file.",
+)
 @click.option(
     "--policies",
     "policies_path",
@@ -399,7 +409,8 @@ async def _plan_all(
 @click.pass_obj
 def apply(
     ctx: Context,
-    plan_file: Path,
+    plan_file: Path | None,
+    held_run: str | None,
     policies_path: Path | None,
     max_age: str,
     output: str,
@@ -411,7 +422,13 @@ def apply(
     """Delete exactly what a saved plan lists, and only what is still eligible now.
 
     Refuses a plan whose policy changed since it was saved, or that is older than --max-age.
+    With --held RUN_ID, carries out the approval of a held plan (`reaper approve`) instead.
     """
+    if (plan_file is None) == (held_run is None):
+        raise click.UsageError("give a PLAN_FILE or --held RUN_ID (one of them)")
+    if held_run is not None:
+        _apply_held(ctx, held_run, policies_path, output, migrate)
+    assert plan_file is not None
     try:
         limit = parse_duration(max_age)
     except ValueError as exc:
@@ -504,6 +521,41 @@ def run(
     _report_runs(ctx, runs, output)
 
 
+def _apply_held(
+    ctx: Context, run_id: str, policies_path: Path | None, output: str, migrate: bool | None
+) -> NoReturn:
+    """`reaper apply --held RUN_ID`: the approved plan held in RUN_ID, if its approval is valid
+    and its policy unchanged; guards are lifted for exactly the approved ids (reaper.holds)."""
+    loaded = {item.name: item for item in _load(ctx, policies_path, ())}
+    try:
+        store = ctx.store(migrate=migrate)
+    except AuditError as exc:
+        _fail(EXIT_FAILED, f"{exc}; nothing was listed or deleted")
+    holds = HeldStore(store)
+    try:
+        held = holds.get(run_id)
+        why = held_refusal(held, loaded.get(held.policy), datetime.now(UTC))
+        if why is not None:
+            _fail(EXIT_FAILED, f"refusing the held plan; nothing was deleted: {why}")
+        approval = holds.approval(held)
+    except ReaperError as exc:
+        store.engine.dispose()
+        _fail(EXIT_FAILED, f"{exc}; nothing was deleted")
+    runs = asyncio.run(
+        _run_all(
+            ctx,
+            [loaded[held.policy]],
+            store,
+            Mode.APPLY,
+            GuardOverrides(),
+            {held.policy: approval.saved_plan()},
+            approvals={held.policy: approval},
+        )
+    )
+    store.engine.dispose()
+    _report_runs(ctx, runs, output)
+
+
 def _restore_metrics(metrics: Metrics, store: AuditStore, loaded: Sequence[LoadedPolicy]) -> None:
     """A push (or textfile) replaces the last one: carry over what the staleness alerts use,
     or a policy whose run fails would lose its last success and never alert."""
@@ -555,6 +607,7 @@ async def _run_all(
     *,
     slots: bool = False,
     metrics: Metrics | None = None,
+    approvals: dict[str, Approval] | None = None,
 ) -> list[PolicyRun]:
     stop = asyncio.Event()
     _graceful_signals(stop)
@@ -578,6 +631,7 @@ async def _run_all(
                 overrides=overrides,
                 min_age=ctx.settings.min_age,
                 approved=(approved or {}).get(item.name),
+                approval=(approvals or {}).get(item.name),
                 slot=slot,
                 stop=stop,
             )
@@ -850,14 +904,18 @@ def reconcile(
 @click.option("--show-policy", is_flag=True, help="Print the exact policy text each run used.")
 @click.pass_obj
 def explain(ctx: Context, task_id: str, output: str, show_policy: bool) -> None:
-    """Explain from the audit log what reaper did to a task, when, why and by which policy."""
+    """Explain from the audit log what reaper did to a task, when, why and by which policy:
+    who pinned or approved it, and its record as the target listed it."""
     try:
         store = ctx.store()
         rows = list(reversed(store.rows(task_id=task_id, limit=None)))
         runs = {row.run_id: store.run(row.run_id) for row in rows}
+        approvals = HeldStore(store).approvals([r.approval_id for r in rows if r.approval_id])
     except AuditError as exc:
         _fail(EXIT_FAILED, str(exc))
-    entries = [explain_entry(row, runs[row.run_id]) for row in rows]
+    entries = [
+        explain_entry(row, runs[row.run_id], approvals.get(row.approval_id or "")) for row in rows
+    ]
     if output == "json":
         click.echo(json.dumps(entries, indent=2, ensure_ascii=False))
         return

@@ -1,7 +1,8 @@
 """The commands through which people step in: pins (legal holds), held plans and approvals.
 
 ``reaper pin``, ``reaper pin list`` and ``reaper unpin`` (:mod:`reaper.pins`); ``reaper held
-list``, ``reaper approve`` and ``reaper reject`` (:mod:`reaper.holds`). Each change is recorded
+list``, ``reaper held show``, ``reaper approve`` and ``reaper reject`` (:mod:`reaper.holds`;
+``reaper apply --held`` is with ``apply`` in :mod:`reaper.cli`). Each change is recorded
 in the audit, chained, before it takes effect. They are registered on the main command group by
 :mod:`reaper.cli`.
 """
@@ -12,8 +13,9 @@ import getpass
 import json
 import os
 import sys
+from collections import Counter
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -23,6 +25,7 @@ from rich.table import Table
 from reaper.audit import AuditStore
 from reaper.converters import parse_duration, parse_timestamp
 from reaper.errors import AuditError, PolicyError, ReaperError
+from reaper.holds import HeldPlan, HeldStore
 from reaper.pins import Pin, PinStore, Scope
 from reaper.policy import LoadedPolicy, load_policies
 from reaper.targets import TARGETS
@@ -262,6 +265,152 @@ def unpin_command(
     click.echo(f"unpinned {task_id} for {pin.describe()} (pin {pin.id})")
 
 
+# --- held plans and approvals ------------------------------------------------------------------
+
+
+@click.group("held")
+def held_command() -> None:
+    """Plans a mass-deletion guard refused, held for a person to approve or reject."""
+
+
+@held_command.command("list")
+@click.option("--policy", metavar="NAME", help="Only this policy's held plans.")
+@click.option("--all", "include_closed", is_flag=True, help="Include applied and rejected ones.")
+@click.option("--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.pass_obj
+def held_list(ctx: Context, policy: str | None, include_closed: bool, output: str) -> None:
+    """Show held plans awaiting a decision (or approved and not yet carried out), newest first."""
+    store = _store(ctx)
+    try:
+        plans = HeldStore(store).held(include_closed=include_closed, policy=policy)
+    except AuditError as exc:
+        _fail(EXIT_FAILED, str(exc))
+    finally:
+        store.engine.dispose()
+    if output == "json":
+        click.echo(json.dumps([p.as_dict() for p in plans], indent=2, ensure_ascii=False))
+        return
+    _held_table(ctx, plans)
+
+
+def _held_table(ctx: Context, plans: Sequence[HeldPlan]) -> None:
+    table = Table()
+    for column in ("run_id", "policy", "eligible", "guard", "held at", "status", "decision"):
+        table.add_column(column, justify="right" if column == "eligible" else "left")
+    for held in plans:
+        decision = ""
+        if held.approved_by is not None and held.valid_until is not None:
+            decision = f"approved by {held.approved_by}, until {held.valid_until.isoformat()}"
+        if held.closed_by is not None:
+            decision = f"{held.status} by {held.closed_by}"
+        table.add_row(
+            held.run_id,
+            held.policy,
+            str(held.eligible),
+            held.guard,
+            held.held_at.isoformat(),
+            held.status,
+            decision,
+        )
+    ctx.out.print(table)
+
+
+@held_command.command("show")
+@click.argument("run_id")
+@click.option("--examples", type=int, default=10, show_default=True, help="Ids shown per reason.")
+@click.option("--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.pass_obj
+def held_show(ctx: Context, run_id: str, examples: int, output: str) -> None:
+    """Show what a held plan would delete: the guard's words, counts per reason, and ids (json:
+    every id)."""
+    store = _store(ctx)
+    try:
+        holds = HeldStore(store)
+        held = holds.get(run_id)
+        items = holds.items(run_id)
+    except ReaperError as exc:
+        _fail(EXIT_FAILED, str(exc))
+    finally:
+        store.engine.dispose()
+    if output == "json":
+        document = held.as_dict() | {"items": items}
+        click.echo(json.dumps(document, indent=2, ensure_ascii=False))
+        return
+    ctx.out.print(
+        f"[bold]{held.policy}[/bold] run {held.run_id} ({held.status}), held "
+        f"{held.held_at.isoformat()}: {held.eligible} of {held.listed} listed tasks eligible",
+        highlight=False,
+    )
+    ctx.out.print(f"  {held.message}", highlight=False)
+    by_reason: dict[str, list[str]] = {}
+    for item in items:
+        by_reason.setdefault(item["reason"], []).append(item["task_id"])
+    counts = Counter({reason: len(ids) for reason, ids in by_reason.items()})
+    for reason, count in counts.most_common():
+        shown = ", ".join(by_reason[reason][:examples])
+        ctx.out.print(f"  {count:>8}  {reason}: {shown}", highlight=False)
+
+
+def _valid_for(value: str) -> timedelta:
+    try:
+        duration = parse_duration(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--valid-for") from None
+    if not timedelta(minutes=1) <= duration <= timedelta(days=30):
+        raise click.BadParameter("between 1m and 30d", param_hint="--valid-for")
+    return duration
+
+
+@click.command("approve")
+@click.argument("run_id")
+@click.option("--by", required=True, help="Who approves (recorded in the audit).")
+@click.option("--comment", help="Why (recorded in the audit).")
+@click.option(
+    "--valid-for",
+    default="24h",
+    show_default=True,
+    help="How long the next run (or `reaper apply --held`) may carry the approval out.",
+)
+@click.pass_obj
+def approve_command(
+    ctx: Context, run_id: str, by: str, comment: str | None, valid_for: str
+) -> None:
+    """Approve the plan a guard held in run RUN_ID: while valid, the policy's next run deletes
+    exactly its ids that are still eligible, the guards lifted for them."""
+    duration = _valid_for(valid_for)
+    store = _store(ctx)
+    try:
+        approval = HeldStore(store).approve(
+            run_id, by=by, now=datetime.now(UTC), valid_for=duration, comment=comment
+        )
+    except ReaperError as exc:
+        _fail(EXIT_FAILED, str(exc))
+    finally:
+        store.engine.dispose()
+    click.echo(
+        f"approved {len(approval.items)} id(s) held by run {run_id} (approval {approval.id}), "
+        f"valid until {approval.valid_until.isoformat()}: the next run of {approval.policy}, "
+        f"or `reaper apply --held {run_id}`, deletes those still eligible"
+    )
+
+
+@click.command("reject")
+@click.argument("run_id")
+@click.option("--by", help="Who rejects it (default: the operating system user).")
+@click.option("--comment", help="Why (recorded in the audit).")
+@click.pass_obj
+def reject_command(ctx: Context, run_id: str, by: str | None, comment: str | None) -> None:
+    """Drop the plan held in run RUN_ID (held or approved, not yet carried out)."""
+    store = _store(ctx)
+    try:
+        held = HeldStore(store).reject(run_id, by=_who(by), now=datetime.now(UTC), comment=comment)
+    except ReaperError as exc:
+        _fail(EXIT_FAILED, str(exc))
+    finally:
+        store.engine.dispose()
+    click.echo(f"rejected the plan held by run {held.run_id} ({held.policy}); nothing is deleted")
+
+
 def _store(ctx: Context) -> AuditStore:
     try:
         return ctx.store()
@@ -270,4 +419,4 @@ def _store(ctx: Context) -> AuditStore:
 
 
 #: Registered on ``reaper`` by reaper.cli.
-COMMANDS = [pin_command, unpin_command]
+COMMANDS = [pin_command, unpin_command, held_command, approve_command, reject_command]

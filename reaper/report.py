@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from reaper.audit import AuditRow
+from reaper.holds import HeldPlan
 from reaper.plan import Plan, Verdict
 from reaper.planfile import PlanDiff
 from reaper.runner import PolicyRun
@@ -141,6 +142,8 @@ def run_dict(run: PolicyRun) -> dict[str, Any]:
         "reclaimed_bytes": s.reclaimed_bytes,
         "error": run.error,
         "not_eligible": run.not_eligible,
+        "approval_id": run.approval_id,
+        "held": run.held,
         "started_at": _iso(run.started_at),
         "finished_at": _iso(run.finished_at),
     }
@@ -205,9 +208,22 @@ def audit_table(rows: Sequence[AuditRow], console: Console) -> None:
     console.print(table)
 
 
-def explain_entry(row: AuditRow, run: dict[str, Any] | None) -> dict[str, Any]:
-    """One audit row about a task, with the run and policy version behind it."""
+def explain_entry(
+    row: AuditRow, run: dict[str, Any] | None, approval: HeldPlan | None = None
+) -> dict[str, Any]:
+    """One audit row about a task, with the run and policy version behind it, the approval it
+    carried out (who approved, when, why) and the task's record as listed."""
     run = run or {}
+    approved: dict[str, Any] | None = None
+    if row.approval_id is not None:
+        approved = {"approval_id": row.approval_id}
+        if approval is not None:
+            approved |= {
+                "held_run": approval.run_id,
+                "approved_by": approval.approved_by,
+                "approved_at": _iso(approval.approved_at),
+                "comment": approval.comment,
+            }
     return {
         "when": _iso(row.decided_at or row.recorded_at),
         "task_id": row.task_id,
@@ -226,7 +242,19 @@ def explain_entry(row: AuditRow, run: dict[str, Any] | None) -> dict[str, Any]:
         "error_message": row.error_message,
         "note": row.note,
         "reclaimed_bytes": row.reclaimed_bytes,
+        "approval": approved,
+        "snapshot": _snapshot(row.snapshot),
     }
+
+
+def _snapshot(text: str | None) -> Any:
+    """A row's snapshot as JSON data (its text, if it ever is not JSON)."""
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def explain_text(entry: dict[str, Any], console: Console, show_policy: bool) -> None:
@@ -245,6 +273,19 @@ def explain_text(entry: dict[str, Any], console: Console, show_policy: bool) -> 
     console.print(f"  target {entry['target']} answered {answer}")
     if entry["note"]:
         console.print(f"  note: {entry['note']}")
+    approval = entry["approval"]
+    if approval is not None:
+        if approval.get("approved_by"):
+            text = (
+                f"  approved by {approval['approved_by']} at {approval['approved_at']} "
+                f"(plan held by run {approval['held_run']}, approval {approval['approval_id']})"
+            )
+            console.print(text + (f": {approval['comment']}" if approval["comment"] else ""))
+        else:
+            console.print(f"  carried out approval {approval['approval_id']}")
+    if entry["snapshot"] is not None:
+        shown = json.dumps(entry["snapshot"], ensure_ascii=False, sort_keys=True)
+        console.print(f"  record as listed: {shown}", highlight=False, markup=False)
     if show_policy and entry["policy_json"]:
         console.print(f"  policy: {entry['policy_json']}")
 

@@ -12,7 +12,7 @@ import asyncio
 import ssl
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
@@ -24,7 +24,8 @@ from reaper.audit import AuditEntry, AuditStore, RunRecord, RunSummary
 from reaper.converters import Rate
 from reaper.errors import AuditError, ListingError, RunAborted, TargetAuthError, TargetError
 from reaper.execute import AsyncAudit, Batches, BatchEvent, Executor, auto_concurrency
-from reaper.guards import GuardOverrides, check_guards
+from reaper.guards import GuardOverrides, GuardTrip, check_guards
+from reaper.holds import Approval, HeldStore, HoldError, refusal
 from reaper.http import HttpStats, RetryPolicy, TargetHttp
 from reaper.locks import PolicyLock
 from reaper.pins import PinnedCheck, PinStore
@@ -105,6 +106,10 @@ class PolicyRun:
     http: HttpStats | None = None
     #: The scheduled slot this run served (daemon and `reaper run --slot`).
     slot: datetime | None = None
+    #: The approval this run carried out (reaper.holds), if any.
+    approval_id: str | None = None
+    #: A guard refused the run and its plan is held for approval.
+    held: bool = False
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     finished_at: datetime | None = None
 
@@ -223,6 +228,9 @@ class RunOptions:
     approved: SavedPlan | None = None
     #: Claim this scheduled slot in the run ledger first; skip if another process has it.
     slot: datetime | None = None
+    #: Carry out this approval of a held plan (with mode=APPLY and ``approved`` its plan); a
+    #: plain run finds its policy's approval in force itself.
+    approval: Approval | None = None
 
 
 async def run_policy(loaded: LoadedPolicy, audit: AuditStore, **options: Any) -> PolicyRun:
@@ -233,6 +241,8 @@ async def run_policy(loaded: LoadedPolicy, audit: AuditStore, **options: Any) ->
         raise ValueError("a saved plan is applied with mode=APPLY, and only then")
     if opts.approved is not None and opts.approved.policy_hash != loaded.digest:
         raise ValueError("the saved plan was made for another version of the policy")
+    if opts.approval is not None and opts.approval.policy_hash != loaded.digest:
+        raise ValueError("the approval was given for another version of the policy")
     return await _PolicyRunner(loaded, audit, opts).execute()
 
 
@@ -249,6 +259,8 @@ class _PolicyRunner:
         self.run = PolicyRun(self.policy.name, opts.mode, RunStatus.FAILED)
         #: Tasks whose acknowledged deletion this run's listing contradicted.
         self.corrected: set[str] = set()
+        #: The approval of a held plan this run carries out.
+        self.approval = opts.approval
 
     async def execute(self) -> PolicyRun:
         run, policy = self.run, self.policy
@@ -279,6 +291,7 @@ class _PolicyRunner:
             target, client = build_target(self.loaded, transport=self.opts.transport)
             stack.push_async_callback(client.aclose)
             try:
+                await self._approval_in_force()
                 run.run_id = await self.audit.call(self.store.start_run, self._record(target))
             except AuditError as exc:
                 # No audit, no delete: nothing is listed either.
@@ -306,7 +319,37 @@ class _PolicyRunner:
         return self.run
 
     def _record(self, target: Target, mode: Mode | None = None) -> RunRecord:
-        return run_record(self.loaded, target.kind, mode or self.opts.mode)
+        record = run_record(self.loaded, target.kind, mode or self.opts.mode)
+        if mode is None and self.approval is not None:
+            record = replace(record, approval_id=self.approval.id)
+        return record
+
+    async def _approval_in_force(self) -> None:
+        """A plain run carries out its policy's approved held plan, if one is valid now."""
+        if self.approval is None and self.opts.mode is Mode.RUN:
+            holds = HeldStore(self.store)
+            now = datetime.now(UTC)
+            held = await self.audit.call(holds.approval_for, self.policy.name, now)
+            if held is not None:
+                why = refusal(held, self.loaded, now)
+                if why is None:
+                    self.approval = await self.audit.call(holds.approval, held)
+                else:
+                    log.warning("approval_refused", policy=self.policy.name, reason=why)
+                    try:
+                        await self.audit.call(holds.refused, held, why, now)
+                    except HoldError:
+                        pass  # rejected meanwhile: refused either way
+        if self.approval is not None:
+            self.run.approval_id = self.approval.id
+            log.info(
+                "approval_in_force",
+                policy=self.policy.name,
+                approval=self.approval.id,
+                held_run=self.approval.held.run_id,
+                approved_by=self.approval.by,
+                ids=len(self.approval.items),
+            )
 
     async def _steps(self, target: Target, run_id: str) -> None:
         run, policy, summary = self.run, self.policy, self.run.summary
@@ -348,6 +391,8 @@ class _PolicyRunner:
         summary.acknowledged_not_deleted = report.acknowledged_not_deleted
         self.corrected = report.corrected
         plan = self._restrict(plan)
+        if not await self._carry_out_approval(run_id):
+            return
         run.plan = plan
         summary.listed = plan.listed
         summary.eligible = plan.eligible
@@ -366,14 +411,13 @@ class _PolicyRunner:
             kept=summary.kept,
             refused_ids=summary.skipped,
         )
-        history = await self.audit.call(
-            self.store.recent_eligible, policy.name, policy.delete.anomaly.history
-        )
-        trip = check_guards(policy, plan.eligible, plan.listed, history, self.opts.overrides)
+        trip = await self._guards(plan)
         if trip is not None:
             run.status = RunStatus.REFUSED
             run.error = trip.message
             log.error("guard_tripped", guard=trip.guard, error=trip.message)
+            if run.mode is Mode.RUN:
+                await self._hold(plan, trip, run_id)
             return
         await self._record_invalid(plan, run_id)
         if run.mode is Mode.DRY_RUN:
@@ -428,8 +472,51 @@ class _PolicyRunner:
             acknowledged_not_deleted=report.acknowledged_not_deleted,
         )
 
+    async def _guards(self, plan: Plan) -> GuardTrip | None:
+        """The guard the plan trips; none when a person approved exactly these ids."""
+        policy = self.policy
+        if self.approval is not None:
+            log.info("guards_lifted", reason=self.approval.describe(), eligible=plan.eligible)
+            return None
+        history = await self.audit.call(
+            self.store.recent_eligible, policy.name, policy.delete.anomaly.history
+        )
+        return check_guards(policy, plan.eligible, plan.listed, history, self.opts.overrides)
+
+    async def _hold(self, plan: Plan, trip: GuardTrip, run_id: str) -> None:
+        """Keep the refused plan for a person to approve or reject (reaper.holds)."""
+        try:
+            await self.audit.call(HeldStore(self.store).hold, run_id, plan, trip, datetime.now(UTC))
+        except AuditError as exc:
+            log.error("plan_not_held", error=str(exc))
+            self.run.error = f"{self.run.error}; the plan could not be held: {exc}"
+            return
+        self.run.held = True
+        self.run.error = (
+            f"{self.run.error}; the plan is held: review it with `reaper held show {run_id}`, "
+            f"then `reaper approve {run_id} --by NAME` or `reaper reject {run_id}`"
+        )
+        log.info("plan_held", eligible=plan.eligible, guard=trip.guard)
+
+    async def _carry_out_approval(self, run_id: str) -> bool:
+        """Mark the approval this run carries out as used; False (the run stops) when it was
+        withdrawn meanwhile."""
+        if self.approval is None or self.run.mode is Mode.DRY_RUN:
+            return True
+        holds = HeldStore(self.store)
+        try:
+            await self.audit.call(holds.applied, self.approval.held, run_id, datetime.now(UTC))
+        except HoldError as exc:
+            self.run.status = RunStatus.ABORTED
+            self.run.error = f"the approval was withdrawn before deleting; nothing deleted: {exc}"
+            log.error("approval_withdrawn", error=str(exc))
+            return False
+        return True
+
     def _restrict(self, plan: Plan) -> Plan:
         approved = self.opts.approved
+        if approved is None and self.approval is not None:
+            approved = self.approval.saved_plan()
         if approved is None:
             return plan
         # Only what was reviewed, and only if it is still eligible right now.

@@ -4,6 +4,8 @@
 an unpin fills in ``unpinned_at``. Each pin and unpin is also a run of its own in the audit.
 ``reaper_runs.approval_id`` and ``reaper_audit.approval_id``: the approval a run (and each of its
 rows) carries out. ``reaper_audit.snapshot``: the task's record as listed, on deletion rows.
+``reaper_held`` and ``reaper_held_items``: the plans guards refused, kept for approval, and what
+people decided about them.
 
 Revision ID: 0007
 Revises: 0006
@@ -49,9 +51,46 @@ def upgrade() -> None:
         "ix_reaper_pins_scope_name_unpinned_at", "reaper_pins", ["scope", "name", "unpinned_at"]
     )
     op.create_index("ix_reaper_pins_task_id", "reaper_pins", ["task_id"])
+    op.create_table(
+        "reaper_held",
+        sa.Column("run_id", sa.String(36), nullable=False),
+        sa.Column("policy", sa.String(128), nullable=False),
+        sa.Column("policy_hash", sa.String(64), nullable=False),
+        sa.Column("target", sa.String(512), nullable=False),
+        sa.Column("guard", sa.String(32), nullable=False),
+        sa.Column("message", sa.Text, nullable=False),
+        sa.Column("eligible", sa.BigInteger, nullable=False),
+        sa.Column("listed", sa.BigInteger, nullable=False),
+        sa.Column("held_at", UTCDateTime, nullable=False),
+        sa.Column("status", sa.String(16), nullable=False),
+        sa.Column("approval_id", sa.String(36), nullable=True),
+        sa.Column("approved_by", sa.String(128), nullable=True),
+        sa.Column("approved_at", UTCDateTime, nullable=True),
+        sa.Column("valid_until", UTCDateTime, nullable=True),
+        sa.Column("comment", sa.Text, nullable=True),
+        sa.Column("applied_run_id", sa.String(36), nullable=True),
+        sa.Column("closed_at", UTCDateTime, nullable=True),
+        sa.Column("closed_by", sa.String(128), nullable=True),
+        sa.Column("close_note", sa.Text, nullable=True),
+        sa.PrimaryKeyConstraint("run_id", name="pk_reaper_held"),
+    )
+    op.create_index("ix_reaper_held_policy_status", "reaper_held", ["policy", "status"])
+    op.create_table(
+        "reaper_held_items",
+        sa.Column("run_id", sa.String(36), nullable=False),
+        sa.Column("task_id", sa.String(255), nullable=False),
+        sa.Column("position", sa.Integer, nullable=False),
+        sa.Column("reason", sa.Text, nullable=False),
+        sa.Column("task_status", sa.String(64), nullable=True),
+        sa.Column("task_timestamp", UTCDateTime, nullable=True),
+        sa.PrimaryKeyConstraint("run_id", "task_id", name="pk_reaper_held_items"),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("reaper_held_items")
+    op.drop_index("ix_reaper_held_policy_status", table_name="reaper_held")
+    op.drop_table("reaper_held")
     op.drop_index("ix_reaper_pins_task_id", table_name="reaper_pins")
     op.drop_index("ix_reaper_pins_scope_name_unpinned_at", table_name="reaper_pins")
     op.drop_table("reaper_pins")
