@@ -1344,4 +1344,5 @@ def _clip(value: str | None, size: int) -> str | None:
 # the tables of pins, held plans, notices and notification deliveries.
 import reaper.holds  # noqa: E402
 import reaper.inventory  # noqa: E402
+import reaper.notices  # noqa: E402
 import reaper.pins  # noqa: E402, F401

@@ -35,7 +35,9 @@ from reaper.holds import Approval, HeldStore
 from reaper.holds import refusal as held_refusal
 from reaper.logs import configure_logging, register_secret
 from reaper.metrics import Metrics
+from reaper.notices import NoticeStore
 from reaper.people import COMMANDS as people_commands
+from reaper.pins import PinStore
 from reaper.plan import Plan
 from reaper.planfile import SavedPlan, diff_plan, load_saved, refusal, save_plans
 from reaper.policy import LoadedPolicy, load_policies, policy_json_schema
@@ -314,11 +316,22 @@ def plan(
     save: Path | None,
     diff_path: Path | None,
 ) -> None:
-    """Show what each policy would delete and what it keeps, with reasons. Deletes nothing."""
+    """Show what each policy would delete and what it keeps, with reasons. Deletes nothing.
+
+    Pinned tasks are shown protected; with delete.notice, tasks due now apart from those noticed
+    and waiting (pins and notices are read from the audit database, if it exists).
+    """
     loaded = _load(ctx, policies_path, names)
     _database_for_targets(ctx, loaded)
     saved = {s.policy: s for s in load_saved(diff_path)} if diff_path else {}
-    results = asyncio.run(_plan_all(ctx, loaded))
+    recorded = _recorded(ctx)
+    try:
+        results = asyncio.run(_plan_all(ctx, loaded, recorded))
+    except AuditError as exc:
+        _fail(EXIT_FAILED, f"{exc}; nothing was planned")
+    finally:
+        if recorded is not None:
+            recorded.engine.dispose()
     failed = any(error for _, _, error in results)
     if save is not None:
         if failed:
@@ -328,7 +341,10 @@ def plan(
         documents = []
         for item, result, error in results:
             document: dict[str, Any] = (
-                plan_dict(result, examples) if result else {"policy": item.name, "error": error}
+                # `is not None`: a plan with nothing to delete is falsy (its length is 0).
+                plan_dict(result, examples)
+                if result is not None
+                else {"policy": item.name, "error": error}
             )
             if result is not None and item.name in saved:
                 document["diff"] = diff_plan(saved[item.name], result).as_dict()
@@ -363,14 +379,47 @@ def _database_for_targets(ctx: Context, loaded: Sequence[LoadedPolicy]) -> None:
         _fail(EXIT_FAILED, f"{exc}; nothing was listed")
 
 
+def _recorded(ctx: Context) -> AuditStore | None:
+    """The audit store, when the database already holds reaper's schema: a plan reads pins and
+    notices from it. An absent or empty database holds neither, and planning does not create it.
+    """
+    url = ctx.settings.database()
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        if not Path(url.database).expanduser().exists():
+            return None
+    engine = make_engine(url)
+    try:
+        empty = current_revision(engine) is None
+    except AuditError as exc:
+        _fail(EXIT_FAILED, f"{exc}; nothing was planned (pins are read from it)")
+    finally:
+        engine.dispose()
+    if empty:
+        return None
+    try:
+        return ctx.store()
+    except AuditError as exc:
+        _fail(EXIT_FAILED, f"{exc}; nothing was planned (pins are read from it)")
+
+
 async def _plan_all(
-    ctx: Context, loaded: Sequence[LoadedPolicy]
+    ctx: Context, loaded: Sequence[LoadedPolicy], recorded: AuditStore | None = None
 ) -> list[tuple[LoadedPolicy, Plan | None, str | None]]:
     results: list[tuple[LoadedPolicy, Plan | None, str | None]] = []
     for item in loaded:
+        now = datetime.now(UTC)
+        notice = item.policy.delete.notice
+        pins: dict[str, str] = {}
+        first_seen: dict[str, datetime] = {}
+        if recorded is not None:  # an AuditError stops the command
+            pins = PinStore(recorded).active_for(item.name, item.policy.target_class.kind, now)
+            if notice is not None:
+                first_seen = NoticeStore(recorded).first_seen(item.name)
         target, client = build_target(item)
         try:
-            result = await plan_policy(item, target, datetime.now(UTC), ctx.settings.min_age)
+            result = await plan_policy(item, target, now, ctx.settings.min_age, pins=pins)
+            if notice is not None:
+                result = result.give_notice(first_seen, now, notice)
             results.append((item, result, None))
         except ReaperError as exc:
             results.append((item, None, f"listing failed, nothing would be deleted: {exc}"))

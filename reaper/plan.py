@@ -41,6 +41,7 @@ from reaper.targets.base import Target, Task
 __all__ = [
     "Candidate",
     "Decision",
+    "Notice",
     "Pinned",
     "Plan",
     "Planner",
@@ -296,6 +297,29 @@ class Example:
     timestamp: datetime | None
 
 
+@dataclass(frozen=True)
+class Notice:
+    """How a plan stands with ``delete.notice``: which eligible tasks are due, which wait."""
+
+    notice: timedelta
+    #: Eligible tasks noticed by an earlier run, not due yet: id -> when they are due.
+    waiting: dict[str, datetime]
+    #: Eligible tasks no run had noticed: noticed now, due at ``new_due``.
+    new: list[str]
+    new_due: datetime
+    #: Noticed tasks that are not eligible now: their notice is forgotten (it starts again if
+    #: they become eligible again).
+    forgotten: list[str]
+    #: Tasks due now (the plan's eligible tasks).
+    due: int
+
+    @property
+    def next_due(self) -> datetime | None:
+        """When the earliest task that waits is due."""
+        dues = [*self.waiting.values(), *([self.new_due] if self.new else [])]
+        return min(dues, default=None)
+
+
 @dataclass
 class Plan:
     """The outcome of planning one policy over one complete listing."""
@@ -319,6 +343,8 @@ class Plan:
     #: The plan's rules for one task, keep-newest-N aside: None when it is eligible, else the
     #: verdict and reason. The send-time re-check decides fresh records with it.
     decide: Callable[..., Decision | None] | None = field(default=None, repr=False)
+    #: Set by :meth:`give_notice`: which eligible tasks were due, which wait.
+    notice: Notice | None = None
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -380,6 +406,46 @@ class Plan:
         Tasks eligible now but not approved are kept, with that reason. Approved ids that are
         not eligible now are simply absent: the fresh listing and rules decided them.
         """
+        not_approved = (Verdict.KEEP, "kept: not in the approved plan")
+        return self._narrow(lambda task_id: None if task_id in approved else not_approved)
+
+    def give_notice(
+        self, first_seen: Mapping[str, datetime], now: datetime, notice: timedelta
+    ) -> Plan:
+        """This plan limited to the tasks due now under ``delete.notice``.
+
+        ``first_seen`` holds when a run first found each noticed task eligible; a task is due
+        once ``notice`` has passed since. A task eligible for the first time is noticed now and
+        kept, as is one noticed but not due yet. The returned plan's :attr:`notice` says which.
+        """
+        new_due = now + notice
+        waiting: dict[str, datetime] = {}
+        new: list[str] = []
+        wait = (
+            Verdict.KEEP,
+            f"kept: noticed, not due yet (delete.notice {format_duration(notice)})",
+        )
+        fresh = (Verdict.KEEP, f"kept: noticed now, due {new_due.isoformat()}")
+
+        def due(task_id: str) -> Decision | None:
+            seen = first_seen.get(task_id)
+            if seen is None:
+                new.append(task_id)
+                return fresh
+            if seen + notice > now:
+                waiting[task_id] = seen + notice
+                return wait
+            return None
+
+        narrowed = self._narrow(due)
+        eligible = set(self._ids)
+        forgotten = [task_id for task_id in first_seen if task_id not in eligible]
+        state = Notice(notice, waiting, new, new_due, forgotten, narrowed.eligible)
+        return replace(narrowed, notice=state)
+
+    def _narrow(self, decide: Callable[[str], Decision | None]) -> Plan:
+        """This plan with the eligible tasks ``decide`` returns a decision for taken out of it
+        (counted and exampled under that decision); the rest stay, in order."""
         counts: Counter[tuple[Verdict, str]] = Counter(
             {key: n for key, n in self.counts.items() if key[0] is not Verdict.DELETE}
         )
@@ -387,16 +453,14 @@ class Plan:
         ids: list[str] = []
         stamps: array[float] = array("d")
         statuses: list[str] = []
-        not_approved = (Verdict.KEEP, "kept: not in the approved plan")
         for index, task_id in enumerate(self._ids):
             candidate = self._candidate(index)
-            if task_id in approved:
+            decision = decide(task_id)
+            if decision is None:
                 ids.append(task_id)
                 stamps.append(self._stamps[index])
                 statuses.append(self._statuses[index])
                 decision = (Verdict.DELETE, candidate.reason)
-            else:
-                decision = not_approved
             _tally(
                 counts, examples, decision, candidate.task_id, candidate.status, candidate.timestamp
             )

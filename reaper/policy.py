@@ -156,6 +156,13 @@ class DeleteSettings(_Model):
     options: dict[str, Any] = Field(
         default_factory=dict, description="Target-specific delete options."
     )
+    notice: Duration | None = Field(
+        None,
+        description=(
+            "Notice before deletion, e.g. '3d': a task first found eligible is recorded as due "
+            "this long after, announced, and deleted by a later run only if still eligible then."
+        ),
+    )
 
 
 def _target_union() -> Any:
@@ -221,8 +228,15 @@ class Policy(_Model):
         return self.delete.batch_size or min(50, self.target_class.max_batch_size)
 
     def canonical_json(self) -> str:
-        """The policy as canonical JSON: what its content hash covers."""
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        """The policy as canonical JSON: what its content hash covers.
+
+        Settings added after policies were first hashed are left out while unset, so a policy
+        that does not use them keeps its hash (saved and held plans of it stay valid).
+        """
+        data = self.model_dump(mode="json")
+        if data["delete"].get("notice") is None:
+            del data["delete"]["notice"]
+        return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     def content_hash(self) -> str:
         """sha256 of the canonical JSON: changes whenever the policy's meaning can change."""

@@ -13,8 +13,9 @@ from rich.console import Console
 from rich.table import Table
 
 from reaper.audit import AuditRow
+from reaper.converters import format_duration
 from reaper.holds import HeldPlan
-from reaper.plan import Plan, Verdict
+from reaper.plan import Notice, Plan, Verdict
 from reaper.planfile import PlanDiff
 from reaper.runner import PolicyRun
 
@@ -26,6 +27,7 @@ __all__ = [
     "explain_entry",
     "explain_text",
     "format_bytes",
+    "notice_dict",
     "plan_dict",
     "plan_table",
     "run_dict",
@@ -80,6 +82,24 @@ def plan_dict(plan: Plan, examples: int = 10) -> dict[str, Any]:
             {"task_id": newest.task_id, "timestamp": _iso(newest.timestamp)} if newest else None
         ),
         "reasons": reasons,
+        "notice": notice_dict(plan.notice, examples) if plan.notice is not None else None,
+    }
+
+
+def notice_dict(notice: Notice, examples: int = 10) -> dict[str, Any]:
+    """How a plan stands with ``delete.notice``: due now, noticed and waiting, noticed now."""
+    waiting = sorted(notice.waiting.items(), key=lambda item: (item[1], item[0]))
+    return {
+        "notice": format_duration(notice.notice),
+        "due_now": notice.due,
+        "waiting": len(notice.waiting),
+        "noticed_now": len(notice.new),
+        "noticed_now_due_at": _iso(notice.new_due) if notice.new else None,
+        "next_due": _iso(notice.next_due),
+        "waiting_examples": [
+            {"task_id": task_id, "due_at": _iso(due)} for task_id, due in waiting[:examples]
+        ],
+        "noticed_now_examples": notice.new[:examples],
     }
 
 
@@ -90,6 +110,20 @@ def plan_table(plan: Plan, console: Console, examples: int = 5) -> None:
         f"[bold]{plan.policy.name}[/bold]: listed {plan.listed}, "
         f"[bold red]delete {plan.eligible}[/bold red], cutoff {data['cutoff']}"
     )
+    notice = data["notice"]
+    if notice is not None:
+        line = (
+            f"  notice {notice['notice']}: [bold]{notice['due_now']} due now[/bold], "
+            f"{notice['waiting']} noticed and waiting"
+        )
+        if notice["waiting"]:
+            line += f" (next due {notice['waiting_examples'][0]['due_at']})"
+        if notice["noticed_now"]:
+            line += (
+                f", {notice['noticed_now']} newly eligible: noticed by the next run, due "
+                f"{notice['noticed_now_due_at']} at the earliest"
+            )
+        console.print(line)
     if data["oldest_to_delete"]:
         console.print(
             f"  oldest to delete {data['oldest_to_delete']['task_id']} "
@@ -144,6 +178,11 @@ def run_dict(run: PolicyRun) -> dict[str, Any]:
         "not_eligible": run.not_eligible,
         "approval_id": run.approval_id,
         "held": run.held,
+        "notice": (
+            notice_dict(run.plan.notice)
+            if run.plan is not None and run.plan.notice is not None
+            else None
+        ),
         "started_at": _iso(run.started_at),
         "finished_at": _iso(run.finished_at),
     }

@@ -28,6 +28,7 @@ from reaper.guards import GuardOverrides, GuardTrip, check_guards
 from reaper.holds import Approval, HeldStore, HoldError, refusal
 from reaper.http import HttpStats, RetryPolicy, TargetHttp
 from reaper.locks import PolicyLock
+from reaper.notices import NoticeStore
 from reaper.pins import PinnedCheck, PinStore
 from reaper.plan import Plan, Verdict, make_plan
 from reaper.planfile import SavedPlan, not_eligible_now
@@ -390,6 +391,7 @@ class _PolicyRunner:
         )
         summary.acknowledged_not_deleted = report.acknowledged_not_deleted
         self.corrected = report.corrected
+        plan = await self._give_notice(plan, run_id)
         plan = self._restrict(plan)
         if not await self._carry_out_approval(run_id):
             return
@@ -471,6 +473,28 @@ class _PolicyRunner:
             checked=len(acknowledged),
             acknowledged_not_deleted=report.acknowledged_not_deleted,
         )
+
+    async def _give_notice(self, plan: Plan, run_id: str) -> Plan:
+        """With ``delete.notice``, only tasks noticed long enough ago are deleted; tasks eligible
+        for the first time are noticed now (not in a dry run) and announced (reaper.notices)."""
+        notice = self.policy.delete.notice
+        if notice is None:
+            return plan
+        notices = NoticeStore(self.store)
+        first_seen = await self.audit.call(notices.first_seen, self.policy.name)
+        plan = plan.give_notice(first_seen, self.now, notice)
+        assert plan.notice is not None
+        if self.run.mode is not Mode.DRY_RUN:
+            await self.audit.call(notices.record, self.policy.name, plan.notice, run_id, self.now)
+        log.info(
+            "notice",
+            due=plan.notice.due,
+            waiting=len(plan.notice.waiting),
+            noticed_now=len(plan.notice.new),
+            forgotten=len(plan.notice.forgotten),
+            next_due=plan.notice.next_due,
+        )
+        return plan
 
     async def _guards(self, plan: Plan) -> GuardTrip | None:
         """The guard the plan trips; none when a person approved exactly these ids."""

@@ -5,7 +5,8 @@ an unpin fills in ``unpinned_at``. Each pin and unpin is also a run of its own i
 ``reaper_runs.approval_id`` and ``reaper_audit.approval_id``: the approval a run (and each of its
 rows) carries out. ``reaper_audit.snapshot``: the task's record as listed, on deletion rows.
 ``reaper_held`` and ``reaper_held_items``: the plans guards refused, kept for approval, and what
-people decided about them.
+people decided about them. ``reaper_notices``: when each task of a policy with ``delete.notice``
+was first found eligible.
 
 Revision ID: 0007
 Revises: 0006
@@ -85,9 +86,18 @@ def upgrade() -> None:
         sa.Column("task_timestamp", UTCDateTime, nullable=True),
         sa.PrimaryKeyConstraint("run_id", "task_id", name="pk_reaper_held_items"),
     )
+    op.create_table(
+        "reaper_notices",
+        sa.Column("policy", sa.String(128), nullable=False),
+        sa.Column("task_id", sa.String(255), nullable=False),
+        sa.Column("first_seen", UTCDateTime, nullable=False),
+        sa.Column("run_id", sa.String(36), nullable=False),
+        sa.PrimaryKeyConstraint("policy", "task_id", name="pk_reaper_notices"),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("reaper_notices")
     op.drop_table("reaper_held_items")
     op.drop_index("ix_reaper_held_policy_status", table_name="reaper_held")
     op.drop_table("reaper_held")
