@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import json
 import math
 import operator
 import re
@@ -32,6 +33,9 @@ from collections.abc import (
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from typing import Any
+
+import orjson
 
 from reaper.converters import format_duration
 from reaper.errors import ListingError
@@ -49,6 +53,7 @@ __all__ = [
     "Verdict",
     "build_rules",
     "make_plan",
+    "snapshot_of",
 ]
 
 
@@ -279,6 +284,51 @@ def build_rules(
 
 # --- the plan ---------------------------------------------------------------------------------
 
+#: The largest snapshot kept of one task's record (UTF-8 bytes of its JSON).
+SNAPSHOT_MAX_BYTES = 4096
+#: The key naming the fields left out of a record too large to keep whole.
+OMITTED = "__omitted__"
+
+
+def snapshot_of(raw: Any, limit: int = SNAPSHOT_MAX_BYTES) -> bytes | None:
+    """A task's record as listed, as compact ASCII JSON of at most ``limit`` bytes (None
+    without one).
+
+    A larger record keeps its smaller fields: the largest are left out, one by one, and named
+    under ``__omitted__``; a record that still does not fit (or is not an object) is replaced by
+    ``{"__omitted__": true, "bytes": N}``. A run keeps one per eligible task (a few hundred
+    bytes for a typical record), so its plan's memory grows with the records' size.
+    """
+    if raw is None:
+        return None
+    encoded = _json_bytes(raw)
+    if len(encoded) <= limit:
+        return encoded
+    if isinstance(raw, dict):
+        sizes = sorted(((len(_json_bytes(value)), key) for key, value in raw.items()), reverse=True)
+        kept = dict(raw)
+        omitted: list[str] = []
+        for _, key in sizes:
+            del kept[key]
+            omitted.append(str(key))
+            smaller = _json_bytes({**kept, OMITTED: omitted})
+            if len(smaller) <= limit:
+                return smaller
+    return _json_bytes({OMITTED: True, "bytes": len(encoded)})
+
+
+def _json_bytes(value: Any) -> bytes:
+    """Compact JSON in ASCII (other characters as ``\\u`` escapes): a snapshot then costs one
+    byte per character wherever it is held as text, and keeps the audit's JSON batches ASCII."""
+    try:
+        encoded = orjson.dumps(value)
+    except TypeError:  # integers beyond 64 bits, lone surrogates: the standard library
+        return json.dumps(value, separators=(",", ":")).encode()
+    if encoded.isascii():
+        # A copy: orjson's own bytes object keeps a 4 KiB buffer, whatever its length.
+        return bytes(memoryview(encoded))
+    return json.dumps(value, separators=(",", ":")).encode()
+
 
 @dataclass(frozen=True, slots=True)
 class Candidate:
@@ -288,6 +338,8 @@ class Candidate:
     status: str
     timestamp: datetime
     reason: str
+    #: The task's record as listed (JSON text, bounded), when the plan keeps snapshots.
+    snapshot: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -345,6 +397,8 @@ class Plan:
     decide: Callable[..., Decision | None] | None = field(default=None, repr=False)
     #: Set by :meth:`give_notice`: which eligible tasks were due, which wait.
     notice: Notice | None = None
+    #: Each eligible task's snapshot (see :func:`snapshot_of`), when the plan keeps them.
+    _snapshots: list[bytes | None] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -359,11 +413,13 @@ class Plan:
 
     def _candidate(self, index: int) -> Candidate:
         status = self._statuses[index]
+        snapshot = self._snapshots[index] if self._snapshots is not None else None
         return Candidate(
             self._ids[index],
             status,
             datetime.fromtimestamp(self._stamps[index], UTC),
             self.reasons[status],
+            snapshot.decode() if snapshot is not None else None,
         )
 
     def candidates(self) -> Iterator[Candidate]:
@@ -453,6 +509,7 @@ class Plan:
         ids: list[str] = []
         stamps: array[float] = array("d")
         statuses: list[str] = []
+        snapshots: list[bytes | None] | None = [] if self._snapshots is not None else None
         for index, task_id in enumerate(self._ids):
             candidate = self._candidate(index)
             decision = decide(task_id)
@@ -460,12 +517,21 @@ class Plan:
                 ids.append(task_id)
                 stamps.append(self._stamps[index])
                 statuses.append(self._statuses[index])
+                if snapshots is not None:
+                    assert self._snapshots is not None
+                    snapshots.append(self._snapshots[index])
                 decision = (Verdict.DELETE, candidate.reason)
             _tally(
                 counts, examples, decision, candidate.task_id, candidate.status, candidate.timestamp
             )
         return replace(
-            self, counts=counts, examples=examples, _ids=ids, _stamps=stamps, _statuses=statuses
+            self,
+            counts=counts,
+            examples=examples,
+            _ids=ids,
+            _stamps=stamps,
+            _statuses=statuses,
+            _snapshots=snapshots,
         )
 
 
@@ -496,6 +562,7 @@ class Planner:
         min_age: timedelta = timedelta(hours=1),
         *,
         pins: Mapping[str, str] | None = None,
+        snapshots: bool = False,
     ) -> None:
         policy = loaded.policy
         self.loaded = loaded
@@ -515,6 +582,8 @@ class Planner:
         self._ids: list[str] = []
         self._stamps: array[float] = array("d")
         self._status_col: list[str] = []
+        #: The eligible tasks' snapshots, kept only when the plan is for deleting.
+        self._snapshot_col: list[bytes | None] | None = [] if snapshots else None
         # The newest `keep_newest` matching tasks: a min-heap of (timestamp, id).
         self._newest: list[tuple[float, str]] = []
         # When every selection rule reads nothing but a task's status and gone flag (the usual
@@ -584,6 +653,8 @@ class Planner:
         self._ids.append(task.id)
         self._stamps.append(stamp)
         self._status_col.append(status)
+        if self._snapshot_col is not None:
+            self._snapshot_col.append(snapshot_of(task.raw))
 
     def _select(self, task: Task, rules: Sequence[Rule] | None = None) -> Decision | None:
         for rule in self.selection if rules is None else rules:
@@ -631,6 +702,8 @@ class Planner:
             raise ListingError("the listing returned a task twice: paging is inconsistent")
         del seen
         ids, stamps, statuses = self._ids, self._stamps, self._status_col
+        snapshots = self._snapshot_col
+        final_snapshots: list[bytes | None] | None = [] if snapshots is not None else None
         kept_newest = {task_id for _, task_id in self._newest}
         n = len(ids)
         order: Iterable[int]
@@ -667,8 +740,12 @@ class Planner:
             final_ids.append(task_id)
             final_stamps.append(stamp)
             final_statuses.append(status)
+            if final_snapshots is not None:
+                assert snapshots is not None
+                final_snapshots.append(snapshots[index])
         # The columns are rebuilt in deletion order; release the listing-order ones.
         self._ids, self._stamps, self._status_col = [], array("d"), []
+        self._snapshot_col = [] if snapshots is not None else None
         reasons = {status: self._reason(status) for status in self._statuses.values()}
         # What _tally would do for each id, per status: Counter counts in C (its keys in order
         # of first appearance), and list.index finds each status's first examples.
@@ -691,6 +768,7 @@ class Planner:
             _ids=final_ids,
             _stamps=final_stamps,
             _statuses=final_statuses,
+            _snapshots=final_snapshots,
             invalid=invalid,
             reasons=reasons,
             status_counts=Counter(self._status_counts),
@@ -706,9 +784,13 @@ async def make_plan(
     min_age: timedelta = timedelta(hours=1),
     *,
     pins: Mapping[str, str] | None = None,
+    snapshots: bool = False,
 ) -> Plan:
-    """Consume a whole listing and plan it; a ListingError from the listing propagates."""
-    planner = Planner(loaded, target, now, min_age, pins=pins)
+    """Consume a whole listing and plan it; a ListingError from the listing propagates.
+
+    With ``snapshots``, the plan keeps each eligible task's record as listed (for the audit).
+    """
+    planner = Planner(loaded, target, now, min_age, pins=pins, snapshots=snapshots)
     async for task in tasks:
         planner.add(task)
     return planner.finish()

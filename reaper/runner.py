@@ -166,7 +166,7 @@ def build_target(
     return policy.target_class(config, http), client
 
 
-def _list_request(loaded: LoadedPolicy, cutoff: datetime) -> ListRequest:
+def _list_request(loaded: LoadedPolicy, cutoff: datetime, *, raw: bool = False) -> ListRequest:
     policy = loaded.policy
     fields = frozenset(policy.select.match) | frozenset(policy.protect.match)
     return ListRequest(
@@ -176,6 +176,7 @@ def _list_request(loaded: LoadedPolicy, cutoff: datetime) -> ListRequest:
         created_before=(
             cutoff if policy.age_field == "created_at" and not policy.keep.newest else None
         ),
+        raw=raw,
     )
 
 
@@ -188,19 +189,21 @@ async def plan_policy(
     observe: Reconciler | None = None,
     stop: asyncio.Event | None = None,
     pins: Mapping[str, str] | None = None,
+    snapshots: bool = False,
 ) -> Plan:
     """List the target completely and plan the policy over it.
 
     ``observe`` sees every listed task too (reconciliation shares the run's listing); ``pins``
-    are the tasks pinned for the policy (id -> reason), protected whatever else the policy says.
+    are the tasks pinned for the policy (id -> reason), protected whatever else the policy says;
+    with ``snapshots`` the plan keeps the eligible tasks' records as listed, for the audit.
     """
     cutoff = now - loaded.policy.select.older_than
-    tasks = target.list_tasks(_list_request(loaded, cutoff))
+    tasks = target.list_tasks(_list_request(loaded, cutoff, raw=snapshots))
     if observe:
         tasks = observe.watch(tasks)
     if stop is not None:
         tasks = _until(stop, tasks)
-    return await make_plan(loaded, target, tasks, now, min_age, pins=pins)
+    return await make_plan(loaded, target, tasks, now, min_age, pins=pins, snapshots=snapshots)
 
 
 class Interrupted(Exception):
@@ -368,6 +371,8 @@ class _PolicyRunner:
                 observe=reconciler,
                 stop=self.opts.stop,
                 pins=pins,
+                # Each deletion's audit row keeps the task's record as listed.
+                snapshots=run.mode is not Mode.DRY_RUN,
             )
         except Interrupted:
             run.status = RunStatus.INTERRUPTED
