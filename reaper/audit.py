@@ -1345,4 +1345,5 @@ def _clip(value: str | None, size: int) -> str | None:
 import reaper.holds  # noqa: E402
 import reaper.inventory  # noqa: E402
 import reaper.notices  # noqa: E402
+import reaper.notify  # noqa: E402
 import reaper.pins  # noqa: E402, F401

@@ -12,10 +12,10 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import click
 import structlog
@@ -36,6 +36,7 @@ from reaper.holds import refusal as held_refusal
 from reaper.logs import configure_logging, register_secret
 from reaper.metrics import Metrics
 from reaper.notices import NoticeStore
+from reaper.notify import Notifier
 from reaper.people import COMMANDS as people_commands
 from reaper.pins import PinStore
 from reaper.plan import Plan
@@ -63,11 +64,13 @@ from reaper.runner import (
 )
 from reaper.schedule import parse_cron
 from reaper.settings import Settings, redact_url
+from reaper.sinks import sink_problems
 from reaper.track import track_command
 
 __all__ = ["main"]
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+T = TypeVar("T")
 
 log = structlog.get_logger("reaper.cli")
 
@@ -208,6 +211,7 @@ def _load(ctx: Context, path: Path | None, names: Sequence[str]) -> list[LoadedP
             item.policy.target_class.client_auth(item.policy.target_config)
         except ConfigError as exc:
             missing.append(f"{item.path}: policy {item.name!r}: {exc}")
+        missing.extend(f"{item.path}: {problem}" for problem in sink_problems(item))
     if missing:
         _fail(EXIT_CONFIG, "missing credentials; nothing was run:\n" + "\n".join(missing))
     return loaded
@@ -492,19 +496,26 @@ def apply(
     ]
     if refusals:
         _fail(EXIT_FAILED, "refusing the saved plan; nothing was deleted:\n" + "\n".join(refusals))
+    notifier = _notifier(ctx)
     try:
         store = ctx.store(migrate=migrate)
     except AuditError as exc:
         _fail(EXIT_FAILED, f"{exc}; nothing was listed or deleted")
+    notifier.store = store
     overrides = GuardOverrides(max_deletions, max_fraction, confirm_anomaly)
     runs = asyncio.run(
-        _run_all(
+        _notified(
             ctx,
-            [loaded[saved.policy] for saved in saved_plans],
-            store,
-            Mode.APPLY,
-            overrides,
-            {saved.policy: saved for saved in saved_plans},
+            notifier,
+            _run_all(
+                ctx,
+                [loaded[saved.policy] for saved in saved_plans],
+                store,
+                Mode.APPLY,
+                overrides,
+                {saved.policy: saved for saved in saved_plans},
+                notifier=notifier,
+            ),
         )
     )
     store.engine.dispose()
@@ -552,17 +563,32 @@ def run(
         unscheduled = [item.name for item in loaded if not item.policy.schedule]
         if unscheduled:
             _fail(EXIT_CONFIG, f"--slot auto needs a schedule; none in: {', '.join(unscheduled)}")
+    metrics = Metrics()
+    notifier = _notifier(ctx, metrics)
     try:
         store = ctx.store(migrate=migrate)
     except AuditError as exc:
         _fail(EXIT_FAILED, f"{exc}; nothing was listed or deleted")
+    notifier.store = store
     mode = Mode.DRY_RUN if dry_run else Mode.RUN
     overrides = GuardOverrides(max_deletions, max_fraction, confirm_anomaly)
-    metrics = Metrics()
     if ctx.settings.pushgateway_url or ctx.settings.metrics_file:
         _restore_metrics(metrics, store, loaded)
     runs = asyncio.run(
-        _run_all(ctx, loaded, store, mode, overrides, slots=slot == "auto", metrics=metrics)
+        _notified(
+            ctx,
+            notifier,
+            _run_all(
+                ctx,
+                loaded,
+                store,
+                mode,
+                overrides,
+                slots=slot == "auto",
+                metrics=metrics,
+                notifier=notifier,
+            ),
+        )
     )
     _auto_prune(ctx, store)
     store.engine.dispose()
@@ -576,10 +602,12 @@ def _apply_held(
     """`reaper apply --held RUN_ID`: the approved plan held in RUN_ID, if its approval is valid
     and its policy unchanged; guards are lifted for exactly the approved ids (reaper.holds)."""
     loaded = {item.name: item for item in _load(ctx, policies_path, ())}
+    notifier = _notifier(ctx)
     try:
         store = ctx.store(migrate=migrate)
     except AuditError as exc:
         _fail(EXIT_FAILED, f"{exc}; nothing was listed or deleted")
+    notifier.store = store
     holds = HeldStore(store)
     try:
         held = holds.get(run_id)
@@ -591,18 +619,44 @@ def _apply_held(
         store.engine.dispose()
         _fail(EXIT_FAILED, f"{exc}; nothing was deleted")
     runs = asyncio.run(
-        _run_all(
+        _notified(
             ctx,
-            [loaded[held.policy]],
-            store,
-            Mode.APPLY,
-            GuardOverrides(),
-            {held.policy: approval.saved_plan()},
-            approvals={held.policy: approval},
+            notifier,
+            _run_all(
+                ctx,
+                [loaded[held.policy]],
+                store,
+                Mode.APPLY,
+                GuardOverrides(),
+                {held.policy: approval.saved_plan()},
+                approvals={held.policy: approval},
+                notifier=notifier,
+            ),
         )
     )
     store.engine.dispose()
     _report_runs(ctx, runs, output)
+
+
+def _notifier(ctx: Context, metrics: Metrics | None = None) -> Notifier:
+    """The notifier of a run or apply: REAPER_NOTIFY_FILE's sinks (its deliveries are recorded
+    once it is given the store); a bad file or a missing secret is a configuration error (exit
+    2), found before anything is touched."""
+    try:
+        return Notifier.from_settings(
+            ctx.settings.notify_file, None, metrics.registry if metrics is not None else None
+        )
+    except ConfigError as exc:
+        _fail(EXIT_CONFIG, f"invalid notification settings; nothing was run:\n{exc}")
+
+
+async def _notified(ctx: Context, notifier: Notifier, work: Awaitable[T]) -> T:
+    """Do ``work``, then wait (up to REAPER_NOTIFY_WAIT) for notifications still in flight:
+    a one-shot process must not exit from under them."""
+    try:
+        return await work
+    finally:
+        await notifier.drain(ctx.settings.notify_wait.total_seconds())
 
 
 def _restore_metrics(metrics: Metrics, store: AuditStore, loaded: Sequence[LoadedPolicy]) -> None:
@@ -657,6 +711,7 @@ async def _run_all(
     slots: bool = False,
     metrics: Metrics | None = None,
     approvals: dict[str, Approval] | None = None,
+    notifier: Notifier | None = None,
 ) -> list[PolicyRun]:
     stop = asyncio.Event()
     _graceful_signals(stop)
@@ -681,6 +736,7 @@ async def _run_all(
                 min_age=ctx.settings.min_age,
                 approved=(approved or {}).get(item.name),
                 approval=(approvals or {}).get(item.name),
+                notifier=notifier,
                 slot=slot,
                 stop=stop,
             )
@@ -1012,10 +1068,12 @@ def serve(
     settings = ctx.settings
     path = policies_path or settings.policies
     _load(ctx, path, ())  # validate (and check credentials) before taking any port
+    notifier = _notifier(ctx)
     try:
         store = ctx.store(migrate=migrate)
     except AuditError as exc:
         _fail(EXIT_FAILED, str(exc))
+    notifier.store = store
     config = DaemonConfig(
         policies=path,
         metrics_host=metrics_host or settings.metrics_host,
@@ -1026,7 +1084,7 @@ def serve(
     )
 
     async def main() -> int:
-        return await Daemon(config, store).serve()
+        return await Daemon(config, store, notifier=notifier).serve()
 
     try:
         code = asyncio.run(main())

@@ -30,6 +30,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from reaper.audit import AuditStore
 from reaper.errors import AuditError, PolicyError
 from reaper.metrics import HealthServer, Metrics
+from reaper.notify import Notifier
 from reaper.policy import LoadedPolicy, load_policies
 from reaper.runner import run_policy
 from reaper.schedule import parse_cron
@@ -38,6 +39,9 @@ from reaper.systemd import notify, watchdog_interval
 __all__ = ["Daemon", "DaemonConfig"]
 
 log = structlog.get_logger("reaper.daemon")
+
+#: On shutdown, how long notifications in flight may still take (after the runs' grace).
+NOTIFY_WAIT_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -55,10 +59,19 @@ class DaemonConfig:
 class Daemon:
     """The scheduler, its jobs, the health server and the signal handling."""
 
-    def __init__(self, config: DaemonConfig, store: AuditStore, metrics: Metrics | None = None):
+    def __init__(
+        self,
+        config: DaemonConfig,
+        store: AuditStore,
+        metrics: Metrics | None = None,
+        notifier: Notifier | None = None,
+    ):
         self.config = config
         self.store = store
         self.metrics = metrics or Metrics()
+        #: Sends the runs' notifications; its deliveries are counted in the daemon's metrics.
+        self.notifier = notifier or Notifier(store=store)
+        self.notifier.register(self.metrics.registry)
         self.policies: dict[str, LoadedPolicy] = {}
         self.scheduler = AsyncIOScheduler(
             timezone=UTC,
@@ -152,7 +165,12 @@ class Daemon:
             return
         slot = parse_cron(policy.schedule, policy.zone).previous_fire_time(now)
         run = await run_policy(
-            loaded, self.store, slot=slot, stop=self.stop, min_age=self.config.min_age
+            loaded,
+            self.store,
+            slot=slot,
+            stop=self.stop,
+            min_age=self.config.min_age,
+            notifier=self.notifier,
         )
         self.metrics.observe(run, policy.target_config.type)
 
@@ -230,6 +248,8 @@ class Daemon:
             if pending:
                 await asyncio.wait(pending, timeout=5)
                 log.warning("runs_abandoned", count=len(pending))
+        # Notifications still in flight get a few seconds; the rest are recorded abandoned.
+        await self.notifier.drain(NOTIFY_WAIT_SECONDS)
         if self.health is not None:
             self.health.stop()
         log.info("stopped")

@@ -34,6 +34,7 @@ from reaper.converters import Rate, parse_timezone
 from reaper.errors import FieldError, PolicyError
 from reaper.fields import INTEGRAL, Duration, JsonInt, RateValue
 from reaper.schedule import parse_cron
+from reaper.sinks import WebhookSink
 from reaper.targets import TARGETS, Target, TargetConfig
 from reaper.yamlfile import Document, Path_, YamlError, read_documents
 
@@ -192,6 +193,13 @@ class Policy(_Model):
     keep: Keep = Field(default_factory=Keep)
     protect: Protect = Field(default_factory=Protect)
     delete: DeleteSettings = Field(default_factory=DeleteSettings)
+    notify: tuple[WebhookSink, ...] = Field(
+        (),
+        description=(
+            "Where this policy's notifications go (besides REAPER_NOTIFY_FILE's sinks); not part "
+            "of the policy's content hash."
+        ),
+    )
 
     @field_validator("timezone")
     @classmethod
@@ -231,9 +239,10 @@ class Policy(_Model):
         """The policy as canonical JSON: what its content hash covers.
 
         Settings added after policies were first hashed are left out while unset, so a policy
-        that does not use them keeps its hash (saved and held plans of it stay valid).
+        that does not use them keeps its hash (saved and held plans of it stay valid); where
+        notifications go is no part of what a policy deletes, and never hashed.
         """
-        data = self.model_dump(mode="json")
+        data = self.model_dump(mode="json", exclude={"notify"})
         if data["delete"].get("notice") is None:
             del data["delete"]["notice"]
         return json.dumps(data, sort_keys=True, separators=(",", ":"))

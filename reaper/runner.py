@@ -21,7 +21,7 @@ import httpx
 import structlog
 
 from reaper.audit import AuditEntry, AuditStore, RunRecord, RunSummary
-from reaper.converters import Rate
+from reaper.converters import Rate, format_duration
 from reaper.errors import AuditError, ListingError, RunAborted, TargetAuthError, TargetError
 from reaper.execute import AsyncAudit, Batches, BatchEvent, Executor, auto_concurrency
 from reaper.guards import GuardOverrides, GuardTrip, check_guards
@@ -29,6 +29,7 @@ from reaper.holds import Approval, HeldStore, HoldError, refusal
 from reaper.http import HttpStats, RetryPolicy, TargetHttp
 from reaper.locks import PolicyLock
 from reaper.notices import NoticeStore
+from reaper.notify import Event, Notifier, id_list
 from reaper.pins import PinnedCheck, PinStore
 from reaper.plan import Plan, Verdict, make_plan
 from reaper.planfile import SavedPlan, not_eligible_now
@@ -36,6 +37,7 @@ from reaper.policy import LoadedPolicy
 from reaper.ratelimit import RateLimiter
 from reaper.recheck import SendCheck
 from reaper.reconcile import Reconciler, ReconcileReport
+from reaper.sinks import EventKind
 from reaper.targets.base import ListRequest, Outcome, RecheckRequest, Target, Task
 
 __all__ = [
@@ -54,6 +56,8 @@ log = structlog.get_logger("reaper.runner")
 
 _RECORD_CHUNK = 1000
 DEFAULT_MIN_AGE = timedelta(hours=1)
+#: How long a run that made its own notifier waits for its deliveries before returning.
+OWN_NOTIFIER_WAIT = timedelta(seconds=30)
 
 
 class Mode(StrEnum):
@@ -235,6 +239,9 @@ class RunOptions:
     #: Carry out this approval of a held plan (with mode=APPLY and ``approved`` its plan); a
     #: plain run finds its policy's approval in force itself.
     approval: Approval | None = None
+    #: Sends this run's notifications (reaper.notify). Without one, a policy with its own
+    #: ``notify`` sinks gets a notifier for the run, which waits for its deliveries at the end.
+    notifier: Notifier | None = None
 
 
 async def run_policy(loaded: LoadedPolicy, audit: AuditStore, **options: Any) -> PolicyRun:
@@ -265,8 +272,23 @@ class _PolicyRunner:
         self.corrected: set[str] = set()
         #: The approval of a held plan this run carries out.
         self.approval = opts.approval
+        self.notifier = opts.notifier
 
     async def execute(self) -> PolicyRun:
+        """Run, then announce how it went (reaper.notify); the notifications never delay or
+        fail the run's work, only a notifier of the run's own is waited for at the end."""
+        own = self.notifier is None and bool(self.policy.notify)
+        if own:
+            self.notifier = Notifier(store=self.store)
+        try:
+            run = await self._execute()
+            self._announce(run)
+            return run
+        finally:
+            if own and self.notifier is not None:
+                await self.notifier.drain(OWN_NOTIFIER_WAIT.total_seconds())
+
+    async def _execute(self) -> PolicyRun:
         run, policy = self.run, self.policy
         lock = PolicyLock(self.store.engine, policy.name)
         async with AsyncExitStack() as stack:
@@ -396,6 +418,7 @@ class _PolicyRunner:
         )
         summary.acknowledged_not_deleted = report.acknowledged_not_deleted
         self.corrected = report.corrected
+        self._not_carried_out(report)
         plan = await self._give_notice(plan, run_id)
         plan = self._restrict(plan)
         if not await self._carry_out_approval(run_id):
@@ -473,6 +496,7 @@ class _PolicyRunner:
             seen_by=f"the verification listing of run {run_id}",
         )
         self.run.summary.acknowledged_not_deleted += report.acknowledged_not_deleted
+        self._not_carried_out(report)
         log.info(
             "verified_after_deleting",
             checked=len(acknowledged),
@@ -491,6 +515,16 @@ class _PolicyRunner:
         assert plan.notice is not None
         if self.run.mode is not Mode.DRY_RUN:
             await self.audit.call(notices.record, self.policy.name, plan.notice, run_id, self.now)
+            if plan.notice.new:
+                self._notify(
+                    "deletions.upcoming",
+                    {
+                        "count": len(plan.notice.new),
+                        "due_at": plan.notice.new_due.isoformat(),
+                        "notice": format_duration(notice),
+                        "task_ids": id_list(plan.notice.new),
+                    },
+                )
         log.info(
             "notice",
             due=plan.notice.due,
@@ -500,6 +534,64 @@ class _PolicyRunner:
             next_due=plan.notice.next_due,
         )
         return plan
+
+    def _notify(self, kind: EventKind, data: dict[str, Any]) -> None:
+        """Hand an event about this run to the notifier; it is sent in the background."""
+        if self.notifier is not None:
+            self.notifier.send(self.loaded, Event(kind, self.policy.name, self.run.run_id, data))
+
+    def _not_carried_out(self, report: ReconcileReport) -> None:
+        if report.acknowledged_not_deleted:
+            self._notify(
+                "deletions.not_carried_out",
+                {
+                    "count": report.acknowledged_not_deleted,
+                    "correction_run": report.correction_run,
+                    "task_ids": id_list(sorted(report.corrected)),
+                },
+            )
+
+    def _announce(self, run: PolicyRun) -> None:
+        """The run's summary, and its failure if it failed (not for dry runs)."""
+        if run.status is RunStatus.SKIPPED or run.mode is Mode.DRY_RUN:
+            return
+        s = run.summary
+        counts = {
+            "status": run.status.value,
+            "mode": run.mode.value,
+            "error": run.error,
+            "listed": s.listed,
+            "eligible": s.eligible,
+            "kept": s.kept,
+            "deleted": s.deleted,
+            "already_gone": s.already_gone,
+            "failed": s.failed,
+            "unknown": s.unknown,
+            "refused_ids": s.skipped,
+            "skipped_changed": s.skipped_changed,
+            "reclaimed_bytes": s.reclaimed_bytes,
+        }
+        if run.status in _FAILED or s.failed or s.unknown:
+            self._notify("run.failed", counts)
+        if run.run_id is not None:
+            reasons = sorted(
+                (
+                    (n, reason)
+                    for (verdict, reason), n in (run.plan.counts if run.plan else {}).items()
+                    if verdict is Verdict.DELETE
+                ),
+                reverse=True,
+            )
+            self._notify(
+                "run.summary",
+                counts
+                | {
+                    "approval_id": run.approval_id,
+                    "top_reasons": [{"reason": r, "count": n} for n, r in reasons[:5]],
+                    "started_at": run.started_at.isoformat(),
+                    "finished_at": run.finished_at.isoformat() if run.finished_at else None,
+                },
+            )
 
     async def _guards(self, plan: Plan) -> GuardTrip | None:
         """The guard the plan trips; none when a person approved exactly these ids."""
@@ -526,6 +618,16 @@ class _PolicyRunner:
             f"then `reaper approve {run_id} --by NAME` or `reaper reject {run_id}`"
         )
         log.info("plan_held", eligible=plan.eligible, guard=trip.guard)
+        self._notify(
+            "plan.held",
+            {
+                "guard": trip.guard,
+                "message": trip.message,
+                "eligible": plan.eligible,
+                "listed": plan.listed,
+                "policy_hash": self.loaded.digest,
+            },
+        )
 
     async def _carry_out_approval(self, run_id: str) -> bool:
         """Mark the approval this run carries out as used; False (the run stops) when it was
@@ -674,6 +776,10 @@ def eligible_statuses(loaded: LoadedPolicy) -> frozenset[str]:
     if target.deletable_statuses is not None:
         statuses &= target.deletable_statuses
     return frozenset(statuses)
+
+
+#: Run statuses announced as failures.
+_FAILED = frozenset({RunStatus.PARTIAL, RunStatus.ABORTED, RunStatus.FAILED, RunStatus.INTERRUPTED})
 
 
 def _final_status(summary: RunSummary) -> RunStatus:

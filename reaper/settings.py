@@ -64,6 +64,14 @@ class Settings(BaseSettings):
     metrics_file: Path | None = Field(
         None, description="`run`: write metrics here (node_exporter textfile collector)."
     )
+    notify_file: Path | None = Field(
+        None,
+        description="YAML list of notification sinks for every policy (see reaper.notify).",
+    )
+    notify_wait: Duration = Field(
+        timedelta(seconds=30),
+        description="`run`/`apply`: how long to wait for notifications in flight before exiting.",
+    )
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

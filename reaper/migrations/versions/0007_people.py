@@ -6,7 +6,7 @@ an unpin fills in ``unpinned_at``. Each pin and unpin is also a run of its own i
 rows) carries out. ``reaper_audit.snapshot``: the task's record as listed, on deletion rows.
 ``reaper_held`` and ``reaper_held_items``: the plans guards refused, kept for approval, and what
 people decided about them. ``reaper_notices``: when each task of a policy with ``delete.notice``
-was first found eligible.
+was first found eligible. ``reaper_deliveries``: each notification sent, and how it went.
 
 Revision ID: 0007
 Revises: 0006
@@ -94,9 +94,31 @@ def upgrade() -> None:
         sa.Column("run_id", sa.String(36), nullable=False),
         sa.PrimaryKeyConstraint("policy", "task_id", name="pk_reaper_notices"),
     )
+    op.create_table(
+        "reaper_deliveries",
+        sa.Column("id", sa.Integer, nullable=False, autoincrement=True),
+        sa.Column("event_id", sa.String(64), nullable=False),
+        sa.Column("event", sa.String(32), nullable=False),
+        sa.Column("policy", sa.String(128), nullable=False),
+        sa.Column("run_id", sa.String(36), nullable=True),
+        sa.Column("sink", sa.String(255), nullable=False),
+        sa.Column("format", sa.String(16), nullable=False),
+        sa.Column("outcome", sa.String(16), nullable=False),
+        sa.Column("attempts", sa.Integer, nullable=False),
+        sa.Column("http_status", sa.Integer, nullable=True),
+        sa.Column("error", sa.Text, nullable=True),
+        sa.Column("created_at", UTCDateTime, nullable=False),
+        sa.Column("finished_at", UTCDateTime, nullable=False),
+        sa.PrimaryKeyConstraint("id", name="pk_reaper_deliveries"),
+    )
+    op.create_index(
+        "ix_reaper_deliveries_policy_created_at", "reaper_deliveries", ["policy", "created_at"]
+    )
 
 
 def downgrade() -> None:
+    op.drop_index("ix_reaper_deliveries_policy_created_at", table_name="reaper_deliveries")
+    op.drop_table("reaper_deliveries")
     op.drop_table("reaper_notices")
     op.drop_table("reaper_held_items")
     op.drop_index("ix_reaper_held_policy_status", table_name="reaper_held")
