@@ -145,7 +145,7 @@ def cli(ctx: click.Context, log_format: str | None, log_level: str | None) -> No
 
     Settings come from REAPER_* environment variables or a .env file: REAPER_DATABASE_URL,
     REAPER_DATABASE_PASSWORD_FILE, REAPER_POLICIES, REAPER_LOG_FORMAT, REAPER_LOG_LEVEL,
-    REAPER_DB_AUTO_UPGRADE.
+    REAPER_DB_AUTO_UPGRADE, REAPER_NOTIFY_FILE.
     """
     settings = _settings({"log_format": log_format, "log_level": log_level})
     configure_logging(settings.log_format, settings.log_level)
