@@ -412,3 +412,36 @@ class TestCommandLine:
         missing = reaper("run", env=env | {"REAPER_TEST_WEBHOOK_SECRET": ""})
         assert missing.returncode == 2
         assert "REAPER_TEST_WEBHOOK_SECRET" in missing.stderr
+
+
+class TestDaemon:
+    def test_scheduled_runs_notify_and_count(
+        self,
+        data_pipeline: Start,
+        store: AuditStore,
+        receiver: Receiver,
+        secret_env: str,
+        tmp_path: Path,
+    ) -> None:
+        """`reaper serve`'s runs send their events through the daemon's notifier, counted in
+        the daemon's own metrics; shutting down drains it."""
+        from reaper.daemon import Daemon, DaemonConfig
+
+        _, url = data_pipeline(old(2))
+        loaded = make_policy(url, schedule="0 3 * * *", notify=[sink(receiver.url)])
+        daemon = Daemon(DaemonConfig(policies=tmp_path), store)
+
+        async def main() -> None:
+            await daemon.run_once(loaded)
+            await daemon.notifier.drain(30)
+
+        asyncio.run(main())
+        [summary] = receiver.of_type("run.summary")
+        assert summary.error is None and summary.verified["data"]["deleted"] == 2
+        assert (
+            daemon.metrics.registry.get_sample_value(
+                "reaper_notifications_total",
+                {"policy": "test-policy", "event": "run.summary", "outcome": "delivered"},
+            )
+            == 1
+        )
