@@ -236,8 +236,9 @@ class AuditEntry:
     outcome: Outcome | Mark = Outcome.PENDING
     error_message: str | None = None
     note: str | None = None
-    #: The task's record as the target listed it (JSON text, bounded; see reaper.plan).
-    snapshot: str | None = None
+    #: The task's record as the target listed it (JSON, bounded; see reaper.plan). Kept as
+    #: UTF-8 bytes until it is written: a plan's thousands of queued rows hold it compactly.
+    snapshot: str | bytes | None = None
 
     def __post_init__(self) -> None:
         if self.task_timestamp is not None and self.task_timestamp.tzinfo is None:
@@ -383,9 +384,11 @@ def row_hash(previous: str, policy_hash: str, row: Mapping[str, Any]) -> str:
     return _link_hash(previous, content + extension if extension else content)
 
 
-def snapshot_digest(snapshot: str) -> str:
-    """What a row's chain hash covers of its snapshot: the SHA-256 of its text."""
-    return hashlib.sha256(snapshot.encode("utf-8", "surrogatepass")).hexdigest()
+def snapshot_digest(snapshot: str | bytes) -> str:
+    """What a row's chain hash covers of its snapshot: the SHA-256 of its text (UTF-8)."""
+    if isinstance(snapshot, str):
+        snapshot = snapshot.encode("utf-8", "surrogatepass")
+    return hashlib.sha256(snapshot).hexdigest()
 
 
 def _extension(digest: str | None, approval_id: str | None) -> list[Any]:
@@ -635,8 +638,8 @@ class AuditStore:
                     stamp = stamp.astimezone(UTC)
                 age = int((now - stamp).total_seconds())
             outcome = entry.outcome
-            snapshot = entry.snapshot
-            row = [entry.task_id, outcome, entry.reason, entry.task_status, stamp, age]
+            snapshot = entry.snapshot  # bytes until its insert statement is built (_insert)
+            row: _Row = [entry.task_id, outcome, entry.reason, entry.task_status, stamp, age]
             # chain_seq, row_hash: set when the row is final
             row += [entry.error_message, entry.note, None, None, snapshot]
             rows.append(row)
@@ -650,20 +653,32 @@ class AuditStore:
     def _insert(self, connection: Connection, run_id: str, rows: list[_Row], now: datetime) -> None:
         # One statement per write, its rows in one JSON array parameter: the database parses
         # and inserts them (off the GIL, often on another core), where per-row parameters
-        # would cost Python time per value.
+        # would cost Python time per value. A large write goes in a few statements, so the JSON
+        # text (snapshots make rows large) stays a bounded size.
         state = self._runs[run_id]
         seq, state.seq = state.seq, state.seq + len(rows)
         policy, target = state.record.policy, state.record.target
         approval = state.record.approval_id
-        if connection.dialect.name == "postgresql":
-            params = {"run_id": run_id, "seq": seq, "policy": policy, "target": target}
-            params.update(now=now, approval_id=approval, rows=_json_rows(rows))
-            connection.exec_driver_sql(_PG_RECORD, params)
-            return
+        postgresql = connection.dialect.name == "postgresql"
         stamp = sqlite_datetime(now)
-        connection.exec_driver_sql(
-            _SQLITE_RECORD, (run_id, seq, policy, target, stamp, _json_rows(rows), approval)
-        )
+        for start in range(0, len(rows), _INSERT_CHUNK):
+            chunk = rows[start : start + _INSERT_CHUNK]
+            for row in chunk:
+                if isinstance(row[_SNAPSHOT], bytes):
+                    row[_SNAPSHOT] = row[_SNAPSHOT].decode()
+            document = _json_rows(chunk)
+            if postgresql:
+                params = {"run_id": run_id, "seq": seq + start, "policy": policy}
+                params.update(target=target, now=now, approval_id=approval, rows=document)
+                connection.exec_driver_sql(_PG_RECORD, params)
+            else:
+                connection.exec_driver_sql(
+                    _SQLITE_RECORD,
+                    (run_id, seq + start, policy, target, stamp, document, approval),
+                )
+            del document
+            for row in chunk:
+                row[_SNAPSHOT] = None  # written: only one statement's snapshots are text at once
 
     def _update(
         self,
@@ -1143,6 +1158,8 @@ class AuditStore:
             raise self._fail("reading runs", exc) from None
 
 
+#: Rows per insert statement (its JSON text: about 1 MB with snapshots).
+_INSERT_CHUNK = 2000
 #: An entry row's own values, in this order in its JSON array (what all rows of a write share,
 #: run, policy, target and times, is bound once per statement).
 _ENTRY_FIELDS = (
@@ -1159,8 +1176,8 @@ _ENTRY_FIELDS = (
     ("snapshot", "text"),
 )
 _ENTRY_NAMES = [name for name, _ in _ENTRY_FIELDS]
-_TASK_ID, _OUTCOME, _CHAIN_SEQ, _ROW_HASH = (
-    _ENTRY_NAMES.index(name) for name in ("task_id", "outcome", "chain_seq", "row_hash")
+_TASK_ID, _OUTCOME, _CHAIN_SEQ, _ROW_HASH, _SNAPSHOT = (
+    _ENTRY_NAMES.index(name) for name in ("task_id", "outcome", "chain_seq", "row_hash", "snapshot")
 )
 #: Columns bound once per write, then the entry fields.
 _RECORD_NAMES = [

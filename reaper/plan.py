@@ -338,8 +338,8 @@ class Candidate:
     status: str
     timestamp: datetime
     reason: str
-    #: The task's record as listed (JSON text, bounded), when the plan keeps snapshots.
-    snapshot: str | None = None
+    #: The task's record as listed (UTF-8 JSON, bounded), when the plan keeps snapshots.
+    snapshot: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -413,13 +413,13 @@ class Plan:
 
     def _candidate(self, index: int) -> Candidate:
         status = self._statuses[index]
-        snapshot = self._snapshots[index] if self._snapshots is not None else None
+        snapshots = self._snapshots
         return Candidate(
             self._ids[index],
             status,
             datetime.fromtimestamp(self._stamps[index], UTC),
             self.reasons[status],
-            snapshot.decode() if snapshot is not None else None,
+            snapshots[index] if snapshots is not None else None,
         )
 
     def candidates(self) -> Iterator[Candidate]:
