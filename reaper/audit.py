@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 import orjson
@@ -60,6 +61,7 @@ __all__ = [
     "AuditStore",
     "ChainProblem",
     "Correction",
+    "Mark",
     "RunRecord",
     "RunSummary",
     "audit_table",
@@ -115,6 +117,8 @@ runs_table = Table(
     # target's clock minus ours (HTTP Date, seconds): what the run's ages were based on.
     Column("future_timestamps", BigInteger, nullable=False, default=0, server_default="0"),
     Column("clock_skew_seconds", Float),
+    # The approval (the run recording it) this run carried out, if any.
+    Column("approval_id", String(36)),
     Index(None, "policy", "started_at"),
     Index(None, "started_at"),
 )
@@ -145,6 +149,10 @@ audit_table = Table(
     # the row gets its final outcome (pending and unknown rows are not yet in the chain).
     Column("chain_seq", Integer),
     Column("row_hash", String(64)),
+    # The approval a deletion carries out (reaper.holds), and the task's record as listed (JSON,
+    # bounded): both covered by the chain when present.
+    Column("approval_id", String(36)),
+    Column("snapshot", Text),
     UniqueConstraint("run_id", "task_id"),
     Index(None, "task_id"),
     Index(None, "recorded_at"),
@@ -178,6 +186,8 @@ class RunRecord:
     target_kind: str
     target: str
     mode: str
+    #: The approval this run carries out: every row it writes names it.
+    approval_id: str | None = None
 
 
 @dataclass
@@ -217,6 +227,16 @@ class RunSummary:
             self.skipped_changed += 1
 
 
+class Mark(StrEnum):
+    """What a person did about a task: the outcome of a row in a run of its own (mode ``pin``,
+    ``unpin``, ``approval`` or ``rejection``), chained like any other row."""
+
+    PINNED = "pinned"
+    UNPINNED = "unpinned"
+    APPROVED = "approved"
+    REJECTED = "rejected"
+
+
 @dataclass(frozen=True)
 class AuditEntry:
     """One task reaper is about to act on (or decided not to send)."""
@@ -225,9 +245,12 @@ class AuditEntry:
     reason: str
     task_status: str | None
     task_timestamp: datetime | None
-    outcome: Outcome = Outcome.PENDING
+    outcome: Outcome | Mark = Outcome.PENDING
     error_message: str | None = None
     note: str | None = None
+    #: The task's record as the target listed it (JSON, bounded; see reaper.plan). Kept as
+    #: UTF-8 bytes until it is written: a plan's thousands of queued rows hold it compactly.
+    snapshot: str | bytes | None = None
 
     def __post_init__(self) -> None:
         if self.task_timestamp is not None and self.task_timestamp.tzinfo is None:
@@ -296,6 +319,8 @@ class AuditRow:
     decided_at: datetime | None
     chain_seq: int | None = None
     row_hash: str | None = None
+    approval_id: str | None = None
+    snapshot: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -309,6 +334,9 @@ class _RunState:
     record: RunRecord
     seq: int = 0
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    #: The snapshot digest of each row written pending (or resolved unknown) that has one: its
+    #: outcome's hash covers it.
+    digests: dict[str, str] = field(default_factory=dict)
 
 
 GENESIS = "0" * 64
@@ -343,8 +371,9 @@ def row_hash(previous: str, policy_hash: str, row: Mapping[str, Any]) -> str:
     """The chain hash of one finalized audit row.
 
     It covers the previous row's hash, the run, the row's place in the chain, the task, the
-    outcome, the policy version and what the target answered; editing any of them, or removing a
-    row, breaks every later link.
+    outcome, the policy version and what the target answered, and, on rows that have them, the
+    approval carried out and the task's listed record (:func:`_extension`); editing any of them,
+    or removing a row, breaks every later link.
     """
     decided = row["decided_at"]
     content = [
@@ -360,7 +389,27 @@ def row_hash(previous: str, policy_hash: str, row: Mapping[str, Any]) -> str:
         row["note"],
         _isoformat(decided) if decided is not None else None,
     ]
-    return _link_hash(previous, content)
+    snapshot = row.get("snapshot")
+    extension = _extension(
+        snapshot_digest(snapshot) if snapshot is not None else None, row.get("approval_id")
+    )
+    return _link_hash(previous, content + extension if extension else content)
+
+
+def snapshot_digest(snapshot: str | bytes) -> str:
+    """What a row's chain hash covers of its snapshot: the SHA-256 of its text (UTF-8)."""
+    if isinstance(snapshot, str):
+        snapshot = snapshot.encode("utf-8", "surrogatepass")
+    return hashlib.sha256(snapshot).hexdigest()
+
+
+def _extension(digest: str | None, approval_id: str | None) -> list[Any]:
+    """What a row's hash covers beyond the original eleven values: the snapshot's digest and the
+    approval, and only on rows that have one of them, so rows written before they existed hash
+    (and verify) as they always did."""
+    if digest is None and approval_id is None:
+        return []
+    return [digest, approval_id]
 
 
 def _link_hash(previous: str, content: list[Any]) -> str:
@@ -389,23 +438,38 @@ class _Chain:
     policy_hash: str
     head: str
     length: int
+    #: The run's approval: each of its rows names it.
+    approval_id: str | None = None
 
     @classmethod
     def load(cls, connection: Connection, run_id: str) -> _Chain:
         query = select(
-            runs_table.c.policy_hash, runs_table.c.chain_head, runs_table.c.chain_length
+            runs_table.c.policy_hash,
+            runs_table.c.chain_head,
+            runs_table.c.chain_length,
+            runs_table.c.approval_id,
         ).where(runs_table.c.id == run_id)
         if connection.dialect.name == "postgresql":
             query = query.with_for_update()  # one writer per chain, even across processes
         row = connection.execute(query).one()
-        return cls(run_id, row.policy_hash, row.chain_head or GENESIS, row.chain_length)
+        return cls(
+            run_id, row.policy_hash, row.chain_head or GENESIS, row.chain_length, row.approval_id
+        )
 
-    def link(self, row: _Row, error_message: str | None, note: str | None, decided: str) -> None:
+    def link(
+        self,
+        row: _Row,
+        error_message: str | None,
+        note: str | None,
+        decided: str,
+        digest: str | None = None,
+    ) -> None:
         """Chain an entry row inserted already final (dry run, skipped): set its chain fields."""
         self.length += 1
         task_id, outcome = row[_TASK_ID], row[_OUTCOME]
         content = [self.run_id, self.length, task_id, outcome, self.policy_hash]
         content += [None, None, error_message, None, note, decided]
+        content += _extension(digest, self.approval_id)
         self.head = _link_hash(self.head, content)
         row[_CHAIN_SEQ], row[_ROW_HASH] = self.length, self.head
 
@@ -453,6 +517,7 @@ class AuditStore:
                         mode=record.mode,
                         status="running",
                         started_at=state.started_at,
+                        approval_id=record.approval_id,
                         host=socket.gethostname()[:255],
                         pid=os.getpid(),
                     )
@@ -531,7 +596,8 @@ class AuditStore:
         """
         now = self._now()
         results = results if isinstance(results, list) else list(results)
-        rows, decided = self._entry_rows(entries, now)
+        state = self._runs.get(run_id)
+        rows, decided = self._entry_rows(entries, now, state)
         if not rows and not results:
             return
         try:
@@ -540,13 +606,22 @@ class AuditStore:
                 if rows:
                     if chain is not None:
                         decided_at = _isoformat(now)
-                        for row, error_message, entry_note in decided:
-                            chain.link(row, error_message, entry_note, decided_at)
+                        for row, error_message, entry_note, digest in decided:
+                            chain.link(row, error_message, entry_note, decided_at, digest)
                     self._insert(connection, run_id, rows, now)
                 if chain is not None and results:
-                    self._update(connection, chain, results, now, note)
+                    digests = state.digests if state is not None else None
+                    if digests is None:
+                        digests = _stored_digests(connection, run_id, results)
+                    self._update(connection, chain, results, now, note, digests)
                 if chain is not None:
                     chain.store(connection)
+            if state is not None and state.digests and results:
+                unknown = Outcome.UNKNOWN
+                for result in results:
+                    # An unknown outcome may be resolved again: its digest is still needed.
+                    if result.outcome is not unknown:
+                        state.digests.pop(result.task_id, None)
         except SQLAlchemyError as exc:
             what = " and ".join(
                 part
@@ -559,14 +634,15 @@ class AuditStore:
             raise self._fail(f"recording {what}", exc) from None
 
     def _entry_rows(
-        self, entries: Sequence[AuditEntry], now: datetime
-    ) -> tuple[list[_Row], list[tuple[_Row, str | None, str | None]]]:
+        self, entries: Sequence[AuditEntry], now: datetime, state: _RunState | None
+    ) -> tuple[list[_Row], list[tuple[_Row, str | None, str | None, str | None]]]:
         """One list per entry in ``_ENTRY_FIELDS`` order, and the rows already final (with
-        their error message and note, which the chain covers)."""
+        their error message, note and snapshot digest, which the chain covers). The snapshot
+        digests of pending rows are kept in ``state`` for their outcomes."""
         if not entries:
             return [], []
         rows: list[_Row] = []
-        decided: list[tuple[_Row, str | None, str | None]] = []
+        decided: list[tuple[_Row, str | None, str | None, str | None]] = []
         pending = Outcome.PENDING
         for entry in entries:
             stamp = entry.task_timestamp
@@ -576,29 +652,47 @@ class AuditStore:
                     stamp = stamp.astimezone(UTC)
                 age = int((now - stamp).total_seconds())
             outcome = entry.outcome
-            row = [entry.task_id, outcome, entry.reason, entry.task_status, stamp, age]
-            row += [entry.error_message, entry.note, None, None]  # chain_seq, row_hash: later
+            snapshot = entry.snapshot  # bytes until its insert statement is built (_insert)
+            row: _Row = [entry.task_id, outcome, entry.reason, entry.task_status, stamp, age]
+            # chain_seq, row_hash: set when the row is final
+            row += [entry.error_message, entry.note, None, None, snapshot]
             rows.append(row)
+            digest = snapshot_digest(snapshot) if snapshot is not None else None
             if outcome is not pending:
-                decided.append((row, entry.error_message, entry.note))
+                decided.append((row, entry.error_message, entry.note, digest))
+            elif digest is not None and state is not None:
+                state.digests[entry.task_id] = digest
         return rows, decided
 
     def _insert(self, connection: Connection, run_id: str, rows: list[_Row], now: datetime) -> None:
         # One statement per write, its rows in one JSON array parameter: the database parses
         # and inserts them (off the GIL, often on another core), where per-row parameters
-        # would cost Python time per value.
+        # would cost Python time per value. A large write goes in a few statements, so the JSON
+        # text (snapshots make rows large) stays a bounded size.
         state = self._runs[run_id]
         seq, state.seq = state.seq, state.seq + len(rows)
         policy, target = state.record.policy, state.record.target
-        if connection.dialect.name == "postgresql":
-            params = {"run_id": run_id, "seq": seq, "policy": policy, "target": target}
-            params.update(now=now, rows=_json_rows(rows))
-            connection.exec_driver_sql(_PG_RECORD, params)
-            return
+        approval = state.record.approval_id
+        postgresql = connection.dialect.name == "postgresql"
         stamp = sqlite_datetime(now)
-        connection.exec_driver_sql(
-            _SQLITE_RECORD, (run_id, seq, policy, target, stamp, _json_rows(rows))
-        )
+        for start in range(0, len(rows), _INSERT_CHUNK):
+            chunk = rows[start : start + _INSERT_CHUNK]
+            for row in chunk:
+                if isinstance(row[_SNAPSHOT], bytes):
+                    row[_SNAPSHOT] = row[_SNAPSHOT].decode()
+            document = _json_rows(chunk)
+            if postgresql:
+                params = {"run_id": run_id, "seq": seq + start, "policy": policy}
+                params.update(target=target, now=now, approval_id=approval, rows=document)
+                connection.exec_driver_sql(_PG_RECORD, params)
+            else:
+                connection.exec_driver_sql(
+                    _SQLITE_RECORD,
+                    (run_id, seq + start, policy, target, stamp, document, approval),
+                )
+            del document
+            for row in chunk:
+                row[_SNAPSHOT] = None  # written: only one statement's snapshots are text at once
 
     def _update(
         self,
@@ -607,12 +701,15 @@ class AuditStore:
         results: list[DeleteResult],
         now: datetime,
         note: str | None,
+        digests: Mapping[str, str],
     ) -> None:
         """Resolve ``results``: each row in ``_RESOLVE_FIELDS`` order, chained as it is built
-        (``unknown`` rows are not: they are settled later)."""
+        (``unknown`` rows are not: they are settled later). ``digests`` holds the snapshot
+        digest of the rows that have a snapshot."""
         run_id, policy_hash, decided = chain.run_id, chain.policy_hash, _isoformat(now)
         head, length = chain.head, chain.length
         unsettled = Outcome.UNKNOWN
+        approval = chain.approval_id
         rows: list[_Row] = []
         for result in results:
             result_note = result.note
@@ -631,22 +728,22 @@ class AuditStore:
                 continue
             length += 1
             # row_hash's content, in its order: the outcome (a StrEnum) serialises as its text.
-            head = _link_hash(
-                head,
-                [
-                    run_id,
-                    length,
-                    task_id,
-                    outcome,
-                    policy_hash,
-                    http_status,
-                    code,
-                    message,
-                    reclaimed,
-                    result_note,
-                    decided,
-                ],
-            )
+            content = [
+                run_id,
+                length,
+                task_id,
+                outcome,
+                policy_hash,
+                http_status,
+                code,
+                message,
+                reclaimed,
+                result_note,
+                decided,
+            ]
+            if digests or approval is not None:
+                content += _extension(digests.get(task_id), approval)
+            head = _link_hash(head, content)
             rows.append(
                 [
                     task_id,
@@ -911,6 +1008,16 @@ class AuditStore:
             self.verified(run_id, through)
         return run_id
 
+    def record_event(self, record: RunRecord, entries: Sequence[AuditEntry], message: str) -> str:
+        """Record what a person did (a pin, an approval...) as a run of its own: ``entries``
+        are final rows, chained like any run's, and ``message`` says what was done. Returns the
+        run id."""
+        run_id = self.start_run(record)
+        for start in range(0, len(entries), 5000):  # an approval may cover many ids
+            self.record(run_id, entries[start : start + 5000])
+        self.finish_run(run_id, "succeeded", RunSummary(), message)
+        return run_id
+
     def mark_interrupted(self, policy: str, *, exclude_run: str | None = None) -> int:
         """Runs of the policy still marked ``running`` were interrupted (the caller holds the
         policy's lock, so none of them is alive); record them so. Returns how many."""
@@ -951,11 +1058,14 @@ class AuditStore:
     def prune(self, older_than: datetime) -> tuple[int, int]:
         """Delete runs finished before ``older_than`` with all their rows (whole chains only).
 
-        The pruning itself is recorded as a run of the pseudo-policy ``<audit-retention>``.
-        Returns (runs, rows) deleted.
+        The pruning itself is recorded as a run of the pseudo-policy ``<audit-retention>``; runs
+        recording pins and unpins are kept. Returns (runs, rows) deleted.
         """
         finished = select(runs_table.c.id).where(
-            runs_table.c.finished_at < older_than, runs_table.c.policy != RETENTION_POLICY
+            runs_table.c.finished_at < older_than,
+            runs_table.c.policy != RETENTION_POLICY,
+            # A legal hold's record lasts as long as the audit: pins are never pruned.
+            runs_table.c.mode.not_in(KEPT_MODES),
         )
         try:
             with self.engine.begin() as connection:
@@ -1100,6 +1210,8 @@ class AuditStore:
             raise self._fail("reading runs", exc) from None
 
 
+#: Rows per insert statement (its JSON text: about 1 MB with snapshots).
+_INSERT_CHUNK = 2000
 #: An entry row's own values, in this order in its JSON array (what all rows of a write share,
 #: run, policy, target and times, is bound once per statement).
 _ENTRY_FIELDS = (
@@ -1113,13 +1225,23 @@ _ENTRY_FIELDS = (
     ("note", "text"),
     ("chain_seq", "int"),
     ("row_hash", "text"),
+    ("snapshot", "text"),
 )
 _ENTRY_NAMES = [name for name, _ in _ENTRY_FIELDS]
-_TASK_ID, _OUTCOME, _CHAIN_SEQ, _ROW_HASH = (
-    _ENTRY_NAMES.index(name) for name in ("task_id", "outcome", "chain_seq", "row_hash")
+_TASK_ID, _OUTCOME, _CHAIN_SEQ, _ROW_HASH, _SNAPSHOT = (
+    _ENTRY_NAMES.index(name) for name in ("task_id", "outcome", "chain_seq", "row_hash", "snapshot")
 )
 #: Columns bound once per write, then the entry fields.
-_RECORD_NAMES = ["run_id", "seq", "policy", "target", "recorded_at", "decided_at", *_ENTRY_NAMES]
+_RECORD_NAMES = [
+    "run_id",
+    "seq",
+    "policy",
+    "target",
+    "recorded_at",
+    "decided_at",
+    "approval_id",
+    *_ENTRY_NAMES,
+]
 #: An outcome's values, in this order in its JSON array; task_id first, as the join key.
 _RESOLVE_FIELDS = (
     ("task_id", "text"),
@@ -1141,7 +1263,8 @@ _PG_RECORD = (
     "INSERT INTO reaper_audit ("  # noqa: S608
     + ", ".join(_RECORD_NAMES)
     + ") SELECT %(run_id)s, %(seq)s + n, %(policy)s, %(target)s, %(now)s,"
-    + " CASE WHEN e ->> 1 = 'pending' THEN NULL ELSE CAST(%(now)s AS timestamptz) END, "
+    + " CASE WHEN e ->> 1 = 'pending' THEN NULL ELSE CAST(%(now)s AS timestamptz) END,"
+    + " %(approval_id)s, "
     + ", ".join(f"CAST(e ->> {i} AS {kind})" for i, (_, kind) in enumerate(_ENTRY_FIELDS))
     + " FROM jsonb_array_elements(CAST(%(rows)s AS jsonb)) WITH ORDINALITY AS r(e, n) ORDER BY n"
 )
@@ -1177,7 +1300,7 @@ def _sqlite_time(value: str) -> str:
 _SQLITE_RECORD = (
     "INSERT INTO reaper_audit ("  # noqa: S608
     + ", ".join(_RECORD_NAMES)
-    + ") SELECT ?1, ?2 + key + 1, ?3, ?4, ?5, iif(value ->> 1 = 'pending', NULL, ?5), "
+    + ") SELECT ?1, ?2 + key + 1, ?3, ?4, ?5, iif(value ->> 1 = 'pending', NULL, ?5), ?7, "
     + ", ".join(
         _sqlite_time("stamp") if kind == "timestamptz" else f"value ->> {i}"
         for i, (_, kind) in enumerate(_ENTRY_FIELDS)
@@ -1201,6 +1324,25 @@ _SQLITE_RESOLVE = (
 )
 
 
+def _stored_digests(
+    connection: Connection, run_id: str, results: Sequence[DeleteResult]
+) -> dict[str, str]:
+    """The snapshot digests of the unresolved rows ``results`` resolve, read from the database:
+    for a run this process did not write (reconciliation of an earlier run)."""
+    digests: dict[str, str] = {}
+    ids = [result.task_id for result in results]
+    for start in range(0, len(ids), 500):
+        query = select(audit_table.c.task_id, audit_table.c.snapshot).where(
+            audit_table.c.run_id == run_id,
+            audit_table.c.task_id.in_(ids[start : start + 500]),
+            audit_table.c.outcome.in_((Outcome.PENDING.value, Outcome.UNKNOWN.value)),
+            audit_table.c.snapshot.is_not(None),
+        )
+        for task_id, snapshot in connection.execute(query):
+            digests[task_id] = snapshot_digest(snapshot)
+    return digests
+
+
 def _json_rows(rows: Sequence[Sequence[Any]]) -> str:
     """Rows as one JSON array of arrays (datetimes as ISO 8601 with their offset)."""
     try:
@@ -1210,6 +1352,8 @@ def _json_rows(rows: Sequence[Sequence[Any]]) -> str:
 
 
 RETENTION_POLICY = "<audit-retention>"
+#: Runs `reaper audit prune` keeps whatever their age: the records of pins (legal holds).
+KEPT_MODES = ("pin", "unpin")
 
 
 @dataclass(frozen=True)

@@ -13,10 +13,10 @@ import os
 import re
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import click
 import structlog
@@ -36,10 +36,16 @@ from reaper.db import current_revision, ensure_schema, head_revision, make_engin
 from reaper.errors import AuditError, ConfigError, PolicyError, ReaperError
 from reaper.execute import BatchEvent
 from reaper.guards import GuardOverrides
+from reaper.holds import Approval, HeldStore
+from reaper.holds import refusal as held_refusal
 from reaper.leases import Leases
 from reaper.logs import configure_logging, register_secret
 from reaper.metrics import Metrics
+from reaper.notices import NoticeStore
+from reaper.notify import Notifier
 from reaper.parallel import run_spread, same_tasks
+from reaper.people import COMMANDS as people_commands
+from reaper.pins import PinStore
 from reaper.plan import Plan
 from reaper.planfile import SavedPlan, diff_plan, load_saved, refusal, save_plans
 from reaper.policy import LoadedPolicy, load_policies, policy_json_schema
@@ -67,12 +73,14 @@ from reaper.runner import (
 from reaper.schedule import parse_cron
 from reaper.settings import Settings, redact_url
 from reaper.shards import Shard, parse_shard
+from reaper.sinks import sink_problems
 from reaper.targets import installed_kinds
 from reaper.track import track_command
 
 __all__ = ["main"]
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+T = TypeVar("T")
 
 log = structlog.get_logger("reaper.cli")
 
@@ -155,7 +163,7 @@ def cli(ctx: click.Context, log_format: str | None, log_level: str | None) -> No
 
     Settings come from REAPER_* environment variables or a .env file: REAPER_DATABASE_URL,
     REAPER_DATABASE_PASSWORD_FILE, REAPER_POLICIES, REAPER_LOG_FORMAT, REAPER_LOG_LEVEL,
-    REAPER_DB_AUTO_UPGRADE.
+    REAPER_DB_AUTO_UPGRADE, REAPER_NOTIFY_FILE.
     """
     settings = _settings({"log_format": log_format, "log_level": log_level})
     configure_logging(settings.log_format, settings.log_level)
@@ -280,6 +288,7 @@ def _load(
             item.policy.target_class.client_auth(item.policy.target_config)
         except ConfigError as exc:
             missing.append(f"{item.path}: policy {item.name!r}: {exc}")
+        missing.extend(f"{item.path}: {problem}" for problem in sink_problems(item))
     if missing:
         _fail(EXIT_CONFIG, "missing credentials; nothing was run:\n" + "\n".join(missing))
     return loaded
@@ -495,15 +504,24 @@ def plan(
     save: Path | None,
     diff_path: Path | None,
 ) -> None:
-    """Show what each policy would delete and what it keeps, with reasons. Deletes nothing."""
+    """Show what each policy would delete and what it keeps, with reasons. Deletes nothing.
+
+    Pinned tasks are shown protected; with delete.notice, tasks due now apart from those noticed
+    and waiting (pins and notices are read from the audit database, if it exists).
+    """
     loaded = _load(ctx, policies_path, names)
     engine = _database_for_targets(ctx, loaded)
     saved = {s.policy: s for s in load_saved(diff_path)} if diff_path else {}
+    recorded = _recorded(ctx)
     try:
-        results = asyncio.run(_plan_all(ctx, loaded, engine))
+        results = asyncio.run(_plan_all(ctx, loaded, engine, recorded))
+    except AuditError as exc:
+        _fail(EXIT_FAILED, f"{exc}; nothing was planned")
     finally:
         if engine is not None:
             engine.dispose()
+        if recorded is not None:
+            recorded.engine.dispose()
     failed = any(error for _, _, error, _ in results)
     if save is not None:
         if failed:
@@ -554,23 +572,60 @@ def _database_for_targets(ctx: Context, loaded: Sequence[LoadedPolicy]) -> Engin
         _fail(EXIT_FAILED, f"{exc}; nothing was listed")
 
 
+def _recorded(ctx: Context) -> AuditStore | None:
+    """The audit store, when the database already holds reaper's schema: a plan reads pins and
+    notices from it. An absent or empty database holds neither, and planning does not create it.
+    """
+    url = ctx.settings.database()
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        if not Path(url.database).expanduser().exists():
+            return None
+    engine = make_engine(url)
+    try:
+        empty = current_revision(engine) is None
+    except AuditError as exc:
+        _fail(EXIT_FAILED, f"{exc}; nothing was planned (pins are read from it)")
+    finally:
+        engine.dispose()
+    if empty:
+        return None
+    try:
+        return ctx.store()
+    except AuditError as exc:
+        _fail(EXIT_FAILED, f"{exc}; nothing was planned (pins are read from it)")
+
+
 async def _plan_all(
-    ctx: Context, loaded: Sequence[LoadedPolicy], engine: Engine | None
+    ctx: Context,
+    loaded: Sequence[LoadedPolicy],
+    engine: Engine | None,
+    recorded: AuditStore | None = None,
 ) -> list[tuple[LoadedPolicy, Plan | None, str | None, Sequence[str]]]:
     """Each policy's plan or why there is none, and what a run would write to its target's
-    state besides deleting."""
+    state besides deleting. Pins and notices come from ``recorded`` (an AuditError stops)."""
     results: list[tuple[LoadedPolicy, Plan | None, str | None, Sequence[str]]] = []
     for item in loaded:
+        now = datetime.now(UTC)
+        notice = item.policy.delete.notice
+        pins: dict[str, str] = {}
+        first_seen: dict[str, datetime] = {}
+        if recorded is not None:
+            pins = PinStore(recorded).active_for(item.name, item.policy.target_class.kind, now)
+            if notice is not None:
+                first_seen = NoticeStore(recorded).first_seen(item.name)
         state = target_state(item, engine) if engine is not None else None
         target, client = build_target(item, state=state)
         try:
             result = await plan_policy(
                 item,
                 target,
-                datetime.now(UTC),
+                now,
                 ctx.settings.min_age,
                 clock=ClockLimits.from_settings(ctx.settings),
+                pins=pins,
             )
+            if notice is not None:
+                result = result.give_notice(first_seen, now, notice)
             results.append((item, result, None, target.state_changes()))
         except ReaperError as exc:
             results.append((item, None, f"listing failed, nothing would be deleted: {exc}", ()))
@@ -607,7 +662,15 @@ def _print_warnings(console: Console, policy: str, warnings: Sequence[str]) -> N
 
 
 @cli.command()
-@click.argument("plan_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument(
+    "plan_file", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path)
+)
+@click.option(
+    "--held",
+    "held_run",
+    metavar="RUN_ID",
+    help="Carry out the approved plan a guard held in this run, instead of a plan file.",
+)
 @click.option(
     "--policies",
     "policies_path",
@@ -628,7 +691,8 @@ def _print_warnings(console: Console, policy: str, warnings: Sequence[str]) -> N
 @click.pass_obj
 def apply(
     ctx: Context,
-    plan_file: Path,
+    plan_file: Path | None,
+    held_run: str | None,
     policies_path: Path | None,
     max_age: str,
     output: str,
@@ -640,7 +704,13 @@ def apply(
     """Delete exactly what a saved plan lists, and only what is still eligible now.
 
     Refuses a plan whose policy changed since it was saved, or that is older than --max-age.
+    With --held RUN_ID, carries out the approval of a held plan (`reaper approve`) instead.
     """
+    if (plan_file is None) == (held_run is None):
+        raise click.UsageError("give a PLAN_FILE or --held RUN_ID (one of them)")
+    if held_run is not None:
+        _apply_held(ctx, held_run, policies_path, output, migrate)
+    assert plan_file is not None
     try:
         limit = parse_duration(max_age)
     except ValueError as exc:
@@ -655,19 +725,26 @@ def apply(
     ]
     if refusals:
         _fail(EXIT_FAILED, "refusing the saved plan; nothing was deleted:\n" + "\n".join(refusals))
+    notifier = _notifier(ctx)
     try:
         store = ctx.store(migrate=migrate)
     except AuditError as exc:
         _fail(EXIT_FAILED, f"{exc}; nothing was listed or deleted")
+    notifier.store = store
     overrides = GuardOverrides(max_deletions, max_fraction, confirm_anomaly)
     runs = asyncio.run(
-        _run_all(
+        _notified(
             ctx,
-            [loaded[saved.policy] for saved in saved_plans],
-            store,
-            Mode.APPLY,
-            overrides,
-            {saved.policy: saved for saved in saved_plans},
+            notifier,
+            _run_all(
+                ctx,
+                [loaded[saved.policy] for saved in saved_plans],
+                store,
+                Mode.APPLY,
+                overrides,
+                {saved.policy: saved for saved in saved_plans},
+                notifier=notifier,
+            ),
         )
     )
     store.engine.dispose()
@@ -718,22 +795,100 @@ def run(
         unscheduled = [item.name for item in loaded if not item.policy.schedule]
         if unscheduled:
             _fail(EXIT_CONFIG, f"--slot auto needs a schedule; none in: {', '.join(unscheduled)}")
+    metrics = Metrics()
+    notifier = _notifier(ctx, metrics)
     try:
         store = ctx.store(migrate=migrate)
     except AuditError as exc:
         _fail(EXIT_FAILED, f"{exc}; nothing was listed or deleted")
+    notifier.store = store
     mode = Mode.DRY_RUN if dry_run else Mode.RUN
     overrides = GuardOverrides(max_deletions, max_fraction, confirm_anomaly)
-    metrics = Metrics()
     if ctx.settings.pushgateway_url or ctx.settings.metrics_file:
         _restore_metrics(metrics, store, loaded)
     runs = asyncio.run(
-        _run_all(ctx, loaded, store, mode, overrides, slots=slot == "auto", metrics=metrics)
+        _notified(
+            ctx,
+            notifier,
+            _run_all(
+                ctx,
+                loaded,
+                store,
+                mode,
+                overrides,
+                slots=slot == "auto",
+                metrics=metrics,
+                notifier=notifier,
+            ),
+        )
     )
     _auto_prune(ctx, store)
     store.engine.dispose()
     _export_metrics(ctx, metrics, selected)
     _report_runs(ctx, runs, output)
+
+
+def _apply_held(
+    ctx: Context, run_id: str, policies_path: Path | None, output: str, migrate: bool | None
+) -> NoReturn:
+    """`reaper apply --held RUN_ID`: the approved plan held in RUN_ID, if its approval is valid
+    and its policy unchanged; guards are lifted for exactly the approved ids (reaper.holds)."""
+    loaded = {item.name: item for item in _load(ctx, policies_path, ())}
+    notifier = _notifier(ctx)
+    try:
+        store = ctx.store(migrate=migrate)
+    except AuditError as exc:
+        _fail(EXIT_FAILED, f"{exc}; nothing was listed or deleted")
+    notifier.store = store
+    holds = HeldStore(store)
+    try:
+        held = holds.get(run_id)
+        why = held_refusal(held, loaded.get(held.policy), datetime.now(UTC))
+        if why is not None:
+            _fail(EXIT_FAILED, f"refusing the held plan; nothing was deleted: {why}")
+        approval = holds.approval(held)
+    except ReaperError as exc:
+        store.engine.dispose()
+        _fail(EXIT_FAILED, f"{exc}; nothing was deleted")
+    runs = asyncio.run(
+        _notified(
+            ctx,
+            notifier,
+            _run_all(
+                ctx,
+                [loaded[held.policy]],
+                store,
+                Mode.APPLY,
+                GuardOverrides(),
+                {held.policy: approval.saved_plan()},
+                approvals={held.policy: approval},
+                notifier=notifier,
+            ),
+        )
+    )
+    store.engine.dispose()
+    _report_runs(ctx, runs, output)
+
+
+def _notifier(ctx: Context, metrics: Metrics | None = None) -> Notifier:
+    """The notifier of a run or apply: REAPER_NOTIFY_FILE's sinks (its deliveries are recorded
+    once it is given the store); a bad file or a missing secret is a configuration error (exit
+    2), found before anything is touched."""
+    try:
+        return Notifier.from_settings(
+            ctx.settings.notify_file, None, metrics.registry if metrics is not None else None
+        )
+    except ConfigError as exc:
+        _fail(EXIT_CONFIG, f"invalid notification settings; nothing was run:\n{exc}")
+
+
+async def _notified(ctx: Context, notifier: Notifier, work: Awaitable[T]) -> T:
+    """Do ``work``, then wait (up to REAPER_NOTIFY_WAIT) for notifications still in flight:
+    a one-shot process must not exit from under them."""
+    try:
+        return await work
+    finally:
+        await notifier.drain(ctx.settings.notify_wait.total_seconds())
 
 
 def _restore_metrics(metrics: Metrics, store: AuditStore, loaded: Sequence[LoadedPolicy]) -> None:
@@ -791,6 +946,8 @@ async def _run_all(
     *,
     slots: bool = False,
     metrics: Metrics | None = None,
+    approvals: dict[str, Approval] | None = None,
+    notifier: Notifier | None = None,
 ) -> list[PolicyRun]:
     """Run the policies concurrently (reaper.parallel), sharing their endpoints' budgets."""
     stop = asyncio.Event()
@@ -817,6 +974,8 @@ async def _run_all(
                 overrides=overrides,
                 min_age=ctx.settings.min_age,
                 approved=(approved or {}).get(item.name),
+                approval=(approvals or {}).get(item.name),
+                notifier=notifier,
                 slot=slot,
                 stop=stop,
                 clock=ClockLimits.from_settings(ctx.settings),
@@ -1138,14 +1297,18 @@ def reconcile(
 @click.option("--show-policy", is_flag=True, help="Print the exact policy text each run used.")
 @click.pass_obj
 def explain(ctx: Context, task_id: str, output: str, show_policy: bool) -> None:
-    """Explain from the audit log what reaper did to a task, when, why and by which policy."""
+    """Explain from the audit log what reaper did to a task, when, why and by which policy:
+    who pinned or approved it, and its record as the target listed it."""
     try:
         store = ctx.store()
         rows = list(reversed(store.rows(task_id=task_id, limit=None)))
         runs = {row.run_id: store.run(row.run_id) for row in rows}
+        approvals = HeldStore(store).approvals([r.approval_id for r in rows if r.approval_id])
     except AuditError as exc:
         _fail(EXIT_FAILED, str(exc))
-    entries = [explain_entry(row, runs[row.run_id]) for row in rows]
+    entries = [
+        explain_entry(row, runs[row.run_id], approvals.get(row.approval_id or "")) for row in rows
+    ]
     if output == "json":
         click.echo(json.dumps(entries, indent=2, ensure_ascii=False))
         return
@@ -1194,10 +1357,12 @@ def serve(
     settings = ctx.settings
     path = policies_path or settings.policies
     _load(ctx, path, ())  # validate (and check credentials) before taking any port
+    notifier = _notifier(ctx)
     try:
         store = ctx.store(migrate=migrate)
     except AuditError as exc:
         _fail(EXIT_FAILED, str(exc))
+    notifier.store = store
     config = DaemonConfig(
         policies=path,
         metrics_host=metrics_host or settings.metrics_host,
@@ -1216,7 +1381,7 @@ def serve(
         leases = Leases(store.engine, settings.lease_ttl)
 
     async def main() -> int:
-        return await Daemon(config, store, leases=leases).serve()
+        return await Daemon(config, store, leases=leases, notifier=notifier).serve()
 
     try:
         code = asyncio.run(main())
@@ -1263,6 +1428,8 @@ def db_current(ctx: Context) -> None:
 
 
 cli.add_command(track_command)
+for _command in people_commands:
+    cli.add_command(_command)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -44,6 +44,7 @@ from reaper.clocks import ClockLimits
 from reaper.errors import AuditError, PolicyError
 from reaper.leases import Leases
 from reaper.metrics import HealthServer, Metrics
+from reaper.notify import Notifier
 from reaper.parallel import Turns, same_tasks
 from reaper.policy import LoadedPolicy, load_policies
 from reaper.runner import run_policy
@@ -54,6 +55,9 @@ from reaper.systemd import notify, watchdog_interval
 __all__ = ["Daemon", "DaemonConfig", "JitteredTrigger"]
 
 log = structlog.get_logger("reaper.daemon")
+
+#: On shutdown, how long notifications in flight may still take (after the runs' grace).
+NOTIFY_WAIT_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -119,10 +123,14 @@ class Daemon:
         store: AuditStore,
         metrics: Metrics | None = None,
         leases: Leases | None = None,
+        notifier: Notifier | None = None,
     ):
         self.config = config
         self.store = store
         self.metrics = metrics or Metrics()
+        #: Sends the runs' notifications; its deliveries are counted in the daemon's metrics.
+        self.notifier = notifier or Notifier(store=store)
+        self.notifier.register(self.metrics.registry)
         self.policies: dict[str, LoadedPolicy] = {}
         #: With leases (PostgreSQL, several replicas), only the held policies are scheduled here.
         self.leases = leases
@@ -245,6 +253,7 @@ class Daemon:
             min_age=self.config.min_age,
             clock=self.config.clock,
             budgets=self.budgets,
+            notifier=self.notifier,
         )
         self.metrics.observe(run, policy.target_config.type)
 
@@ -333,6 +342,8 @@ class Daemon:
                 await asyncio.to_thread(self.leases.release)
             except AuditError as exc:
                 log.warning("leases_not_released", error=str(exc), hint="they expire on their own")
+        # Notifications still in flight get a few seconds; the rest are recorded abandoned.
+        await self.notifier.drain(NOTIFY_WAIT_SECONDS)
         if self.health is not None:
             self.health.stop()
         log.info("stopped")

@@ -328,7 +328,10 @@ class Executor:
             return None
         self._batch_no += 1
         intents = [
-            AuditEntry(c.task_id, c.reason, c.status, c.timestamp, Outcome.PENDING) for c in batch
+            AuditEntry(
+                c.task_id, c.reason, c.status, c.timestamp, Outcome.PENDING, snapshot=c.snapshot
+            )
+            for c in batch
         ]
         return self._batch_no, batch, asyncio.ensure_future(self.journal.intend(intents))
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import json
 import math
 import operator
 import re
@@ -32,7 +33,9 @@ from collections.abc import (
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import orjson
 
 from reaper.converters import format_duration
 from reaper.errors import ListingError
@@ -47,12 +50,15 @@ __all__ = [
     "Candidate",
     "Decision",
     "NotInFuture",
+    "Notice",
+    "Pinned",
     "Plan",
     "Planner",
     "Rule",
     "Verdict",
     "build_rules",
     "make_plan",
+    "snapshot_of",
 ]
 
 
@@ -75,6 +81,7 @@ Rule = Callable[[Task], Decision | None]
 # every task with an earlier timestamp). The planner uses these to decide a million tasks without
 # asking every rule about every task (see Planner.add); a rule without them is always asked.
 _STATUS_ONLY = frozenset({"status", "gone"})
+_ID_ONLY = frozenset({"id"})
 _UNDECIDED = (Verdict.KEEP, "undecided")  # a sentinel: no rule returns this very tuple
 
 
@@ -84,6 +91,26 @@ _UNDECIDED = (Verdict.KEEP, "undecided")  # a sentinel: no rule returns this ver
 def _reads_only_status(rule: Rule) -> bool:
     reads = getattr(rule, "reads", None)
     return isinstance(reads, frozenset) and reads <= _STATUS_ONLY
+
+
+def _reads_only_id(rule: Rule) -> bool:
+    reads = getattr(rule, "reads", None)
+    return isinstance(reads, frozenset) and reads <= _ID_ONLY
+
+
+class Pinned:
+    """Tasks under a pin (a legal hold, ``reaper pin``): first in the chain, so a pin wins over
+    every other rule, and over any saved plan or approval (those only narrow the plan)."""
+
+    reads = _ID_ONLY
+
+    def __init__(self, pins: Mapping[str, str]) -> None:
+        #: task id -> the pin's reason
+        self.pins = dict(pins)
+
+    def __call__(self, task: Task) -> Decision | None:
+        reason = self.pins.get(task.id)
+        return None if reason is None else (Verdict.PROTECTED, f"protected: pinned: {reason}")
 
 
 class AlreadyGone:
@@ -277,17 +304,20 @@ def build_rules(
     min_age: timedelta = timedelta(hours=1),
     future_tolerance: timedelta = DEFAULT_FUTURE_TOLERANCE,
     held: Mapping[str, str] | None = None,
+    pins: Mapping[str, str] | None = None,
 ) -> tuple[list[Rule], list[Rule]]:
     """The rules before (selection) and after (aging) the point where a task 'matches'.
 
     Keep-newest-N counts the tasks that pass the first list, whatever their age. ``held``:
-    tasks an earlier delete request may still be working on, with the reason.
+    tasks an earlier delete request may still be working on, with the reason. ``pins`` are
+    the tasks pinned for the policy (id -> reason).
     """
     target = policy.target_class
     protected = set(policy.protect.status)
     if not policy.select.allow_live:
         protected |= target.live_statuses
-    selection: list[Rule] = [AlreadyGone()]
+    selection: list[Rule] = [Pinned(pins)] if pins else []
+    selection.append(AlreadyGone())
     if held:
         selection.append(StillRunning(held))
     if policy.protect.ids:
@@ -312,6 +342,51 @@ def build_rules(
 
 # --- the plan ---------------------------------------------------------------------------------
 
+#: The largest snapshot kept of one task's record (UTF-8 bytes of its JSON).
+SNAPSHOT_MAX_BYTES = 4096
+#: The key naming the fields left out of a record too large to keep whole.
+OMITTED = "__omitted__"
+
+
+def snapshot_of(raw: Any, limit: int = SNAPSHOT_MAX_BYTES) -> bytes | None:
+    """A task's record as listed, as compact ASCII JSON of at most ``limit`` bytes (None
+    without one).
+
+    A larger record keeps its smaller fields: the largest are left out, one by one, and named
+    under ``__omitted__``; a record that still does not fit (or is not an object) is replaced by
+    ``{"__omitted__": true, "bytes": N}``. A run keeps one per eligible task (a few hundred
+    bytes for a typical record), so its plan's memory grows with the records' size.
+    """
+    if raw is None:
+        return None
+    encoded = _json_bytes(raw)
+    if len(encoded) <= limit:
+        return encoded
+    if isinstance(raw, dict):
+        sizes = sorted(((len(_json_bytes(value)), key) for key, value in raw.items()), reverse=True)
+        kept = dict(raw)
+        omitted: list[str] = []
+        for _, key in sizes:
+            del kept[key]
+            omitted.append(str(key))
+            smaller = _json_bytes({**kept, OMITTED: omitted})
+            if len(smaller) <= limit:
+                return smaller
+    return _json_bytes({OMITTED: True, "bytes": len(encoded)})
+
+
+def _json_bytes(value: Any) -> bytes:
+    """Compact JSON in ASCII (other characters as ``\\u`` escapes): a snapshot then costs one
+    byte per character wherever it is held as text, and keeps the audit's JSON batches ASCII."""
+    try:
+        encoded = orjson.dumps(value)
+    except TypeError:  # integers beyond 64 bits, lone surrogates: the standard library
+        return json.dumps(value, separators=(",", ":")).encode()
+    if encoded.isascii():
+        # A copy: orjson's own bytes object keeps a 4 KiB buffer, whatever its length.
+        return bytes(memoryview(encoded))
+    return json.dumps(value, separators=(",", ":")).encode()
+
 
 @dataclass(frozen=True, slots=True)
 class Candidate:
@@ -321,6 +396,8 @@ class Candidate:
     status: str
     timestamp: datetime
     reason: str
+    #: The task's record as listed (UTF-8 JSON, bounded), when the plan keeps snapshots.
+    snapshot: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,6 +405,29 @@ class Example:
     task_id: str
     status: str
     timestamp: datetime | None
+
+
+@dataclass(frozen=True)
+class Notice:
+    """How a plan stands with ``delete.notice``: which eligible tasks are due, which wait."""
+
+    notice: timedelta
+    #: Eligible tasks noticed by an earlier run, not due yet: id -> when they are due.
+    waiting: dict[str, datetime]
+    #: Eligible tasks no run had noticed: noticed now, due at ``new_due``.
+    new: list[str]
+    new_due: datetime
+    #: Noticed tasks that are not eligible now: their notice is forgotten (it starts again if
+    #: they become eligible again).
+    forgotten: list[str]
+    #: Tasks due now (the plan's eligible tasks).
+    due: int
+
+    @property
+    def next_due(self) -> datetime | None:
+        """When the earliest task that waits is due."""
+        dues = [*self.waiting.values(), *([self.new_due] if self.new else [])]
+        return min(dues, default=None)
 
 
 @dataclass
@@ -359,6 +459,10 @@ class Plan:
     future_furthest: timedelta = timedelta(0)
     #: What the target's answers said about its clock and zone (set by reaper.runner).
     clock: ClockCheck | None = None
+    #: Set by :meth:`give_notice`: which eligible tasks were due, which wait.
+    notice: Notice | None = None
+    #: Each eligible task's snapshot (see :func:`snapshot_of`), when the plan keeps them.
+    _snapshots: list[bytes | None] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -373,11 +477,13 @@ class Plan:
 
     def _candidate(self, index: int) -> Candidate:
         status = self._statuses[index]
+        snapshots = self._snapshots
         return Candidate(
             self._ids[index],
             status,
             datetime.fromtimestamp(self._stamps[index], UTC),
             self.reasons[status],
+            snapshots[index] if snapshots is not None else None,
         )
 
     def candidates(self) -> Iterator[Candidate]:
@@ -420,6 +526,46 @@ class Plan:
         Tasks eligible now but not approved are kept, with that reason. Approved ids that are
         not eligible now are simply absent: the fresh listing and rules decided them.
         """
+        not_approved = (Verdict.KEEP, "kept: not in the approved plan")
+        return self._narrow(lambda task_id: None if task_id in approved else not_approved)
+
+    def give_notice(
+        self, first_seen: Mapping[str, datetime], now: datetime, notice: timedelta
+    ) -> Plan:
+        """This plan limited to the tasks due now under ``delete.notice``.
+
+        ``first_seen`` holds when a run first found each noticed task eligible; a task is due
+        once ``notice`` has passed since. A task eligible for the first time is noticed now and
+        kept, as is one noticed but not due yet. The returned plan's :attr:`notice` says which.
+        """
+        new_due = now + notice
+        waiting: dict[str, datetime] = {}
+        new: list[str] = []
+        wait = (
+            Verdict.KEEP,
+            f"kept: noticed, not due yet (delete.notice {format_duration(notice)})",
+        )
+        fresh = (Verdict.KEEP, f"kept: noticed now, due {new_due.isoformat()}")
+
+        def due(task_id: str) -> Decision | None:
+            seen = first_seen.get(task_id)
+            if seen is None:
+                new.append(task_id)
+                return fresh
+            if seen + notice > now:
+                waiting[task_id] = seen + notice
+                return wait
+            return None
+
+        narrowed = self._narrow(due)
+        eligible = set(self._ids)
+        forgotten = [task_id for task_id in first_seen if task_id not in eligible]
+        state = Notice(notice, waiting, new, new_due, forgotten, narrowed.eligible)
+        return replace(narrowed, notice=state)
+
+    def _narrow(self, decide: Callable[[str], Decision | None]) -> Plan:
+        """This plan with the eligible tasks ``decide`` returns a decision for taken out of it
+        (counted and exampled under that decision); the rest stay, in order."""
         counts: Counter[tuple[Verdict, str]] = Counter(
             {key: n for key, n in self.counts.items() if key[0] is not Verdict.DELETE}
         )
@@ -427,21 +573,29 @@ class Plan:
         ids: list[str] = []
         stamps: array[float] = array("d")
         statuses: list[str] = []
-        not_approved = (Verdict.KEEP, "kept: not in the approved plan")
+        snapshots: list[bytes | None] | None = [] if self._snapshots is not None else None
         for index, task_id in enumerate(self._ids):
             candidate = self._candidate(index)
-            if task_id in approved:
+            decision = decide(task_id)
+            if decision is None:
                 ids.append(task_id)
                 stamps.append(self._stamps[index])
                 statuses.append(self._statuses[index])
+                if snapshots is not None:
+                    assert self._snapshots is not None
+                    snapshots.append(self._snapshots[index])
                 decision = (Verdict.DELETE, candidate.reason)
-            else:
-                decision = not_approved
             _tally(
                 counts, examples, decision, candidate.task_id, candidate.status, candidate.timestamp
             )
         return replace(
-            self, counts=counts, examples=examples, _ids=ids, _stamps=stamps, _statuses=statuses
+            self,
+            counts=counts,
+            examples=examples,
+            _ids=ids,
+            _stamps=stamps,
+            _statuses=statuses,
+            _snapshots=snapshots,
         )
 
 
@@ -472,13 +626,16 @@ class Planner:
         min_age: timedelta = timedelta(hours=1),
         future_tolerance: timedelta = DEFAULT_FUTURE_TOLERANCE,
         held: Mapping[str, str] | None = None,
+        *,
+        pins: Mapping[str, str] | None = None,
+        snapshots: bool = False,
     ) -> None:
         policy = loaded.policy
         self.loaded = loaded
         self.target = target
         self.now = now
         self.cutoff = now - policy.select.older_than
-        self.selection, self.aging = build_rules(policy, now, min_age, future_tolerance, held)
+        self.selection, self.aging = build_rules(policy, now, min_age, future_tolerance, held, pins)
         self._future = next((rule for rule in self.aging if isinstance(rule, NotInFuture)), None)
         self.keep_newest = policy.keep.newest
         self.older_than = format_duration(policy.select.older_than)
@@ -492,12 +649,19 @@ class Planner:
         self._ids: list[str] = []
         self._stamps: array[float] = array("d")
         self._status_col: list[str] = []
+        #: The eligible tasks' snapshots, kept only when the plan is for deleting.
+        self._snapshot_col: list[bytes | None] | None = [] if snapshots else None
         # The newest `keep_newest` matching tasks: a min-heap of (timestamp, id).
         self._newest: list[tuple[float, str]] = []
         # When every selection rule reads nothing but a task's status and gone flag (the usual
         # policy), the chain is asked once per (status, gone) pair and its answer remembered.
+        # Leading rules on the id alone (pins) are asked about every task before that.
+        lead = 0
+        while lead < len(self.selection) and _reads_only_id(self.selection[lead]):
+            lead += 1
+        self._by_id, self._by_status = self.selection[:lead], self.selection[lead:]
         self._selected: dict[tuple[str, bool], Decision | None] | None = None
-        if all(_reads_only_status(rule) for rule in self.selection):
+        if all(_reads_only_status(rule) for rule in self._by_status):
             self._selected = {}
         # Every aging rule passes a task this much older than the earliest of their limits (a
         # POSIX timestamp; the second of margin keeps float rounding out of the question).
@@ -518,10 +682,17 @@ class Planner:
         if selected is None:
             decision = self._select(task)
         else:
-            key = (task.status, task.gone)
-            decision = selected.get(key, _UNDECIDED)
-            if decision is _UNDECIDED:
-                decision = selected[key] = self._select(task)
+            decision = None
+            if self._by_id:
+                for rule in self._by_id:
+                    decision = rule(task)
+                    if decision is not None:
+                        break
+            if decision is None:
+                key = (task.status, task.gone)
+                decision = selected.get(key, _UNDECIDED)
+                if decision is _UNDECIDED:
+                    decision = selected[key] = self._select(task, self._by_status)
         if decision is not None:
             self._note(task, decision)
             return
@@ -549,9 +720,11 @@ class Planner:
         self._ids.append(task.id)
         self._stamps.append(stamp)
         self._status_col.append(status)
+        if self._snapshot_col is not None:
+            self._snapshot_col.append(snapshot_of(task.raw))
 
-    def _select(self, task: Task) -> Decision | None:
-        for rule in self.selection:
+    def _select(self, task: Task, rules: Sequence[Rule] | None = None) -> Decision | None:
+        for rule in self.selection if rules is None else rules:
             decision = rule(task)
             if decision is not None:
                 return decision
@@ -564,7 +737,7 @@ class Planner:
         answer): rules on other fields are not asked, and a missing timestamp is not judged.
         """
         for rule in self.selection:
-            if not fields and not _reads_only_status(rule) and not isinstance(rule, ProtectIds):
+            if not fields and not _reads_only_status(rule) and not _reads_only_id(rule):
                 continue
             decision = rule(task)
             if decision is not None:
@@ -596,6 +769,8 @@ class Planner:
             raise ListingError("the listing returned a task twice: paging is inconsistent")
         del seen
         ids, stamps, statuses = self._ids, self._stamps, self._status_col
+        snapshots = self._snapshot_col
+        final_snapshots: list[bytes | None] | None = [] if snapshots is not None else None
         kept_newest = {task_id for _, task_id in self._newest}
         n = len(ids)
         order: Iterable[int]
@@ -632,8 +807,12 @@ class Planner:
             final_ids.append(task_id)
             final_stamps.append(stamp)
             final_statuses.append(status)
+            if final_snapshots is not None:
+                assert snapshots is not None
+                final_snapshots.append(snapshots[index])
         # The columns are rebuilt in deletion order; release the listing-order ones.
         self._ids, self._stamps, self._status_col = [], array("d"), []
+        self._snapshot_col = [] if snapshots is not None else None
         reasons = {status: self._reason(status) for status in self._statuses.values()}
         # What _tally would do for each id, per status: Counter counts in C (its keys in order
         # of first appearance), and list.index finds each status's first examples.
@@ -656,6 +835,7 @@ class Planner:
             _ids=final_ids,
             _stamps=final_stamps,
             _statuses=final_statuses,
+            _snapshots=final_snapshots,
             invalid=invalid,
             reasons=reasons,
             status_counts=Counter(self._status_counts),
@@ -675,9 +855,17 @@ async def make_plan(
     min_age: timedelta = timedelta(hours=1),
     future_tolerance: timedelta = DEFAULT_FUTURE_TOLERANCE,
     held: Mapping[str, str] | None = None,
+    *,
+    pins: Mapping[str, str] | None = None,
+    snapshots: bool = False,
 ) -> Plan:
-    """Consume a whole listing and plan it; a ListingError from the listing propagates."""
-    planner = Planner(loaded, target, now, min_age, future_tolerance, held)
+    """Consume a whole listing and plan it; a ListingError from the listing propagates.
+
+    With ``snapshots``, the plan keeps each eligible task's record as listed (for the audit).
+    """
+    planner = Planner(
+        loaded, target, now, min_age, future_tolerance, held, pins=pins, snapshots=snapshots
+    )
     async for task in tasks:
         planner.add(task)
     return planner.finish()

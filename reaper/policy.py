@@ -40,6 +40,7 @@ from reaper.converters import Rate, parse_timezone
 from reaper.errors import FieldError, PolicyError
 from reaper.fields import INTEGRAL, Duration, JsonInt, RateValue
 from reaper.schedule import parse_cron
+from reaper.sinks import WebhookSink
 from reaper.targets import Registry, Target, TargetConfig, installed_kinds
 from reaper.templates import Instance, expand, is_template, template_schema
 from reaper.yamlfile import Document, Path_, YamlError, read_documents
@@ -170,6 +171,13 @@ class DeleteSettings(_Model):
     options: dict[str, Any] = Field(
         default_factory=dict, description="Target-specific delete options."
     )
+    notice: Duration | None = Field(
+        None,
+        description=(
+            "Notice before deletion, e.g. '3d': a task first found eligible is recorded as due "
+            "this long after, announced, and deleted by a later run only if still eligible then."
+        ),
+    )
 
 
 class _TargetSection:
@@ -220,6 +228,13 @@ class Policy(_Model):
     keep: Keep = Field(default_factory=Keep)
     protect: Protect = Field(default_factory=Protect)
     delete: DeleteSettings = Field(default_factory=DeleteSettings)
+    notify: tuple[WebhookSink, ...] = Field(
+        (),
+        description=(
+            "Where this policy's notifications go (besides REAPER_NOTIFY_FILE's sinks); not part "
+            "of the policy's content hash."
+        ),
+    )
 
     @field_validator("timezone")
     @classmethod
@@ -256,12 +271,28 @@ class Policy(_Model):
         return self.delete.batch_size or min(50, self.target_class.max_batch_size)
 
     def canonical_json(self) -> str:
-        """The policy as canonical JSON: what its content hash covers."""
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        """The policy as canonical JSON: what its content hash covers.
+
+        Settings added after policies were first hashed are left out while unset, so a policy
+        that does not use them keeps its hash (saved and held plans of it stay valid); where
+        notifications go is no part of what a policy deletes, and never hashed.
+        """
+        data = self.model_dump(mode="json", exclude={"notify"})
+        for *parents, key in _HASHED_ONLY_WHEN_SET:
+            section = data
+            for parent in parents:
+                section = section[parent]
+            if section.get(key) is None:
+                del section[key]
+        return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     def content_hash(self) -> str:
         """sha256 of the canonical JSON: changes whenever the policy's meaning can change."""
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()
+
+
+#: Optional settings added after policies were first hashed: part of the hash only when set.
+_HASHED_ONLY_WHEN_SET = (("delete", "notice"), ("delete", "max_run_time"), ("schedule_jitter",))
 
 
 @dataclass(frozen=True)

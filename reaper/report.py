@@ -14,7 +14,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from reaper.audit import AuditRow
-from reaper.plan import Plan, Verdict
+from reaper.converters import format_duration
+from reaper.holds import HeldPlan
+from reaper.plan import Notice, Plan, Verdict
 from reaper.planfile import PlanDiff
 from reaper.runner import PolicyRun
 
@@ -26,6 +28,7 @@ __all__ = [
     "explain_entry",
     "explain_text",
     "format_bytes",
+    "notice_dict",
     "plan_dict",
     "plan_table",
     "run_dict",
@@ -80,6 +83,24 @@ def plan_dict(plan: Plan, examples: int = 10) -> dict[str, Any]:
             {"task_id": newest.task_id, "timestamp": _iso(newest.timestamp)} if newest else None
         ),
         "reasons": reasons,
+        "notice": notice_dict(plan.notice, examples) if plan.notice is not None else None,
+    }
+
+
+def notice_dict(notice: Notice, examples: int = 10) -> dict[str, Any]:
+    """How a plan stands with ``delete.notice``: due now, noticed and waiting, noticed now."""
+    waiting = sorted(notice.waiting.items(), key=lambda item: (item[1], item[0]))
+    return {
+        "notice": format_duration(notice.notice),
+        "due_now": notice.due,
+        "waiting": len(notice.waiting),
+        "noticed_now": len(notice.new),
+        "noticed_now_due_at": _iso(notice.new_due) if notice.new else None,
+        "next_due": _iso(notice.next_due),
+        "waiting_examples": [
+            {"task_id": task_id, "due_at": _iso(due)} for task_id, due in waiting[:examples]
+        ],
+        "noticed_now_examples": notice.new[:examples],
     }
 
 
@@ -90,6 +111,20 @@ def plan_table(plan: Plan, console: Console, examples: int = 5) -> None:
         f"[bold]{escape(plan.policy.name)}[/bold]: listed {plan.listed}, "
         f"[bold red]delete {plan.eligible}[/bold red], cutoff {data['cutoff']}"
     )
+    notice = data["notice"]
+    if notice is not None:
+        line = (
+            f"  notice {notice['notice']}: [bold]{notice['due_now']} due now[/bold], "
+            f"{notice['waiting']} noticed and waiting"
+        )
+        if notice["waiting"]:
+            line += f" (next due {notice['waiting_examples'][0]['due_at']})"
+        if notice["noticed_now"]:
+            line += (
+                f", {notice['noticed_now']} newly eligible: noticed by the next run, due "
+                f"{notice['noticed_now_due_at']} at the earliest"
+            )
+        console.print(line)
     if data["oldest_to_delete"]:
         console.print(
             f"  oldest to delete {data['oldest_to_delete']['task_id']} "
@@ -142,6 +177,13 @@ def run_dict(run: PolicyRun) -> dict[str, Any]:
         "reclaimed_bytes": s.reclaimed_bytes,
         "error": run.error,
         "not_eligible": run.not_eligible,
+        "approval_id": run.approval_id,
+        "held": run.held,
+        "notice": (
+            notice_dict(run.plan.notice)
+            if run.plan is not None and run.plan.notice is not None
+            else None
+        ),
         "started_at": _iso(run.started_at),
         "finished_at": _iso(run.finished_at),
     }
@@ -208,9 +250,22 @@ def audit_table(rows: Sequence[AuditRow], console: Console) -> None:
     console.print(table)
 
 
-def explain_entry(row: AuditRow, run: dict[str, Any] | None) -> dict[str, Any]:
-    """One audit row about a task, with the run and policy version behind it."""
+def explain_entry(
+    row: AuditRow, run: dict[str, Any] | None, approval: HeldPlan | None = None
+) -> dict[str, Any]:
+    """One audit row about a task, with the run and policy version behind it, the approval it
+    carried out (who approved, when, why) and the task's record as listed."""
     run = run or {}
+    approved: dict[str, Any] | None = None
+    if row.approval_id is not None:
+        approved = {"approval_id": row.approval_id}
+        if approval is not None:
+            approved |= {
+                "held_run": approval.run_id,
+                "approved_by": approval.approved_by,
+                "approved_at": _iso(approval.approved_at),
+                "comment": approval.comment,
+            }
     return {
         "when": _iso(row.decided_at or row.recorded_at),
         "task_id": row.task_id,
@@ -229,7 +284,19 @@ def explain_entry(row: AuditRow, run: dict[str, Any] | None) -> dict[str, Any]:
         "error_message": row.error_message,
         "note": row.note,
         "reclaimed_bytes": row.reclaimed_bytes,
+        "approval": approved,
+        "snapshot": _snapshot(row.snapshot),
     }
+
+
+def _snapshot(text: str | None) -> Any:
+    """A row's snapshot as JSON data (its text, if it ever is not JSON)."""
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def explain_text(entry: dict[str, Any], console: Console, show_policy: bool) -> None:
@@ -248,6 +315,19 @@ def explain_text(entry: dict[str, Any], console: Console, show_policy: bool) -> 
     console.print(f"  target {entry['target']} answered {answer}")
     if entry["note"]:
         console.print(f"  note: {entry['note']}")
+    approval = entry["approval"]
+    if approval is not None:
+        if approval.get("approved_by"):
+            text = (
+                f"  approved by {approval['approved_by']} at {approval['approved_at']} "
+                f"(plan held by run {approval['held_run']}, approval {approval['approval_id']})"
+            )
+            console.print(text + (f": {approval['comment']}" if approval["comment"] else ""))
+        else:
+            console.print(f"  carried out approval {approval['approval_id']}")
+    if entry["snapshot"] is not None:
+        shown = json.dumps(entry["snapshot"], ensure_ascii=False, sort_keys=True)
+        console.print(f"  record as listed: {shown}", highlight=False, markup=False)
     if show_policy and entry["policy_json"]:
         console.print(f"  policy: {entry['policy_json']}")
 

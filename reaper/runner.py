@@ -14,9 +14,9 @@ import functools
 import os
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
@@ -32,15 +32,20 @@ from reaper.converters import format_duration
 from reaper.errors import AuditError, ListingError, RunAborted, TargetAuthError, TargetError
 from reaper.execute import AsyncAudit, Batches, BatchEvent, Executor, auto_concurrency
 from reaper.guards import GuardOverrides, GuardTrip, check_guards
+from reaper.holds import Approval, HeldStore, HoldError, refusal
 from reaper.http import HttpStats, RetryPolicy, TargetHttp
 from reaper.inventory import Inventory
 from reaper.locks import PolicyLock
+from reaper.notices import NoticeStore
+from reaper.notify import Event, Notifier, id_list
+from reaper.pins import PinnedCheck, PinStore
 from reaper.plan import Plan, Verdict, make_plan
 from reaper.planfile import SavedPlan, not_eligible_now
 from reaper.policy import LoadedPolicy
 from reaper.ratelimit import RateLimiter
 from reaper.recheck import SendCheck
 from reaper.reconcile import Reconciler, ReconcileReport
+from reaper.sinks import EventKind
 from reaper.targets.base import ListRequest, Outcome, RecheckRequest, Target, Task
 from reaper.targets.state import TargetState
 
@@ -61,6 +66,8 @@ log = structlog.get_logger("reaper.runner")
 
 _RECORD_CHUNK = 1000
 DEFAULT_MIN_AGE = timedelta(hours=1)
+#: How long a run that made its own notifier waits for its deliveries before returning.
+OWN_NOTIFIER_WAIT = timedelta(seconds=30)
 
 
 class Mode(StrEnum):
@@ -114,6 +121,10 @@ class PolicyRun:
     http: HttpStats | None = None
     #: The scheduled slot this run served (daemon and `reaper run --slot`).
     slot: datetime | None = None
+    #: The approval this run carried out (reaper.holds), if any.
+    approval_id: str | None = None
+    #: A guard refused the run and its plan is held for approval.
+    held: bool = False
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     finished_at: datetime | None = None
     #: What the run's output should point out (a clock or zone that looks wrong, reaper.clocks).
@@ -236,7 +247,7 @@ def _tls_context(
     return httpx.create_ssl_context(verify=verify)
 
 
-def _list_request(loaded: LoadedPolicy, cutoff: datetime) -> ListRequest:
+def _list_request(loaded: LoadedPolicy, cutoff: datetime, *, raw: bool = False) -> ListRequest:
     policy = loaded.policy
     fields = frozenset(policy.select.match) | frozenset(policy.protect.match)
     return ListRequest(
@@ -246,6 +257,7 @@ def _list_request(loaded: LoadedPolicy, cutoff: datetime) -> ListRequest:
         created_before=(
             cutoff if policy.age_field == "created_at" and not policy.keep.newest else None
         ),
+        raw=raw,
     )
 
 
@@ -258,24 +270,43 @@ async def plan_policy(
     observe: Reconciler | None = None,
     stop: asyncio.Event | None = None,
     clock: ClockLimits | None = None,
+    pins: Mapping[str, str] | None = None,
+    snapshots: bool = False,
 ) -> Plan:
     """List the target completely and plan the policy over it, then judge the clocks behind it
     (``plan.clock``, its warnings logged).
 
-    ``observe`` sees every listed task too (reconciliation shares the run's listing).
+    ``observe`` sees every listed task too (reconciliation shares the run's listing); ``pins``
+    are the tasks pinned for the policy (id -> reason), protected whatever else the policy says;
+    with ``snapshots`` the plan keeps the eligible tasks' records as listed, for the audit.
     """
     cutoff = now - loaded.policy.select.older_than
-    tasks = target.list_tasks(_list_request(loaded, cutoff))
+    tasks = target.list_tasks(_list_request(loaded, cutoff, raw=snapshots))
     if observe:
         tasks = observe.watch(tasks)
     if stop is not None:
         tasks = _until(stop, tasks)
     clock = clock or ClockLimits()
     held = observe.held if observe is not None else None
-    plan = await make_plan(loaded, target, tasks, now, min_age, clock.future_tolerance, held)
+    plan = await make_plan(
+        loaded,
+        target,
+        tasks,
+        now,
+        min_age,
+        clock.future_tolerance,
+        held,
+        pins=pins,
+        snapshots=snapshots,
+    )
     plan.clock = check_clocks(loaded.policy, target.http.stats, plan, clock)
     plan.clock.log()
     return plan
+
+
+def plan_clock_trip(plan: Plan) -> GuardTrip | None:
+    """The guard the plan's clock check tripped, if any."""
+    return plan.clock.trip if plan.clock is not None else None
 
 
 class Interrupted(Exception):
@@ -310,6 +341,12 @@ class RunOptions:
     budgets: EndpointBudgets | None = None
     #: Monotonic seconds, for ``delete.max_run_time`` (tests replace it).
     monotonic: Callable[[], float] = time.monotonic
+    #: Carry out this approval of a held plan (with mode=APPLY and ``approved`` its plan); a
+    #: plain run finds its policy's approval in force itself.
+    approval: Approval | None = None
+    #: Sends this run's notifications (reaper.notify). Without one, a policy with its own
+    #: ``notify`` sinks gets a notifier for the run, which waits for its deliveries at the end.
+    notifier: Notifier | None = None
 
 
 async def run_policy(loaded: LoadedPolicy, audit: AuditStore, **options: Any) -> PolicyRun:
@@ -320,6 +357,8 @@ async def run_policy(loaded: LoadedPolicy, audit: AuditStore, **options: Any) ->
         raise ValueError("a saved plan is applied with mode=APPLY, and only then")
     if opts.approved is not None and opts.approved.policy_hash != loaded.digest:
         raise ValueError("the saved plan was made for another version of the policy")
+    if opts.approval is not None and opts.approval.policy_hash != loaded.digest:
+        raise ValueError("the approval was given for another version of the policy")
     return await _PolicyRunner(loaded, audit, opts).execute()
 
 
@@ -345,8 +384,25 @@ class _PolicyRunner:
         self.listing_started: datetime | None = None
         #: How long an audit call took to come back just before deleting (sizes the workers).
         self.audit_seconds = 0.0
+        #: The approval of a held plan this run carries out.
+        self.approval = opts.approval
+        self.notifier = opts.notifier
 
     async def execute(self) -> PolicyRun:
+        """Run, then announce how it went (reaper.notify); the notifications never delay or
+        fail the run's work, only a notifier of the run's own is waited for at the end."""
+        own = self.notifier is None and bool(self.policy.notify)
+        if own:
+            self.notifier = Notifier(store=self.store)
+        try:
+            run = await self._execute()
+            self._announce(run)
+            return run
+        finally:
+            if own and self.notifier is not None:
+                await self.notifier.drain(OWN_NOTIFIER_WAIT.total_seconds())
+
+    async def _execute(self) -> PolicyRun:
         run, policy = self.run, self.policy
         lock = PolicyLock(self.store.engine, policy.name)
         async with AsyncExitStack() as stack:
@@ -380,6 +436,7 @@ class _PolicyRunner:
             )
             stack.push_async_callback(client.aclose)
             try:
+                await self._approval_in_force()
                 run.run_id = await self.audit.call(self.store.start_run, self._record(target))
             except AuditError as exc:
                 # No audit, no delete: nothing is listed either.
@@ -407,7 +464,37 @@ class _PolicyRunner:
         return self.run
 
     def _record(self, target: Target, mode: Mode | None = None) -> RunRecord:
-        return run_record(self.loaded, target.kind, mode or self.opts.mode)
+        record = run_record(self.loaded, target.kind, mode or self.opts.mode)
+        if mode is None and self.approval is not None:
+            record = replace(record, approval_id=self.approval.id)
+        return record
+
+    async def _approval_in_force(self) -> None:
+        """A plain run carries out its policy's approved held plan, if one is valid now."""
+        if self.approval is None and self.opts.mode is Mode.RUN:
+            holds = HeldStore(self.store)
+            now = datetime.now(UTC)
+            held = await self.audit.call(holds.approval_for, self.policy.name, now)
+            if held is not None:
+                why = refusal(held, self.loaded, now)
+                if why is None:
+                    self.approval = await self.audit.call(holds.approval, held)
+                else:
+                    log.warning("approval_refused", policy=self.policy.name, reason=why)
+                    try:
+                        await self.audit.call(holds.refused, held, why, now)
+                    except HoldError:
+                        pass  # rejected meanwhile: refused either way
+        if self.approval is not None:
+            self.run.approval_id = self.approval.id
+            log.info(
+                "approval_in_force",
+                policy=self.policy.name,
+                approval=self.approval.id,
+                held_run=self.approval.held.run_id,
+                approved_by=self.approval.by,
+                ids=len(self.approval.items),
+            )
 
     async def _steps(self, target: Target, run_id: str) -> None:
         run, policy, summary = self.run, self.policy, self.run.summary
@@ -420,6 +507,7 @@ class _PolicyRunner:
             settle_after=target.settle_after(),
         )
         self.listing_started = datetime.now(UTC)
+        pins = await self._pins()
         try:
             plan = await plan_policy(
                 self.loaded,
@@ -429,6 +517,9 @@ class _PolicyRunner:
                 observe=reconciler,
                 stop=self.opts.stop,
                 clock=self.opts.clock,
+                pins=pins,
+                # Each deletion's audit row keeps the task's record as listed.
+                snapshots=run.mode is not Mode.DRY_RUN,
             )
         except Interrupted:
             run.status = RunStatus.INTERRUPTED
@@ -460,7 +551,11 @@ class _PolicyRunner:
         self.corrected = report.corrected | await self.audit.call(
             self.store.contradicted, policy.name
         )
+        self._not_carried_out(report)
+        plan = await self._give_notice(plan, run_id)
         plan = self._restrict(plan)
+        if not await self._carry_out_approval(run_id):
+            return
         run.plan = plan
         summary.listed = plan.listed
         summary.eligible = plan.eligible
@@ -480,18 +575,15 @@ class _PolicyRunner:
             kept=summary.kept,
             refused_ids=summary.skipped,
         )
-        asked = time.monotonic()
-        history = await self.audit.call(
-            self.store.recent_eligible, policy.name, policy.delete.anomaly.history
-        )
-        self.audit_seconds = time.monotonic() - asked
-        trip = self._clock_trip(plan) or check_guards(
-            policy, plan.eligible, plan.listed, history, self.opts.overrides
-        )
+        trip = await self._guards(plan)
         if trip is not None:
             run.status = RunStatus.REFUSED
             run.error = trip.message
             log.error("guard_tripped", guard=trip.guard, error=trip.message)
+            # A plan is held for a person to judge the numbers; a clock too far off to trust
+            # any age is fixed at the target, not approved.
+            if run.mode is Mode.RUN and trip is not plan_clock_trip(plan):
+                await self._hold(plan, trip, run_id)
             return
         await self._record_invalid(plan, run_id)
         if run.mode is Mode.DRY_RUN:
@@ -572,14 +664,164 @@ class _PolicyRunner:
             seen_by=f"the verification listing of run {run_id}",
         )
         self.run.summary.acknowledged_not_deleted += report.acknowledged_not_deleted
+        self._not_carried_out(report)
         log.info(
             "verified_after_deleting",
             checked=len(acknowledged),
             acknowledged_not_deleted=report.acknowledged_not_deleted,
         )
 
+    async def _give_notice(self, plan: Plan, run_id: str) -> Plan:
+        """With ``delete.notice``, only tasks noticed long enough ago are deleted; tasks eligible
+        for the first time are noticed now (not in a dry run) and announced (reaper.notices)."""
+        notice = self.policy.delete.notice
+        if notice is None:
+            return plan
+        notices = NoticeStore(self.store)
+        first_seen = await self.audit.call(notices.first_seen, self.policy.name)
+        plan = plan.give_notice(first_seen, self.now, notice)
+        assert plan.notice is not None
+        if self.run.mode is not Mode.DRY_RUN:
+            await self.audit.call(notices.record, self.policy.name, plan.notice, run_id, self.now)
+            if plan.notice.new:
+                self._notify(
+                    "deletions.upcoming",
+                    {
+                        "count": len(plan.notice.new),
+                        "due_at": plan.notice.new_due.isoformat(),
+                        "notice": format_duration(notice),
+                        "task_ids": id_list(plan.notice.new),
+                    },
+                )
+        log.info(
+            "notice",
+            due=plan.notice.due,
+            waiting=len(plan.notice.waiting),
+            noticed_now=len(plan.notice.new),
+            forgotten=len(plan.notice.forgotten),
+            next_due=plan.notice.next_due,
+        )
+        return plan
+
+    def _notify(self, kind: EventKind, data: dict[str, Any]) -> None:
+        """Hand an event about this run to the notifier; it is sent in the background."""
+        if self.notifier is not None:
+            self.notifier.send(self.loaded, Event(kind, self.policy.name, self.run.run_id, data))
+
+    def _not_carried_out(self, report: ReconcileReport) -> None:
+        if report.acknowledged_not_deleted:
+            self._notify(
+                "deletions.not_carried_out",
+                {
+                    "count": report.acknowledged_not_deleted,
+                    "correction_run": report.correction_run,
+                    "task_ids": id_list(sorted(report.corrected)),
+                },
+            )
+
+    def _announce(self, run: PolicyRun) -> None:
+        """The run's summary, and its failure if it failed (not for dry runs)."""
+        if run.status is RunStatus.SKIPPED or run.mode is Mode.DRY_RUN:
+            return
+        s = run.summary
+        counts = {
+            "status": run.status.value,
+            "mode": run.mode.value,
+            "error": run.error,
+            "listed": s.listed,
+            "eligible": s.eligible,
+            "kept": s.kept,
+            "deleted": s.deleted,
+            "already_gone": s.already_gone,
+            "failed": s.failed,
+            "unknown": s.unknown,
+            "refused_ids": s.skipped,
+            "skipped_changed": s.skipped_changed,
+            "reclaimed_bytes": s.reclaimed_bytes,
+        }
+        if run.status in _FAILED or s.failed or s.unknown:
+            self._notify("run.failed", counts)
+        if run.run_id is not None:
+            reasons = sorted(
+                (
+                    (n, reason)
+                    for (verdict, reason), n in (run.plan.counts if run.plan else {}).items()
+                    if verdict is Verdict.DELETE
+                ),
+                reverse=True,
+            )
+            self._notify(
+                "run.summary",
+                counts
+                | {
+                    "approval_id": run.approval_id,
+                    "top_reasons": [{"reason": r, "count": n} for n, r in reasons[:5]],
+                    "started_at": run.started_at.isoformat(),
+                    "finished_at": run.finished_at.isoformat() if run.finished_at else None,
+                },
+            )
+
+    async def _guards(self, plan: Plan) -> GuardTrip | None:
+        """The guard the plan trips. A clock that cannot be trusted always stops the run; the
+        other guards not when a person approved exactly these ids."""
+        policy = self.policy
+        clock = self._clock_trip(plan)
+        if clock is not None:
+            return clock
+        if self.approval is not None:
+            log.info("guards_lifted", reason=self.approval.describe(), eligible=plan.eligible)
+            return None
+        asked = time.monotonic()
+        history = await self.audit.call(
+            self.store.recent_eligible, policy.name, policy.delete.anomaly.history
+        )
+        self.audit_seconds = time.monotonic() - asked
+        return check_guards(policy, plan.eligible, plan.listed, history, self.opts.overrides)
+
+    async def _hold(self, plan: Plan, trip: GuardTrip, run_id: str) -> None:
+        """Keep the refused plan for a person to approve or reject (reaper.holds)."""
+        try:
+            await self.audit.call(HeldStore(self.store).hold, run_id, plan, trip, datetime.now(UTC))
+        except AuditError as exc:
+            log.error("plan_not_held", error=str(exc))
+            self.run.error = f"{self.run.error}; the plan could not be held: {exc}"
+            return
+        self.run.held = True
+        self.run.error = (
+            f"{self.run.error}; the plan is held: review it with `reaper held show {run_id}`, "
+            f"then `reaper approve {run_id} --by NAME` or `reaper reject {run_id}`"
+        )
+        log.info("plan_held", eligible=plan.eligible, guard=trip.guard)
+        self._notify(
+            "plan.held",
+            {
+                "guard": trip.guard,
+                "message": trip.message,
+                "eligible": plan.eligible,
+                "listed": plan.listed,
+                "policy_hash": self.loaded.digest,
+            },
+        )
+
+    async def _carry_out_approval(self, run_id: str) -> bool:
+        """Mark the approval this run carries out as used; False (the run stops) when it was
+        withdrawn meanwhile."""
+        if self.approval is None or self.run.mode is Mode.DRY_RUN:
+            return True
+        holds = HeldStore(self.store)
+        try:
+            await self.audit.call(holds.applied, self.approval.held, run_id, datetime.now(UTC))
+        except HoldError as exc:
+            self.run.status = RunStatus.ABORTED
+            self.run.error = f"the approval was withdrawn before deleting; nothing deleted: {exc}"
+            log.error("approval_withdrawn", error=str(exc))
+            return False
+        return True
+
     def _restrict(self, plan: Plan) -> Plan:
         approved = self.opts.approved
+        if approved is None and self.approval is not None:
+            approved = self.approval.saved_plan()
         if approved is None:
             return plan
         # Only what was reviewed, and only if it is still eligible right now.
@@ -613,6 +855,12 @@ class _PolicyRunner:
                 ],
             )
 
+    async def _pins(self) -> dict[str, str]:
+        """The tasks pinned for this policy now (id -> reason)."""
+        pins = PinStore(self.store)
+        kind = self.policy.target_class.kind
+        return await self.audit.call(pins.active_for, self.policy.name, kind, datetime.now(UTC))
+
     def _send_check(self, plan: Plan, target: Target, batches: Batches) -> SendCheck:
         policy = self.policy
         assert plan.decide is not None
@@ -622,13 +870,15 @@ class _PolicyRunner:
             status_counts=dict(plan.status_counts),
             listing_started=self.listing_started,
         )
-        return SendCheck(
+        # Pins taken since the plan stop sends too (reaper.pins).
+        return PinnedCheck(
             target,
             request,
             plan.decide,
             policy.target_config.recheck.max_staleness.total_seconds(),
             ids_per_second=policy.delete.rate.per_second * policy.batch_size,
             remaining=batches.remaining,
+            pins=self._pins,
         )
 
     async def _delete(self, plan: Plan, target: Target, run_id: str) -> None:
@@ -724,6 +974,10 @@ def eligible_statuses(loaded: LoadedPolicy) -> frozenset[str]:
     if target.deletable_statuses is not None:
         statuses &= target.deletable_statuses
     return frozenset(statuses)
+
+
+#: Run statuses announced as failures.
+_FAILED = frozenset({RunStatus.PARTIAL, RunStatus.ABORTED, RunStatus.FAILED, RunStatus.INTERRUPTED})
 
 
 def _final_status(summary: RunSummary) -> RunStatus:

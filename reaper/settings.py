@@ -146,6 +146,14 @@ class Settings(BaseSettings):
             "shared by the policies reaching it with the same credentials."
         ),
     )
+    notify_file: Path | None = Field(
+        None,
+        description="YAML list of notification sinks for every policy (see reaper.notify).",
+    )
+    notify_wait: Duration = Field(
+        timedelta(seconds=30),
+        description="`run`/`apply`: how long to wait for notifications in flight before exiting.",
+    )
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

@@ -429,7 +429,8 @@ class AparaviTarget(Target):
             problem = f"{request.age_field} does not parse: {exc}"
         values = {"name": entry.name or "", "type": entry.type, "token": entry.token}
         fields = {name: values.get(name, "") for name in request.match_fields}
-        return Task(entry.task_id, data["status"], timestamp, fields, problem=problem)
+        kept = data if request.raw else None
+        return Task(entry.task_id, data["status"], timestamp, fields, problem=problem, raw=kept)
 
     # -- deletion -----------------------------------------------------------------------------
 

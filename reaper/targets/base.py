@@ -99,6 +99,9 @@ class Task(NamedTuple):
     gone: bool = False
     #: Why the record cannot be trusted (e.g. its timestamp does not parse); never deleted.
     problem: str | None = None
+    #: The record as the target listed it (parsed JSON), when the target keeps it: the plan
+    #: keeps it, bounded, for the tasks it deletes (the audit row's snapshot).
+    raw: Any = None
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,8 @@ class ListRequest:
     match_fields: frozenset[str] = frozenset()
     #: Tasks created at or after this instant cannot be eligible (a server-side hint only).
     created_before: datetime | None = None
+    #: Keep each listed record on its Task (``Task.raw``), for the audit's snapshots.
+    raw: bool = False
 
 
 @dataclass(frozen=True)
@@ -580,6 +585,7 @@ def task_reader(
     """
     age_field = request.age_field
     match_fields = tuple(request.match_fields)
+    keep_raw = request.raw
 
     def read(raw: Any, where: str) -> Task:
         if not isinstance(raw, dict):
@@ -604,7 +610,8 @@ def task_reader(
                 strings[name] = "" if field_value is None else str(field_value)
             fields = strings
         gone = gone_unless is not None and raw.get(gone_unless) is False
-        task: Task = _new_task(Task, (task_id, status, timestamp, fields, gone, problem))
+        kept = raw if keep_raw else None
+        task: Task = _new_task(Task, (task_id, status, timestamp, fields, gone, problem, kept))
         return task
 
     return read

@@ -722,7 +722,15 @@ class GenericHttpTarget(Target):
             field_value = self._fields[name].get(raw)
             fields[name] = "" if field_value is MISSING or field_value is None else str(field_value)
         gone = self.config.item.gone_when is not None and self.config.item.gone_when.test(raw)
-        return Task(task_id, status, timestamp, fields, gone=gone, problem=problem)
+        return Task(
+            task_id,
+            status,
+            timestamp,
+            fields,
+            gone=gone,
+            problem=problem,
+            raw=raw if request.raw else None,
+        )
 
     @staticmethod
     def _error(
