@@ -48,7 +48,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import SQLAlchemyError
 
-from reaper.db import UTCDateTime, short_error
+from reaper.db import UTCDateTime, database_failure
 from reaper.errors import AuditError
 from reaper.settings import redact_url
 from reaper.targets.base import DeleteResult, Outcome
@@ -494,9 +494,7 @@ class AuditStore:
         return now
 
     def _fail(self, action: str, exc: SQLAlchemyError) -> AuditError:
-        return AuditError(
-            f"audit database {redact_url(self.engine.url)}: {action} failed: {short_error(exc)}"
-        )
+        return database_failure(self.engine, action, exc)
 
     # -- runs ---------------------------------------------------------------------------------
 

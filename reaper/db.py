@@ -275,6 +275,14 @@ def require_current_schema(engine: Engine) -> None:
         )
 
 
+def database_failure(
+    engine: Engine, action: str, exc: BaseException, what: str = "audit database"
+) -> AuditError:
+    """The error of a failed database ``action``: the URL without its password, the driver's
+    first line without SQL parameters."""
+    return AuditError(f"{what} {redact_url(engine.url)}: {action} failed: {short_error(exc)}")
+
+
 def short_error(exc: BaseException) -> str:
     """The first line of a driver error, without SQL parameters (they may hold task data)."""
     message = str(getattr(exc, "orig", None) or exc).strip().splitlines()

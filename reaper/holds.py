@@ -52,13 +52,12 @@ from reaper.audit import (
     metadata,
     runs_table,
 )
-from reaper.db import UTCDateTime, short_error
+from reaper.db import UTCDateTime, database_failure
 from reaper.errors import AuditError, ReaperError
 from reaper.guards import GuardTrip
 from reaper.plan import Plan
 from reaper.planfile import SavedPlan
 from reaper.policy import LoadedPolicy
-from reaper.settings import redact_url
 
 __all__ = [
     "Approval",
@@ -208,9 +207,7 @@ class HeldStore:
         self.engine = store.engine
 
     def _fail(self, action: str, exc: SQLAlchemyError) -> AuditError:
-        return AuditError(
-            f"audit database {redact_url(self.engine.url)}: {action} failed: {short_error(exc)}"
-        )
+        return database_failure(self.engine, action, exc)
 
     # -- holding ----------------------------------------------------------------------------
 

@@ -55,9 +55,8 @@ from reaper.audit import (
     audit_table,
     metadata,
 )
-from reaper.db import UTCDateTime, short_error
+from reaper.db import UTCDateTime, database_failure
 from reaper.errors import AuditError
-from reaper.settings import redact_url
 from reaper.targets.aparavi import (
     NOT_DELETABLE_NOTE,
     TASK_TYPES,
@@ -122,9 +121,7 @@ class Inventory(TaskInventory):
         return now
 
     def _fail(self, action: str, exc: SQLAlchemyError) -> AuditError:
-        return AuditError(
-            f"inventory database {redact_url(self.engine.url)}: {action} failed: {short_error(exc)}"
-        )
+        return database_failure(self.engine, action, exc, "inventory database")
 
     # -- registration -------------------------------------------------------------------------
 

@@ -17,10 +17,9 @@ from sqlalchemy import Column, String, Table, delete, insert, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from reaper.audit import AuditStore, metadata
-from reaper.db import UTCDateTime, short_error
+from reaper.db import UTCDateTime, database_failure
 from reaper.errors import AuditError
 from reaper.plan import Notice
-from reaper.settings import redact_url
 
 __all__ = ["NoticeStore", "notices_table"]
 
@@ -44,9 +43,7 @@ class NoticeStore:
         self.engine = store.engine
 
     def _fail(self, action: str, exc: SQLAlchemyError) -> AuditError:
-        return AuditError(
-            f"audit database {redact_url(self.engine.url)}: {action} failed: {short_error(exc)}"
-        )
+        return database_failure(self.engine, action, exc)
 
     def first_seen(self, policy: str) -> dict[str, datetime]:
         """Each noticed task of ``policy``: when a run first found it eligible."""

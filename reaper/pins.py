@@ -27,11 +27,10 @@ from sqlalchemy import Column, Index, Integer, String, Table, Text, insert, or_,
 from sqlalchemy.exc import SQLAlchemyError
 
 from reaper.audit import GENESIS, AuditEntry, AuditStore, Mark, RunRecord, metadata
-from reaper.db import UTCDateTime, short_error
+from reaper.db import UTCDateTime, database_failure
 from reaper.errors import AuditError, ReaperError
 from reaper.plan import Candidate
 from reaper.recheck import Cleared, SendCheck, Upcoming
-from reaper.settings import redact_url
 from reaper.targets.base import DeleteResult, Outcome
 
 __all__ = [
@@ -119,9 +118,7 @@ class PinStore:
         self.engine = store.engine
 
     def _fail(self, action: str, exc: SQLAlchemyError) -> AuditError:
-        return AuditError(
-            f"audit database {redact_url(self.engine.url)}: {action} failed: {short_error(exc)}"
-        )
+        return database_failure(self.engine, action, exc)
 
     def pin(
         self,
