@@ -23,7 +23,6 @@ import structlog
 from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from sqlalchemy import Engine
 
 from reaper import __version__
@@ -34,7 +33,6 @@ from reaper.converters import parse_duration, parse_timestamp
 from reaper.daemon import Daemon, DaemonConfig
 from reaper.db import current_revision, ensure_schema, head_revision, make_engine, upgrade
 from reaper.errors import AuditError, ConfigError, PolicyError, ReaperError
-from reaper.execute import BatchEvent
 from reaper.guards import GuardOverrides
 from reaper.holds import Approval, HeldStore
 from reaper.holds import refusal as held_refusal
@@ -49,6 +47,7 @@ from reaper.pins import PinStore
 from reaper.plan import Plan
 from reaper.planfile import SavedPlan, diff_plan, load_saved, refusal, save_plans
 from reaper.policy import LoadedPolicy, load_policies, policy_json_schema
+from reaper.progress import BatchReporter, ProgressBars
 from reaper.report import (
     audit_csv,
     audit_json,
@@ -955,7 +954,7 @@ async def _run_all(
     budgets = EndpointBudgets(ctx.settings.endpoint_budgets)
     budgets.register(loaded)
     endpoints = {name: key for key, names in budgets.keys().items() for name in names}
-    bars = _ProgressBars(ctx.err)
+    bars = ProgressBars(ctx.err)
 
     async def one(item: LoadedPolicy) -> PolicyRun:
         slot = None
@@ -963,7 +962,7 @@ async def _run_all(
             assert item.policy.schedule is not None
             now = await asyncio.to_thread(store.db_now)
             slot = parse_cron(item.policy.schedule, item.policy.zone).previous_fire_time(now)
-        reporter = _BatchReporter(ctx.err, bars)
+        reporter = BatchReporter(ctx.err, bars)
         try:
             result = await run_policy(
                 item,
@@ -1012,89 +1011,6 @@ def _graceful_signals(stop: asyncio.Event) -> None:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, handle, signum)
-
-
-class _ProgressBars:
-    """On a TTY, one progress bar per running policy, in one live display."""
-
-    def __init__(self, console: Console) -> None:
-        self.console = console
-        self.progress: Progress | None = None
-
-    def add(self, name: str, total: int) -> Any:
-        """A bar for a policy about to delete (None when stderr is not a TTY)."""
-        if not self.console.is_terminal:
-            return None
-        if self.progress is None:
-            self.progress = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeRemainingColumn(),
-                console=self.console,
-                transient=True,
-                # Log lines written meanwhile go through the console, above the bar: reaper.logs
-                # writes to whatever sys.stderr is, and this swaps in rich's proxy.
-                redirect_stderr=True,
-            )
-            self.progress.start()
-        # Descriptions are markup: a template instance's name has brackets.
-        return self.progress.add_task(escape(name), total=total)
-
-    def advance(self, bar: Any, size: int) -> None:
-        if self.progress is not None:
-            self.progress.advance(bar, size)
-
-    def remove(self, bar: Any) -> None:
-        if self.progress is not None:
-            self.progress.remove_task(bar)
-
-    def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-            self.progress = None
-
-
-class _BatchReporter:
-    """A policy's progress bar on a TTY; one structured log line per batch otherwise."""
-
-    def __init__(self, console: Console, bars: _ProgressBars | None = None) -> None:
-        # A reporter of its own (one policy) owns its display; in a fleet run the bars are shared.
-        self.owns_bars = bars is None
-        self.bars = bars or _ProgressBars(console)
-        self.bar: Any = None
-
-    def plan(self, plan: Plan) -> None:
-        if plan.eligible:
-            self.bar = self.bars.add(plan.policy.name, plan.eligible)
-
-    def batch(self, event: BatchEvent) -> None:
-        if self.bar is not None:
-            self.bars.advance(self.bar, event.size)
-            return
-        outcomes: dict[str, int] = {}
-        for result in event.results:
-            outcomes[result.outcome.value] = outcomes.get(result.outcome.value, 0) + 1
-        log.info(
-            "batch_done",
-            batch=event.batch_no,
-            size=event.size,
-            **outcomes,
-            deleted_total=event.summary.deleted,
-            failed_total=event.summary.failed,
-            remaining=event.total
-            - event.summary.deleted
-            - event.summary.already_gone
-            - event.summary.failed
-            - event.summary.unknown,
-        )
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bars.remove(self.bar)
-            self.bar = None
-        if self.owns_bars:
-            self.bars.close()
 
 
 # --- audit ------------------------------------------------------------------------------------

@@ -27,11 +27,11 @@ from rich.console import Console
 from sqlalchemy import select
 
 from reaper.audit import AuditStore, audit_table, runs_table
-from reaper.cli import _BatchReporter, _ProgressBars
 from reaper.daemon import JitteredTrigger
 from reaper.db import make_engine
 from reaper.metrics import Metrics
 from reaper.parallel import Turns, run_spread
+from reaper.progress import BatchReporter, ProgressBars
 from reaper.runner import RunStatus, run_policy, tls_context
 from reaper.schedule import parse_cron
 from reaper.simulators import DataPipelineSimulator, Faults
@@ -434,8 +434,8 @@ class TestProgressBars:
     def test_one_bar_per_running_policy(self) -> None:
         """On a terminal each policy deleting has its own bar, gone when its run ends."""
         console = Console(file=io.StringIO(), force_terminal=True)
-        bars = _ProgressBars(console)
-        first, second = _BatchReporter(console, bars), _BatchReporter(console, bars)
+        bars = ProgressBars(console)
+        first, second = BatchReporter(console, bars), BatchReporter(console, bars)
         for reporter, name in ((first, "a"), (second, "b")):
             reporter.plan(SimpleNamespace(eligible=10, policy=SimpleNamespace(name=name)))  # type: ignore[arg-type]
         assert bars.progress is not None

@@ -32,11 +32,11 @@ from test_clocks import policy
 from test_plan import target_for
 
 from reaper.audit import RunSummary
-from reaper.cli import _BatchReporter
 from reaper.db import make_engine, upgrade
 from reaper.execute import BatchEvent
 from reaper.logs import configure_logging
 from reaper.plan import Planner
+from reaper.progress import BatchReporter
 from reaper.simulators import DataPipelineSimulator, Faults
 from reaper.targets.base import Task
 
@@ -111,7 +111,7 @@ class TestLogLinesAboveTheBar:
             planner.add(Task(f"task_20260901_{n:06d}", "completed", NOW - timedelta(days=40)))
         plan = planner.finish()
         console = Console(stderr=True, soft_wrap=True, width=COLUMNS, force_terminal=True)
-        reporter = _BatchReporter(console)
+        reporter = BatchReporter(console)
         reporter.plan(plan)
         assert reporter.bars.progress is not None
         log = structlog.get_logger("reaper.test")
