@@ -299,6 +299,10 @@ def _snapshot(text: str | None) -> Any:
         return text
 
 
+#: Rows recording what people did (reaper.people): no request went to the target.
+_PEOPLE_OUTCOMES = frozenset({"pinned", "unpinned", "approved", "rejected"})
+
+
 def explain_text(entry: dict[str, Any], console: Console, show_policy: bool) -> None:
     """Print one explained row for a person."""
     answer = f"HTTP {entry['http_status']}" if entry["http_status"] else "no answer"
@@ -309,10 +313,12 @@ def explain_text(entry: dict[str, Any], console: Console, show_policy: bool) -> 
         f"by policy {escape(entry['policy'])} (version {str(entry['policy_hash'])[:12]}, "
         f"{entry['mode']} {entry['run_id']})"
     )
-    console.print(
-        f"  rule: {entry['rule']}; listed as {entry['task_status']}, {entry['task_timestamp']}"
-    )
-    console.print(f"  target {entry['target']} answered {answer}")
+    listed = ""
+    if entry["task_status"] is not None or entry["task_timestamp"] is not None:
+        listed = f"; listed as {entry['task_status']}, {entry['task_timestamp']}"
+    console.print(f"  rule: {entry['rule']}{listed}")
+    if entry["outcome"] not in _PEOPLE_OUTCOMES:  # a person's decision: the target was not asked
+        console.print(f"  target {entry['target']} answered {answer}")
     if entry["note"]:
         console.print(f"  note: {entry['note']}")
     approval = entry["approval"]

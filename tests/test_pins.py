@@ -284,6 +284,10 @@ class TestCommands:
         explained = json.loads(reaper("explain", task_id, "--output", "json", env=env).stdout)
         assert [(e["outcome"], e["mode"]) for e in explained] == [("pinned", "pin")]
         assert "pinned by ana" in explained[0]["note"]
+        text = reaper("explain", task_id, env=env).stdout
+        assert "pinned by ana" in text and "case 7" in text
+        # A person's decision: no request went to the target, and nothing was listed.
+        assert "answered" not in text and "listed as" not in text
         unpinned = reaper("unpin", task_id, "--policy", "test-policy", "--by", "ana", env=env)
         assert unpinned.returncode == 0, unpinned.stderr
         assert reaper("pin", "list", "--output", "json", env=env).stdout.strip() == "[]"
