@@ -29,8 +29,8 @@ from reaper import __version__
 from reaper.audit import AuditStore
 from reaper.budgets import EndpointBudgets, rate_conflicts
 from reaper.clocks import ClockLimits
-from reaper.converters import parse_duration, parse_timestamp
-from reaper.daemon import Daemon, DaemonConfig
+from reaper.converters import format_duration, parse_duration, parse_timestamp
+from reaper.daemon import Daemon, DaemonConfig, JitteredTrigger
 from reaper.db import current_revision, ensure_schema, head_revision, make_engine, upgrade
 from reaper.errors import AuditError, ConfigError, PolicyError, ReaperError
 from reaper.guards import GuardOverrides
@@ -336,6 +336,12 @@ def validate(
                 "timezone": item.policy.timezone,
                 "next_runs": [_utc_iso(fire) for fire in _next_runs(item, start, 5)],
             }
+            if item.policy.schedule and item.policy.schedule_jitter:
+                # `serve` starts each run this policy's fixed offset after its slot.
+                entry["schedule_jitter"] = format_duration(item.policy.schedule_jitter)
+                entry["starts"] = [
+                    _utc_iso(_start_of(item, fire)) for fire in _next_runs(item, start, 5)
+                ]
             if item.instance is not None:
                 entry |= {"template": item.template, "values": item.instance.values()}
             entries.append(entry)
@@ -368,6 +374,9 @@ def validate(
             line = f"      {local:%a %Y-%m-%d %H:%M %Z}"
             if local.utcoffset():
                 line += f"  ({fire:%Y-%m-%d %H:%M} UTC)"
+            if policy.schedule_jitter:
+                offset = _start_of(item, fire) - fire
+                line += f"  starts +{format_duration(offset)} (schedule_jitter)"
             ctx.out.print(line, highlight=False)
 
 
@@ -422,6 +431,15 @@ def _next_runs(item: LoadedPolicy, start: datetime, count: int) -> list[datetime
     if not item.policy.schedule:
         return []
     return parse_cron(item.policy.schedule, item.policy.zone).next_fire_times(start, count)
+
+
+def _start_of(item: LoadedPolicy, slot: datetime) -> datetime:
+    """When ``serve`` starts the run of ``slot``: later by the policy's jitter offset."""
+    policy = item.policy
+    if not policy.schedule or not policy.schedule_jitter:
+        return slot
+    schedule = parse_cron(policy.schedule, policy.zone)
+    return JitteredTrigger(schedule, policy.schedule_jitter, item.name).fire_time(slot)
 
 
 def _utc_iso(moment: datetime) -> str:

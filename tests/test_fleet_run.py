@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import certifi
 import pytest
@@ -406,6 +407,48 @@ class TestJitter:
             fires.append(fire)
         assert len(set(fires)) == 40
         assert max(fires) - min(fires) > jitter / 2
+
+    def test_validate_shows_when_each_run_starts(self, tmp_path: Path) -> None:
+        """`validate --output json` gives the jittered start of each slot: what `serve`'s
+        trigger fires at, one fixed offset within the jitter, another for another name."""
+        docs = [
+            {
+                **policy_doc("http://127.0.0.1:9", name=name),
+                "schedule": "0 3 * * *",
+                "timezone": "Europe/Berlin",
+                "schedule_jitter": "30m",
+            }
+            for name in ("tenant-a", "tenant-b")
+        ]
+        (tmp_path / "p.yaml").write_text(yaml.safe_dump(docs), encoding="utf-8")
+        result = reaper(
+            "validate",
+            str(tmp_path / "p.yaml"),
+            "--output",
+            "json",
+            "--after",
+            "2026-12-06T00:00:00Z",
+            env={},
+        )
+        assert result.returncode == 0, result.stderr
+        offsets = []
+        for entry in json.loads(result.stdout):
+            assert entry["schedule_jitter"] == "30m"
+            # 03:00 in Berlin in December is 02:00 UTC.
+            assert entry["next_runs"][0] == "2026-12-06T02:00:00Z"
+            slots = [datetime.fromisoformat(t) for t in entry["next_runs"]]
+            starts = [datetime.fromisoformat(t) for t in entry["starts"]]
+            [offset] = {start - slot for slot, start in zip(slots, starts, strict=True)}
+            assert timedelta(0) <= offset < timedelta(minutes=30)
+            trigger = JitteredTrigger(
+                parse_cron("0 3 * * *", ZoneInfo("Europe/Berlin")),
+                timedelta(minutes=30),
+                entry["name"],
+            )
+            fire = trigger.get_next_fire_time(None, slots[0] - timedelta(hours=1))
+            assert fire.replace(microsecond=0) == starts[0]
+            offsets.append(offset)
+        assert offsets[0] != offsets[1]
 
     def test_the_offset_stays_below_half_the_gap_to_the_next_slot(self) -> None:
         """With a jitter longer than the schedule's interval a run still starts before the next
