@@ -554,8 +554,6 @@ class _PolicyRunner:
         self._not_carried_out(report)
         plan = await self._give_notice(plan, run_id)
         plan = self._restrict(plan)
-        if not await self._carry_out_approval(run_id):
-            return
         run.plan = plan
         summary.listed = plan.listed
         summary.eligible = plan.eligible
@@ -592,6 +590,10 @@ class _PolicyRunner:
             return
         if plan.eligible and self._time_up():
             self._out_of_time(plan)
+            return
+        # Only now is the approval used up: a run refused by the clock, or out of time before
+        # its first batch, has not carried it out, and leaves it to the next run.
+        if not await self._carry_out_approval(run_id):
             return
         if plan.eligible:
             listing_requests = target.http.stats.requests
