@@ -1040,13 +1040,15 @@ class AuditStore:
                 runs = connection.execute(
                     select(
                         runs_table.c.id,
+                        runs_table.c.mode,
                         runs_table.c.policy_hash,
+                        runs_table.c.policy_json,
                         runs_table.c.chain_head,
                         runs_table.c.chain_length,
                     ).order_by(runs_table.c.started_at)
                 ).all()
                 for run in runs:
-                    problem = _verify_run(connection, run)
+                    problem = _verify_policy_text(run) or _verify_run(connection, run)
                     if problem is not None:
                         problems.append(problem)
         except SQLAlchemyError as exc:
@@ -1362,6 +1364,27 @@ class ChainProblem:
     chain_seq: int | None
     task_id: str | None
     message: str
+
+
+#: Runs of a policy: their ``policy_json`` is the policy's canonical JSON, and ``policy_hash``
+#: its SHA-256 (people's and housekeeping runs record other details there).
+_POLICY_MODES = frozenset({"run", "dry_run", "apply", "correction"})
+
+
+def _verify_policy_text(run: Any) -> ChainProblem | None:
+    """A policy run's stored policy text must hash to the version its chained rows name (which
+    the chain covers): ``explain --show-policy`` prints that text."""
+    if run.mode not in _POLICY_MODES or not run.policy_json:
+        return None
+    if hashlib.sha256(run.policy_json.encode()).hexdigest() == run.policy_hash:
+        return None
+    return ChainProblem(
+        run.id,
+        None,
+        None,
+        f"the run's policy text does not hash to its policy version {run.policy_hash[:12]}: "
+        "it was edited",
+    )
 
 
 def _verify_run(connection: Connection, run: Any) -> ChainProblem | None:

@@ -26,14 +26,14 @@ from rich.markup import escape
 from sqlalchemy import Engine
 
 from reaper import __version__
-from reaper.audit import AuditStore
+from reaper.audit import AuditStore, Mark
 from reaper.budgets import EndpointBudgets, rate_conflicts
 from reaper.clocks import ClockLimits
 from reaper.converters import format_duration, parse_duration, parse_timestamp
 from reaper.daemon import Daemon, DaemonConfig, JitteredTrigger
 from reaper.db import current_revision, ensure_schema, head_revision, make_engine, upgrade
 from reaper.errors import AuditError, ConfigError, PolicyError, ReaperError
-from reaper.guards import GuardOverrides
+from reaper.guards import GuardOverrides, check_guards
 from reaper.holds import Approval, HeldStore
 from reaper.holds import refusal as held_refusal
 from reaper.leases import Leases
@@ -73,7 +73,7 @@ from reaper.schedule import parse_cron
 from reaper.settings import Settings, redact_url
 from reaper.shards import Shard, parse_shard
 from reaper.sinks import sink_problems
-from reaper.targets import installed_kinds
+from reaper.targets import Outcome, installed_kinds
 from reaper.track import track_command
 
 __all__ = ["main"]
@@ -530,8 +530,9 @@ def plan(
     engine = _database_for_targets(ctx, loaded)
     saved = {s.policy: s for s in load_saved(diff_path)} if diff_path else {}
     recorded = _recorded(ctx)
+    guard_notes: dict[str, list[str]] = {}
     try:
-        results = asyncio.run(_plan_all(ctx, loaded, engine, recorded))
+        results = asyncio.run(_plan_all(ctx, loaded, engine, recorded, guard_notes))
     except AuditError as exc:
         _fail(EXIT_FAILED, f"{exc}; nothing was planned")
     finally:
@@ -549,7 +550,10 @@ def plan(
         for item, result, error, changes in results:
             document: dict[str, Any] = (
                 # `is not None`: a plan with nothing eligible is falsy (its len is 0).
-                {**plan_dict(result, examples), "warnings": _clock_notes(result)}
+                {
+                    **plan_dict(result, examples),
+                    "warnings": guard_notes.get(item.name, []) + _clock_notes(result),
+                }
                 if result is not None
                 else {"policy": item.name, "error": error}
             )
@@ -567,7 +571,9 @@ def plan(
             plan_table(result, ctx.out, examples)
             for change in changes:
                 ctx.out.print(f"  a run would also {change}", highlight=False, markup=False)
-            _print_warnings(ctx.out, item.name, _clock_notes(result))
+            _print_warnings(
+                ctx.out, item.name, guard_notes.get(item.name, []) + _clock_notes(result)
+            )
             if item.name in saved:
                 diff_table(diff_plan(saved[item.name], result), ctx.out, examples)
             elif diff_path is not None:
@@ -617,9 +623,11 @@ async def _plan_all(
     loaded: Sequence[LoadedPolicy],
     engine: Engine | None,
     recorded: AuditStore | None = None,
+    guard_notes: dict[str, list[str]] | None = None,
 ) -> list[tuple[LoadedPolicy, Plan | None, str | None, Sequence[str]]]:
     """Each policy's plan or why there is none, and what a run would write to its target's
-    state besides deleting. Pins and notices come from ``recorded`` (an AuditError stops)."""
+    state besides deleting. Pins, notices and the guards' history come from ``recorded`` (an
+    AuditError stops); ``guard_notes`` gets, by policy, the guard a run would trip."""
     results: list[tuple[LoadedPolicy, Plan | None, str | None, Sequence[str]]] = []
     for item in loaded:
         now = datetime.now(UTC)
@@ -644,11 +652,31 @@ async def _plan_all(
             if notice is not None:
                 result = result.give_notice(first_seen, now, notice)
             results.append((item, result, None, target.state_changes()))
+            if guard_notes is not None:
+                guard_notes[item.name] = _guard_notes(item, result, recorded)
         except ReaperError as exc:
             results.append((item, None, f"listing failed, nothing would be deleted: {exc}", ()))
         finally:
             await client.aclose()
     return results
+
+
+def _guard_notes(item: LoadedPolicy, plan: Plan, recorded: AuditStore | None) -> list[str]:
+    """The mass-deletion guard a run would trip on this plan (the anomaly guard only when the
+    audit database holds the policy's history), said before the run is refused."""
+    policy = item.policy
+    history = (
+        recorded.recent_eligible(item.name, policy.delete.anomaly.history)
+        if recorded is not None
+        else []
+    )
+    trip = check_guards(policy, plan.eligible, plan.listed, history)
+    if trip is None:
+        return []
+    what, _, remedy = trip.message.partition("; nothing was deleted ")
+    remedy = remedy[:-1] + ", or approve the plan it holds)" if remedy.endswith(")") else ""
+    note = f"`reaper run` would refuse this policy and hold its plan for approval: {what}"
+    return [f"{note} {remedy}" if remedy else note]
 
 
 def _clock_notes(plan: Plan) -> list[str]:
@@ -1057,7 +1085,11 @@ def _since(value: str | None) -> datetime | None:
 @click.option("--policy", help="Only rows of this policy.")
 @click.option("--task-id", help="Only rows about this task.")
 @click.option("--run-id", help="Only rows of this run.")
-@click.option("--outcome", help="Only rows with this outcome (deleted, failed, ...).")
+@click.option(
+    "--outcome",
+    type=click.Choice([o.value for o in Outcome] + [m.value for m in Mark]),
+    help="Only rows with this outcome.",
+)
 @click.option("--since", help="Only rows since a duration ago ('7d') or an ISO-8601 time.")
 @click.option(
     "--limit",

@@ -211,7 +211,8 @@ def pin_list(
 def _pins_table(ctx: Context, pins: Sequence[Pin]) -> None:
     table = Table()
     for column in ("pin", "task_id", "holds for", "reason", "by", "since", "until", "lifted"):
-        table.add_column(column)
+        # The task id whole: `reaper unpin TASK_ID` needs it.
+        table.add_column(column, no_wrap=column == "task_id")
     for pin in pins:
         lifted = ""
         if pin.unpinned_at is not None:
@@ -297,7 +298,11 @@ def held_list(ctx: Context, policy: str | None, include_closed: bool, output: st
 def _held_table(ctx: Context, plans: Sequence[HeldPlan]) -> None:
     table = Table()
     for column in ("run_id", "policy", "eligible", "guard", "held at", "status", "decision"):
-        table.add_column(column, justify="right" if column == "eligible" else "left")
+        if column == "run_id":
+            # Whole, however narrow the terminal: `reaper approve RUN_ID` needs all of it.
+            table.add_column(column, no_wrap=True, min_width=36)
+        else:
+            table.add_column(column, justify="right" if column == "eligible" else "left")
     for held in plans:
         decision = ""
         if held.approved_by is not None and held.valid_until is not None:

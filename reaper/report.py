@@ -199,14 +199,15 @@ def runs_table(runs: Sequence[PolicyRun], console: Console) -> None:
         "gone",
         "failed",
         "unknown",
-        "refused",
+        "refused ids",
         "kept",
         "reclaimed",
     ):
         table.add_column(name, justify="left" if name in ("policy", "status") else "right")
     for run in runs:
         s = run.summary
-        deleted = str(s.deleted if run.mode.value == "run" else f"{s.dry_run} (dry run)")
+        # `apply` deletes as `run` does; only a dry run deletes nothing.
+        deleted = f"{s.dry_run} (dry run)" if run.mode.value == "dry_run" else str(s.deleted)
         table.add_row(
             escape(run.policy),  # template instances' names hold brackets, as markup does
             run.status.value,
@@ -308,16 +309,18 @@ def explain_text(entry: dict[str, Any], console: Console, show_policy: bool) -> 
     answer = f"HTTP {entry['http_status']}" if entry["http_status"] else "no answer"
     if entry["error_code"] or entry["error_message"]:
         answer += f": {entry['error_code'] or ''} {entry['error_message'] or ''}".rstrip()
+    person = entry["outcome"] in _PEOPLE_OUTCOMES  # the note says who; the policy is the scope
     console.print(
         f"[bold]{entry['when']}[/bold] {entry['task_id']}: [bold]{entry['outcome']}[/bold] "
-        f"by policy {escape(entry['policy'])} (version {str(entry['policy_hash'])[:12]}, "
+        f"{'for' if person else 'by'} policy {escape(entry['policy'])} "
+        f"(version {str(entry['policy_hash'])[:12]}, "
         f"{entry['mode']} {entry['run_id']})"
     )
     listed = ""
     if entry["task_status"] is not None or entry["task_timestamp"] is not None:
         listed = f"; listed as {entry['task_status']}, {entry['task_timestamp']}"
     console.print(f"  rule: {entry['rule']}{listed}")
-    if entry["outcome"] not in _PEOPLE_OUTCOMES:  # a person's decision: the target was not asked
+    if not person:  # a person's decision: the target was not asked
         console.print(f"  target {entry['target']} answered {answer}")
     if entry["note"]:
         console.print(f"  note: {entry['note']}")
@@ -335,7 +338,9 @@ def explain_text(entry: dict[str, Any], console: Console, show_policy: bool) -> 
         shown = json.dumps(entry["snapshot"], ensure_ascii=False, sort_keys=True)
         console.print(f"  record as listed: {shown}", highlight=False, markup=False)
     if show_policy and entry["policy_json"]:
-        console.print(f"  policy: {entry['policy_json']}")
+        # A person's run records what was decided there, not a policy.
+        label = "recorded" if person else "policy"
+        console.print(f"  {label}: {entry['policy_json']}")
 
 
 def audit_json(rows: Iterable[AuditRow], out: TextIO) -> None:

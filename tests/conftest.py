@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -189,3 +190,8 @@ def make_policy(base_url: str, **sections: Any) -> LoadedPolicy:
 def fast_retries() -> dict[str, Any]:
     """Target settings that retry quickly, for tests of the retry path."""
     return {"attempts": 4, "backoff": "0s", "max_backoff": "1s"}
+
+
+#: The version of an empty policy text ("{}") as the audit records it: its SHA-256, which
+#: `reaper audit verify` checks a policy run's stored text against.
+EMPTY_POLICY_HASH = hashlib.sha256(b"{}").hexdigest()

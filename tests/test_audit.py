@@ -8,6 +8,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from conftest import EMPTY_POLICY_HASH
 from hypothesis import given
 from hypothesis import strategies as st
 from sqlalchemy import select
@@ -36,7 +37,7 @@ from reaper.leases import leases_table, replicas_table
 from reaper.reconcile import Reconciler
 from reaper.targets.base import DeleteResult, Outcome, Task
 
-RECORD = RunRecord("p", "0" * 64, "{}", "data_pipeline", "http://t", "run")
+RECORD = RunRecord("p", EMPTY_POLICY_HASH, "{}", "data_pipeline", "http://t", "run")
 
 
 class TestMigrations:

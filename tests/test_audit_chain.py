@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from conftest import NOW, make_policy, sim_task
+from conftest import EMPTY_POLICY_HASH, NOW, make_policy, sim_task
 from hypothesis import given
 from hypothesis import strategies as st
 from sqlalchemy import delete, select, update
@@ -116,10 +116,25 @@ class TestChain:
             )
         assert len(store.verify()) == 1
 
+    def test_the_policy_text_is_covered(self, data_pipeline: Start, store: AuditStore) -> None:
+        """Rewriting the policy text a run stored (what `explain --show-policy` prints) is found:
+        its SHA-256 no longer matches the policy version the chain covers."""
+        run_id = populated(data_pipeline, store)
+        assert store.verify() == []
+        edited = json.dumps({"select": {"older_than": "1d"}})
+        with store.engine.begin() as connection:
+            connection.execute(
+                update(runs_table).where(runs_table.c.id == run_id).values(policy_json=edited)
+            )
+        [problem] = store.verify()
+        assert problem.run_id == run_id and "policy text" in problem.message
+
     def test_settling_an_unknown_row_keeps_the_chain(self, store: AuditStore) -> None:
         """An ``unknown`` outcome is not final: reconciliation settles it later, so it joins the
         chain only then, and the chain verifies before and after (issue 15: every 504 is one)."""
-        run_id = store.start_run(RunRecord("p", "0" * 64, "{}", "data_pipeline", "http://t", "run"))
+        run_id = store.start_run(
+            RunRecord("p", EMPTY_POLICY_HASH, "{}", "data_pipeline", "http://t", "run")
+        )
         stamp = datetime(2026, 9, 1, tzinfo=UTC)
         store.record(run_id, [AuditEntry(t, "old", "completed", stamp) for t in "abc"])
         store.resolve(

@@ -22,7 +22,7 @@ from reaper.audit import (
 from reaper.db import make_engine, upgrade
 from reaper.targets.base import DeleteResult, Outcome
 
-POLICY_HASH = "ab" * 32
+POLICY_HASH = hashlib.sha256(b"{}").hexdigest()  # the version of the policy text "{}"
 STAMP = datetime(2026, 9, 1, 12, 0, tzinfo=UTC)
 
 

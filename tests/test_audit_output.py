@@ -17,6 +17,7 @@ from typing import Any
 import psycopg
 import pytest
 import sqlalchemy as sa
+from conftest import EMPTY_POLICY_HASH
 from test_cli import reaper
 
 from reaper.audit import AuditEntry, AuditStore, RunRecord, audit_table
@@ -32,7 +33,7 @@ def fill(store: AuditStore, policy: str, count: int, *, start: int = 0) -> None:
     """``count`` dry-run rows of ``policy`` in runs of PER_RUN rows."""
     for first in range(start, start + count, PER_RUN):
         run_id = store.start_run(
-            RunRecord(policy, "0" * 64, "{}", "data_pipeline", "http://t", "dry_run")
+            RunRecord(policy, EMPTY_POLICY_HASH, "{}", "data_pipeline", "http://t", "dry_run")
         )
         store.record(
             run_id,
@@ -121,6 +122,13 @@ class TestMachineReadableOutput:
         )
         header = reaper("audit", "--policy", "none", "--output", "csv", env=env).stdout
         assert header.splitlines() == [",".join(c.name for c in audit_table.columns)]
+
+    def test_an_unknown_outcome_is_a_usage_error(self, filled: dict[str, Any]) -> None:
+        """A misspelt --outcome is refused (exit 2, naming the outcomes), not an empty answer
+        that reads as "no such rows"."""
+        result = reaper("audit", "--outcome", "delted", "--output", "json", env=filled["env"])
+        assert result.returncode == 2 and result.stdout == ""
+        assert "'deleted'" in result.stderr and "'skipped_changed'" in result.stderr
 
     def test_a_reader_that_stops_early_gets_no_traceback(self, filled: dict[str, Any]) -> None:
         """`reaper audit --output json | head -c 100`: reaper exits quietly with code 1."""

@@ -8,7 +8,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from conftest import NOW, make_policy, sim_task
+from conftest import EMPTY_POLICY_HASH, NOW, make_policy, sim_task
 
 from reaper.audit import AuditStore, RunRecord, RunSummary
 from reaper.guards import GuardOverrides, check_guards
@@ -98,7 +98,7 @@ def history(store: AuditStore, *eligible: int) -> None:
     """Record finished runs of test-policy with these eligible counts (oldest first)."""
     for count in eligible:
         run_id = store.start_run(
-            RunRecord("test-policy", "0" * 64, "{}", "data_pipeline", "t", "run")
+            RunRecord("test-policy", EMPTY_POLICY_HASH, "{}", "data_pipeline", "t", "run")
         )
         store.finish_run(run_id, "succeeded", RunSummary(eligible=count))
 
@@ -185,3 +185,50 @@ def test_cli_exit_code_is_1(guard: str, data_pipeline: Start, tmp_path: Any) -> 
     )
     assert result.returncode == 1
     assert f"guard {guard} tripped" in result.stdout
+
+
+@pytest.mark.parametrize("guard", ["max_deletions", "max_fraction"])
+def test_plan_says_a_run_would_be_refused(guard: str, data_pipeline: Start, tmp_path: Any) -> None:
+    """`reaper plan` warns, before any run, that the guard would refuse this plan; it still
+    exits 0 and deletes nothing. Within the limits it says nothing about guards."""
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+    from conftest import policy_doc
+
+    sim, url = data_pipeline(inventory(5))
+
+    def plan(delete: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+        doc = policy_doc(url)
+        doc["delete"] = delete
+        (tmp_path / "p.yaml").write_text(yaml.safe_dump(doc), encoding="utf-8")
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "reaper",
+                "plan",
+                "--output",
+                "json",
+                "--policies",
+                str(tmp_path),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+            env={"PATH": "/usr/bin:/bin", "REAPER_DATABASE_URL": f"sqlite:///{tmp_path}/a.db"},
+        )
+
+    tight = {"max_deletions": 4} if guard == "max_deletions" else {"max_fraction": 0.5}
+    result = plan(tight)
+    assert result.returncode == 0, result.stderr
+    [document] = json.loads(result.stdout)
+    [warning] = document["warnings"]
+    assert warning.startswith("`reaper run` would refuse this policy")
+    assert f"guard {guard} tripped" in warning and "approve" in warning
+    loose = plan({"max_deletions": 5, "max_fraction": 1.0})
+    assert json.loads(loose.stdout)[0]["warnings"] == []
+    assert sim.stats["delete_requests"] == 0

@@ -87,6 +87,16 @@ class TestApply:
         assert run["mode"] == "apply"
         assert run["not_eligible"] == []
 
+    def test_the_summary_table_counts_what_apply_deleted(self, setup: dict[str, Any]) -> None:
+        """The table after `apply` shows the tasks deleted (an apply is not a dry run)."""
+        result = reaper("apply", str(setup["plan"]), "--migrate", env=setup["env"])
+        assert result.returncode == 0, result.stderr
+        assert len(setup["sim"].deleted_ids) == 10
+        [row] = [line for line in result.stdout.splitlines() if "test-policy" in line]
+        cells = [cell.strip() for cell in row.strip("│┃ ").split("│")]
+        assert cells[:4] == ["test-policy", "succeeded", "10", "10"]
+        assert "dry run" not in result.stdout
+
     def test_only_what_is_still_eligible(self, setup: dict[str, Any]) -> None:
         """A task that became protected and one that vanished are not deleted; a new one is not."""
         sim = setup["sim"]
