@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
@@ -36,8 +36,10 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    and_,
     delete,
     insert,
+    or_,
     select,
     update,
 )
@@ -140,11 +142,17 @@ class HeldPlan:
     closed_by: str | None = None
     close_note: str | None = None
 
+    def expired(self, now: datetime) -> bool:
+        """Approved, but the approval's validity ended before it was carried out."""
+        return (
+            self.status == "approved" and self.valid_until is not None and self.valid_until <= now
+        )
+
     def as_dict(self) -> dict[str, Any]:
         return {
             name: (value.isoformat() if isinstance(value, datetime) else value)
             for name, value in self.__dict__.items()
-        }
+        } | {"expired": self.expired(datetime.now(UTC))}
 
 
 @dataclass(frozen=True)
@@ -212,8 +220,8 @@ class HeldStore:
     # -- holding ----------------------------------------------------------------------------
 
     def hold(self, run_id: str, plan: Plan, trip: GuardTrip, now: datetime) -> HeldPlan:
-        """Hold ``plan``, refused by ``trip`` in run ``run_id``; an older held plan of the policy
-        nobody decided on is superseded."""
+        """Hold ``plan``, refused by ``trip`` in run ``run_id``; an older plan of the policy
+        nobody decided on, or whose approval expired unused, is superseded."""
         loaded = plan.policy
         held = HeldPlan(
             run_id=run_id,
@@ -231,7 +239,15 @@ class HeldStore:
             with self.engine.begin() as connection:
                 connection.execute(
                     update(held_table)
-                    .where(held_table.c.policy == loaded.name, held_table.c.status == "held")
+                    .where(
+                        held_table.c.policy == loaded.name,
+                        or_(
+                            held_table.c.status == "held",
+                            and_(
+                                held_table.c.status == "approved", held_table.c.valid_until <= now
+                            ),
+                        ),
+                    )
                     .values(status="superseded", closed_at=now, close_note=f"by run {run_id}")
                 )
                 connection.execute(insert(held_table).values(**held.__dict__))
@@ -384,7 +400,9 @@ class HeldStore:
         """Approve the held plan of ``run_id``: recorded in the audit (one chained row per id),
         then in force for ``valid_for``."""
         held = self.get(run_id)
-        if held.status != "held":
+        # An approval that expired unused may be given again (a new approval, chained too).
+        expired = held.status == "approved" and held.expired(now)
+        if held.status != "held" and not expired:
             raise HoldError(f"held run {run_id} is {held.status}: only a held plan is approved")
         until = now + valid_for
         try:
@@ -426,7 +444,7 @@ class HeldStore:
         )
         self._update(
             run_id,
-            "held",
+            held.status,
             "recording an approval",
             status="approved",
             approval_id=approval_id,

@@ -303,6 +303,7 @@ def _held_table(ctx: Context, plans: Sequence[HeldPlan]) -> None:
             table.add_column(column, no_wrap=True, min_width=36)
         else:
             table.add_column(column, justify="right" if column == "eligible" else "left")
+    now = datetime.now(UTC)
     for held in plans:
         decision = ""
         if held.approved_by is not None and held.valid_until is not None:
@@ -315,7 +316,8 @@ def _held_table(ctx: Context, plans: Sequence[HeldPlan]) -> None:
             str(held.eligible),
             held.guard,
             held.held_at.isoformat(),
-            held.status,
+            # Still listed: it may be approved again, or a newer hold supersedes it.
+            "approved (expired)" if held.expired(now) else held.status,
             decision,
         )
     ctx.out.print(table)

@@ -242,6 +242,55 @@ class TestApproval:
         result = run(loaded, store)
         assert result.status is RunStatus.REFUSED and sim.deleted_ids == []
 
+    def test_an_expired_approval_may_be_given_again(
+        self, data_pipeline: Start, store: AuditStore
+    ) -> None:
+        """An approval that ran out unused shows as expired and can be given again (a second
+        approval, chained); the next run then carries it out."""
+        sim, url = data_pipeline(old(5))
+        loaded = make_policy(url, delete=LIMIT)
+        refused = run(loaded, store)
+        approve(
+            store,
+            refused.run_id,
+            now=datetime.now(UTC) - timedelta(hours=2),
+            valid_for=timedelta(hours=1),
+        )
+        held = HeldStore(store).get(refused.run_id)
+        assert held.expired(datetime.now(UTC)) and held.as_dict()["expired"] is True
+        again = approve(store, refused.run_id, by="pia")
+        assert again.by == "pia"
+        result = run(loaded, store)
+        assert result.status is RunStatus.SUCCEEDED and result.approval_id == again.id
+        assert sorted(sim.deleted_ids) == ids(0, 1, 2, 3, 4)
+        with store.engine.connect() as connection:
+            modes = connection.execute(
+                select(runs_table.c.mode).where(runs_table.c.mode == "approval")
+            ).scalars()
+            assert list(modes) == ["approval", "approval"]
+        assert store.verify() == []
+
+    def test_a_new_hold_supersedes_an_expired_approval(
+        self, data_pipeline: Start, store: AuditStore
+    ) -> None:
+        """When the run after an expired approval is refused and holds its plan, the expired
+        one is superseded: one plan of the policy is open at a time."""
+        _, url = data_pipeline(old(5))
+        loaded = make_policy(url, delete=LIMIT)
+        first = run(loaded, store)
+        approve(
+            store,
+            first.run_id,
+            now=datetime.now(UTC) - timedelta(hours=2),
+            valid_for=timedelta(hours=1),
+        )
+        second = run(loaded, store)
+        assert second.status is RunStatus.REFUSED and second.held
+        assert HeldStore(store).get(first.run_id).status == "superseded"
+        assert [h.run_id for h in HeldStore(store).held()] == [second.run_id]
+        with pytest.raises(HoldError, match="superseded"):
+            approve(store, first.run_id)
+
     def test_rejecting_drops_the_plan(self, data_pipeline: Start, store: AuditStore) -> None:
         """A rejected plan (even an approved one) is never carried out; the rejection is a
         chained run of its own; a plan carried out cannot be rejected."""
