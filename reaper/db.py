@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -136,19 +137,40 @@ def head_revision() -> str:
     return head
 
 
+class _RevisionReads(logging.Filter):
+    """Holds back Alembic's INFO lines in the threads reading a revision (:func:`_quiet_alembic`).
+
+    A filter and a thread-local flag, not the logger's level: policies running at once read
+    revisions in several threads, and a level saved and restored by each of them could be left
+    at WARNING for good, hiding a later migration's lines.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.local = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not getattr(self.local, "quiet", False) or record.levelno > logging.INFO:
+            return True
+        return logging.getLogger(record.name).getEffectiveLevel() <= logging.DEBUG
+
+
+_REVISION_READS = _RevisionReads()
+logging.getLogger("alembic.runtime.migration").addFilter(_REVISION_READS)
+
+
 @contextmanager
 def _quiet_alembic() -> Iterator[None]:
     """Alembic logs two INFO lines ("Context impl ...", "Will assume ... DDL") whenever it only
-    reads the revision; every command does that, so those lines are held back. The lines of an
-    actual migration ("Running upgrade ...") still show."""
-    logger = logging.getLogger("alembic.runtime.migration")
-    level = logger.level
-    if logger.getEffectiveLevel() > logging.DEBUG:
-        logger.setLevel(logging.WARNING)
+    reads the revision; every command does that, so those lines are held back (shown at debug
+    level). The lines of an actual migration ("Running upgrade ...") still show."""
+    local = _REVISION_READS.local
+    previous = getattr(local, "quiet", False)
+    local.quiet = True
     try:
         yield
     finally:
-        logger.setLevel(level)
+        local.quiet = previous
 
 
 def _revision(connection: Connection) -> str | None:

@@ -226,3 +226,56 @@ class TestRedaction:
         configure_logging("json", "info", stream)
         logging.getLogger("apscheduler.scheduler").error("abc")
         assert json_lines(stream)[0]["event"] == "abc"
+
+
+class TestAlembicRevisionReads:
+    """Reading the revision (every command does) holds back Alembic's two INFO lines; a
+    migration's lines show; concurrent reads leave the logger as it was."""
+
+    def test_a_read_is_quiet_and_a_migration_is_not(self, tmp_path: Any) -> None:
+        from reaper.db import current_revision, make_engine, upgrade
+
+        stream = io.StringIO()
+        configure_logging("json", "info", stream)
+        engine = make_engine(f"sqlite:///{tmp_path / 'a.db'}")
+        try:
+            assert current_revision(engine) is None
+            assert stream.getvalue() == ""
+            upgrade(engine)
+            events = [line["event"] for line in json_lines(stream)]
+            assert any(event.startswith("Running upgrade  -> 0001") for event in events)
+            before = len(stream.getvalue())
+            current_revision(engine)
+            assert len(stream.getvalue()) == before
+        finally:
+            engine.dispose()
+
+    def test_reads_in_many_threads_leave_the_logger_alone(self, tmp_path: Any) -> None:
+        """Policies running at once read revisions in several threads: afterwards the logger's
+        level is what it was and its INFO lines show (a level saved and restored per thread
+        was once left at WARNING)."""
+        from reaper.db import current_revision, make_engine
+
+        logger = logging.getLogger("alembic.runtime.migration")
+        level = logger.level
+        engine = make_engine(f"sqlite:///{tmp_path / 'a.db'}")
+        barrier = threading.Barrier(8)
+
+        def read() -> None:
+            barrier.wait()
+            for _ in range(20):
+                current_revision(engine)
+
+        threads = [threading.Thread(target=read) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        engine.dispose()
+        assert logger.level == level
+        stream = io.StringIO()
+        configure_logging("json", "info", stream)
+        logger.info("Running upgrade %s -> %s, %s", "0008", "0009", "people")
+        assert [line["event"] for line in json_lines(stream)] == [
+            "Running upgrade 0008 -> 0009, people"
+        ]
