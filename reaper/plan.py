@@ -40,6 +40,7 @@ import orjson
 from reaper.converters import format_duration
 from reaper.errors import ListingError
 from reaper.policy import LoadedPolicy, Policy
+from reaper.snapshots import Snapshots
 from reaper.targets.base import Target, Task
 
 if TYPE_CHECKING:
@@ -462,7 +463,7 @@ class Plan:
     #: Set by :meth:`give_notice`: which eligible tasks were due, which wait.
     notice: Notice | None = None
     #: Each eligible task's snapshot (see :func:`snapshot_of`), when the plan keeps them.
-    _snapshots: list[bytes | None] | None = field(default=None, repr=False)
+    _snapshots: Snapshots | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -573,7 +574,7 @@ class Plan:
         ids: list[str] = []
         stamps: array[float] = array("d")
         statuses: list[str] = []
-        snapshots: list[bytes | None] | None = [] if self._snapshots is not None else None
+        kept: list[int] = []
         for index, task_id in enumerate(self._ids):
             candidate = self._candidate(index)
             decision = decide(task_id)
@@ -581,9 +582,7 @@ class Plan:
                 ids.append(task_id)
                 stamps.append(self._stamps[index])
                 statuses.append(self._statuses[index])
-                if snapshots is not None:
-                    assert self._snapshots is not None
-                    snapshots.append(self._snapshots[index])
+                kept.append(index)
                 decision = (Verdict.DELETE, candidate.reason)
             _tally(
                 counts, examples, decision, candidate.task_id, candidate.status, candidate.timestamp
@@ -595,7 +594,7 @@ class Plan:
             _ids=ids,
             _stamps=stamps,
             _statuses=statuses,
-            _snapshots=snapshots,
+            _snapshots=self._snapshots.take(kept) if self._snapshots is not None else None,
         )
 
 
@@ -650,7 +649,7 @@ class Planner:
         self._stamps: array[float] = array("d")
         self._status_col: list[str] = []
         #: The eligible tasks' snapshots, kept only when the plan is for deleting.
-        self._snapshot_col: list[bytes | None] | None = [] if snapshots else None
+        self._snapshot_col: Snapshots | None = Snapshots() if snapshots else None
         # The newest `keep_newest` matching tasks: a min-heap of (timestamp, id).
         self._newest: list[tuple[float, str]] = []
         # When every selection rule reads nothing but a task's status and gone flag (the usual
@@ -770,7 +769,7 @@ class Planner:
         del seen
         ids, stamps, statuses = self._ids, self._stamps, self._status_col
         snapshots = self._snapshot_col
-        final_snapshots: list[bytes | None] | None = [] if snapshots is not None else None
+        chosen: array[int] = array("q")  # the listing positions kept, in deletion order
         kept_newest = {task_id for _, task_id in self._newest}
         n = len(ids)
         order: Iterable[int]
@@ -807,12 +806,12 @@ class Planner:
             final_ids.append(task_id)
             final_stamps.append(stamp)
             final_statuses.append(status)
-            if final_snapshots is not None:
-                assert snapshots is not None
-                final_snapshots.append(snapshots[index])
+            if snapshots is not None:
+                chosen.append(index)
         # The columns are rebuilt in deletion order; release the listing-order ones.
         self._ids, self._stamps, self._status_col = [], array("d"), []
-        self._snapshot_col = [] if snapshots is not None else None
+        final_snapshots = snapshots.take(chosen) if snapshots is not None else None
+        self._snapshot_col = Snapshots() if snapshots is not None else None
         reasons = {status: self._reason(status) for status in self._statuses.values()}
         # What _tally would do for each id, per status: Counter counts in C (its keys in order
         # of first appearance), and list.index finds each status's first examples.

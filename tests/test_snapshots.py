@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, cast
 
 import httpx
+import pytest
+import structlog
+import structlog.testing
 import yaml
 from conftest import NOW, make_policy, policy_doc, sim_task
 from hypothesis import given
@@ -18,11 +22,13 @@ from hypothesis import strategies as st
 from sqlalchemy import select, update
 from test_cli import reaper
 
+from reaper import snapshots as spool_module
 from reaper.audit import AuditStore, audit_table
 from reaper.http import TargetHttp
 from reaper.plan import OMITTED, Planner, snapshot_of
 from reaper.runner import Mode, RunStatus, run_policy
 from reaper.simulators import DataPipelineSimulator
+from reaper.snapshots import Snapshots
 from reaper.targets.base import Task
 from reaper.targets.data_pipeline import DataPipelineTarget
 
@@ -175,3 +181,69 @@ class TestRuns:
         assert entry["snapshot"] == served[task_id]
         text = reaper("explain", task_id, env=env).stdout
         assert "record as listed: {" in text and f'"task_id": "{task_id}"' in text
+
+
+class TestSpool:
+    """reaper.snapshots: a plan's records by position, in a temporary file past a bound."""
+
+    def records(self, n: int) -> list[bytes | None]:
+        return [
+            None if i % 7 == 3 else json.dumps({"task_id": f"t{i}", "名": "x" * i}).encode()
+            for i in range(n)
+        ]
+
+    def test_records_read_back_in_memory_and_on_disk(self) -> None:
+        """Every record (and every absent one) reads back as appended, before and after the
+        column moves to a temporary file; a taken column picks and orders without copying."""
+        records = self.records(200)
+        column = Snapshots(in_memory=1024)
+        for record in records[:5]:
+            column.append(record)
+        assert not column.on_disk and [column[i] for i in range(5)] == records[:5]
+        for record in records[5:]:
+            column.append(record)
+        assert column.on_disk and len(column) == 200
+        assert [column[i] for i in range(200)] == records
+        order = [199, 3, 0, 150, 150]
+        taken = column.take(order)
+        assert [taken[i] for i in range(len(order))] == [records[i] for i in order]
+        assert [taken.take([1, 0])[i] for i in range(2)] == [records[3], records[199]]
+
+    def test_without_a_temporary_file_the_records_stay_in_memory(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A read-only filesystem: one warning, and the records are kept in memory."""
+
+        def refuse() -> Any:
+            raise OSError(30, "Read-only file system")
+
+        monkeypatch.setattr(spool_module.tempfile, "TemporaryFile", refuse)
+        records = self.records(100)
+        column = Snapshots(in_memory=256)
+        with structlog.testing.capture_logs() as logged:
+            for record in records:
+                column.append(record)
+        assert not column.on_disk
+        assert [column[i] for i in range(100)] == records
+        assert [entry["event"] for entry in logged] == ["snapshots_in_memory"]
+
+    def test_reads_from_threads_while_appending(self) -> None:
+        """The audit's worker thread reads while the event loop's plan appends."""
+        records = self.records(400)
+        column = Snapshots(in_memory=512)
+        for record in records[:200]:
+            column.append(record)
+        seen: list[bool] = []
+
+        def read() -> None:
+            seen.append(all(column[i] == records[i] for i in range(200)))
+
+        threads = [threading.Thread(target=read) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for record in records[200:]:
+            column.append(record)
+        for thread in threads:
+            thread.join()
+        assert seen == [True] * 4
+        assert [column[i] for i in range(400)] == records
