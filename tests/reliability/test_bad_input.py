@@ -190,7 +190,14 @@ def _crosses(path: tuple[str | int, ...], field: str) -> bool:
     or select.status when target.type changed): accept a field in the same top-level section,
     or any field when the target type itself was replaced."""
     top = str(path[0])
-    return field.split(".")[0] == top or path[:2] == ("target", "type") or top == "target"
+    # A status both selected and protected is reported at select.status, whichever was changed.
+    status_rule = {top, field.split(".")[0]} == {"select", "protect"} and "status" in field
+    return (
+        field.split(".")[0] == top
+        or path[:2] == ("target", "type")
+        or top == "target"
+        or status_rule
+    )
 
 
 # --- target answers -----------------------------------------------------------------------------
