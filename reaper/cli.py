@@ -34,7 +34,7 @@ from reaper.daemon import Daemon, DaemonConfig, JitteredTrigger
 from reaper.db import current_revision, ensure_schema, head_revision, make_engine, upgrade
 from reaper.errors import AuditError, ConfigError, PolicyError, ReaperError
 from reaper.guards import GuardOverrides, check_guards
-from reaper.holds import Approval, HeldStore
+from reaper.holds import Approval, HeldStore, UnknownHeldRun
 from reaper.holds import refusal as held_refusal
 from reaper.leases import Leases
 from reaper.logs import configure_logging, register_secret
@@ -894,7 +894,8 @@ def _apply_held(
         approval = holds.approval(held)
     except ReaperError as exc:
         store.engine.dispose()
-        _fail(EXIT_FAILED, f"{exc}; nothing was deleted")
+        code = EXIT_CONFIG if isinstance(exc, UnknownHeldRun) else EXIT_FAILED
+        _fail(code, f"{exc}; nothing was deleted")
     runs = asyncio.run(
         _notified(
             ctx,

@@ -118,6 +118,10 @@ class HoldError(ReaperError):
     """A held plan that cannot be approved, rejected or applied as asked."""
 
 
+class UnknownHeldRun(HoldError):
+    """No plan is held for the run named (a mistyped RUN_ID: a usage error, exit 2)."""
+
+
 @dataclass(frozen=True)
 class HeldPlan:
     """A plan a guard refused, and what people decided about it."""
@@ -298,7 +302,7 @@ class HeldStore:
         except SQLAlchemyError as exc:
             raise self._fail("reading a held plan", exc) from None
         if row is None:
-            raise HoldError(f"no plan is held for run {run_id!r} (see `reaper held list`)")
+            raise UnknownHeldRun(f"no plan is held for run {run_id!r} (see `reaper held list`)")
         return HeldPlan(**row._mapping)
 
     def _items(self, connection: Connection, run_id: str) -> list[Any]:
@@ -442,20 +446,58 @@ class HeldStore:
             valid_until=until,
             comment=comment,
         )
-        self._update(
-            run_id,
-            held.status,
-            "recording an approval",
-            status="approved",
-            approval_id=approval_id,
-            approved_by=by,
-            approved_at=now,
-            valid_until=until,
-            comment=comment,
-        )
+        try:
+            self._update(
+                run_id,
+                held.status,
+                "recording an approval",
+                status="approved",
+                approval_id=approval_id,
+                approved_by=by,
+                approved_at=now,
+                valid_until=until,
+                comment=comment,
+            )
+        except HoldError:
+            # A run superseded (or someone rejected) the plan between the approval's rows and
+            # its status: the chained approval never took effect, and the audit says so.
+            self._void(held, target_kind, items, approval_id, by)
+            raise HoldError(
+                f"held run {run_id} changed meanwhile (it is now {self.get(run_id).status}); "
+                f"the approval {approval_id} did not take effect and is recorded void"
+            ) from None
         log.info("plan_approved", held_run=run_id, approval=approval_id, by=by, ids=len(items))
         return Approval(
             approval_id, approved, by, now, until, comment, {i.task_id: i.reason for i in items}
+        )
+
+    def _void(
+        self,
+        held: HeldPlan,
+        target_kind: str,
+        items: Sequence[Any],
+        approval_id: str,
+        by: str,
+    ) -> None:
+        """Record that approval ``approval_id`` (rows already chained) never took effect."""
+        note = (
+            f"approval {approval_id} by {by} did not take effect: the plan held by run "
+            f"{held.run_id} changed meanwhile"
+        )
+        self.store.record_event(
+            self._record(held, target_kind, "rejection", "reaper", note, None),
+            [
+                AuditEntry(
+                    item.task_id,
+                    item.reason,
+                    item.task_status,
+                    item.task_timestamp,
+                    Mark.REJECTED,
+                    note=note,
+                )
+                for item in items
+            ],
+            note,
         )
 
     def reject(

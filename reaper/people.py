@@ -25,7 +25,7 @@ from rich.table import Table
 from reaper.audit import AuditStore
 from reaper.converters import parse_duration, parse_timestamp
 from reaper.errors import AuditError, PolicyError, ReaperError
-from reaper.holds import HeldPlan, HeldStore
+from reaper.holds import HeldPlan, HeldStore, UnknownHeldRun
 from reaper.pins import Pin, PinStore, Scope
 from reaper.policy import LoadedPolicy, load_policies
 from reaper.targets import installed_kinds
@@ -41,6 +41,11 @@ EXIT_FAILED, EXIT_CONFIG = 1, 2
 def _fail(code: int, message: str) -> NoReturn:
     click.echo(f"reaper: {message}", err=True)
     sys.exit(code)
+
+
+def _exit_code(exc: ReaperError) -> int:
+    """A RUN_ID no plan is held for is a usage error (2); anything else failed (1)."""
+    return EXIT_CONFIG if isinstance(exc, UnknownHeldRun) else EXIT_FAILED
 
 
 def _who(by: str | None) -> str:
@@ -173,7 +178,7 @@ def pin_add(
             target=where[2],
         )
     except ReaperError as exc:
-        _fail(EXIT_FAILED, str(exc))
+        _fail(_exit_code(exc), str(exc))
     finally:
         store.engine.dispose()
     click.echo(f"pinned {task_id} for {pin.describe()} (pin {pin.id}): {pin.reason}")
@@ -261,7 +266,7 @@ def unpin_command(
             target=where[2],
         )
     except ReaperError as exc:
-        _fail(EXIT_FAILED, str(exc))
+        _fail(_exit_code(exc), str(exc))
     finally:
         store.engine.dispose()
     click.echo(f"unpinned {task_id} for {pin.describe()} (pin {pin.id})")
@@ -337,7 +342,7 @@ def held_show(ctx: Context, run_id: str, examples: int, output: str) -> None:
         held = holds.get(run_id)
         items = holds.items(run_id)
     except ReaperError as exc:
-        _fail(EXIT_FAILED, str(exc))
+        _fail(_exit_code(exc), str(exc))
     finally:
         store.engine.dispose()
     if output == "json":
@@ -392,7 +397,7 @@ def approve_command(
             run_id, by=by, now=datetime.now(UTC), valid_for=duration, comment=comment
         )
     except ReaperError as exc:
-        _fail(EXIT_FAILED, str(exc))
+        _fail(_exit_code(exc), str(exc))
     finally:
         store.engine.dispose()
     click.echo(
@@ -413,7 +418,7 @@ def reject_command(ctx: Context, run_id: str, by: str | None, comment: str | Non
     try:
         held = HeldStore(store).reject(run_id, by=_who(by), now=datetime.now(UTC), comment=comment)
     except ReaperError as exc:
-        _fail(EXIT_FAILED, str(exc))
+        _fail(_exit_code(exc), str(exc))
     finally:
         store.engine.dispose()
     click.echo(f"rejected the plan held by run {held.run_id} ({held.policy}); nothing is deleted")

@@ -17,7 +17,7 @@ from sqlalchemy import delete, insert, select, update
 from test_cli import reaper
 
 from reaper.audit import AuditStore, audit_table, runs_table
-from reaper.holds import HeldStore, HoldError, held_items_table
+from reaper.holds import HeldStore, HoldError, held_items_table, held_table
 from reaper.pins import PinStore
 from reaper.policy import LoadedPolicy
 from reaper.runner import Mode, PolicyRun, RunStatus, run_policy
@@ -291,6 +291,49 @@ class TestApproval:
         with pytest.raises(HoldError, match="superseded"):
             approve(store, first.run_id)
 
+    def test_an_approval_that_loses_a_race_is_recorded_void(
+        self, data_pipeline: Start, store: AuditStore, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A run supersedes the plan between the approval's chained rows and its status: the
+        approval fails (nothing will carry it out), and the audit records it void, chained."""
+        _, url = data_pipeline(old(5))
+        loaded = make_policy(url, delete=LIMIT)
+        refused = run(loaded, store)
+        record_event = store.record_event
+
+        def then_a_run_supersedes(*args: Any, **kwargs: Any) -> str:
+            recorded = record_event(*args, **kwargs)
+            monkeypatch.setattr(store, "record_event", record_event)
+            with store.engine.begin() as connection:
+                connection.execute(
+                    update(held_table)
+                    .where(held_table.c.run_id == refused.run_id)
+                    .values(status="superseded")
+                )
+            return recorded
+
+        monkeypatch.setattr(store, "record_event", then_a_run_supersedes)
+        with pytest.raises(HoldError, match="did not take effect and is recorded void"):
+            approve(store, refused.run_id)
+        with store.engine.connect() as connection:
+            modes = [
+                row.mode
+                for row in connection.execute(
+                    select(runs_table.c.mode)
+                    .where(runs_table.c.mode.in_(["approval", "rejection"]))
+                    .order_by(runs_table.c.started_at)
+                )
+            ]
+            voids = connection.execute(
+                select(audit_table.c.outcome, audit_table.c.note).where(
+                    audit_table.c.outcome == "rejected"
+                )
+            ).all()
+        assert modes == ["approval", "rejection"]
+        assert len(voids) == 5 and all("did not take effect" in note for _, note in voids)
+        assert HeldStore(store).approval_for(loaded.name, datetime.now(UTC)) is None
+        assert store.verify() == []
+
     def test_rejecting_drops_the_plan(self, data_pipeline: Start, store: AuditStore) -> None:
         """A rejected plan (even an approved one) is never carried out; the rejection is a
         chained run of its own; a plan carried out cannot be rejected."""
@@ -390,5 +433,13 @@ class TestCommands:
         assert rejected.returncode == 0, rejected.stderr
         assert reaper("held", "list", "--output", "json", env=env).stdout.strip() == "[]"
         assert sim.deleted_ids == []
-        unknown = reaper("approve", "nope", "--by", "o", env=env)
-        assert unknown.returncode == 1 and "no plan is held for run 'nope'" in unknown.stderr
+        # A RUN_ID no plan is held for is a usage error (exit 2), for every command taking one.
+        for command in (
+            ("approve", "nope", "--by", "o"),
+            ("reject", "nope"),
+            ("held", "show", "nope"),
+            ("apply", "--held", "nope"),
+        ):
+            unknown = reaper(*command, env=env)
+            assert unknown.returncode == 2, (command, unknown.stderr)
+            assert "no plan is held for run 'nope'" in unknown.stderr
