@@ -190,6 +190,16 @@ class Approval:
         return text + (f": {self.comment}" if self.comment else "")
 
 
+def _marked(items: Sequence[Any], mark: Mark, note: str) -> list[AuditEntry]:
+    """One audit row per held id, recording what a person (or reaper) decided about it."""
+    return [
+        AuditEntry(
+            item.task_id, item.reason, item.task_status, item.task_timestamp, mark, note=note
+        )
+        for item in items
+    ]
+
+
 def refusal(held: HeldPlan, loaded: LoadedPolicy | None, now: datetime) -> str | None:
     """Why the approval of ``held`` must not be carried out now, or None when it may be."""
     if held.status != "approved":
@@ -423,17 +433,7 @@ class HeldStore:
             note += f": {comment}"
         approval_id = self.store.record_event(
             self._record(held, target_kind, "approval", by, comment, until),
-            [
-                AuditEntry(
-                    item.task_id,
-                    item.reason,
-                    item.task_status,
-                    item.task_timestamp,
-                    Mark.APPROVED,
-                    note=note,
-                )
-                for item in items
-            ],
+            _marked(items, Mark.APPROVED, note),
             f"{by} approved the {len(items)} id(s) held by run {run_id} until "
             f"{until.isoformat()}" + (f": {comment}" if comment else ""),
         )
@@ -486,17 +486,7 @@ class HeldStore:
         )
         self.store.record_event(
             self._record(held, target_kind, "rejection", "reaper", note, None),
-            [
-                AuditEntry(
-                    item.task_id,
-                    item.reason,
-                    item.task_status,
-                    item.task_timestamp,
-                    Mark.REJECTED,
-                    note=note,
-                )
-                for item in items
-            ],
+            _marked(items, Mark.REJECTED, note),
             note,
         )
 
@@ -519,17 +509,7 @@ class HeldStore:
             note += f": {comment}"
         self.store.record_event(
             self._record(held, target_kind, "rejection", by, comment, None),
-            [
-                AuditEntry(
-                    item.task_id,
-                    item.reason,
-                    item.task_status,
-                    item.task_timestamp,
-                    Mark.REJECTED,
-                    note=note,
-                )
-                for item in items
-            ],
+            _marked(items, Mark.REJECTED, note),
             f"{by} rejected the plan held by run {run_id}" + (f": {comment}" if comment else ""),
         )
         self._update(
